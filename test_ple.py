@@ -1,0 +1,533 @@
+"""Tests for ple.py: offline, on tiny models built from a config. Run: pytest test_ple.py"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the Hub
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+import ple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PRINCIPLE = "Write a warm and positive continuation."
+REVIEWS = [
+    "The film was slow and the acting felt flat in most scenes",
+    "I loved the music but the story went nowhere at all",
+    "A quiet drama about two sisters and a farm in winter",
+    "This sequel is louder and dumber than the first one was",
+    "The director knows how to frame a face in close up",
+    "Nothing in this movie made any sense to me or my friends",
+    "An honest little comedy with a great cast and sharp jokes",
+    "The ending ruined everything the first hour had built up",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# fixtures: a tiny tokenizer and GPT-2, a tiny dataset and principles file
+# ------------------------------------------------------------------------------------------------
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(REVIEWS + [PRINCIPLE], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_model(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=256,
+                        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_gpt2"))
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    path.write_text("".join(json.dumps({"text": r, "label": i % 2}) + "\n" for i, r in enumerate(REVIEWS)))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def principles_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("principles") / "principles.txt"
+    path.write_text(f"# test principles\n[sentiment]\n{PRINCIPLE}\n")
+    return str(path)
+
+
+def make_args(model_dir, data_file, principles_file, out, **changes):
+    settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
+                    output_dir=str(out), iterations=2, num_queries=6, batch_size=4, mini_batch_size=3,
+                    max_new_tokens=6, learning_rate=1e-2, device="cpu", dtype="float32")
+    settings.update(changes)
+    return ple.Args(**settings)
+
+
+# rewards used as 'module:function'
+SEEN_QUERIES = []
+
+
+def word_reward(queries, answers):
+    """Counts a few 'positive' letters: cheap, deterministic, varies between answers."""
+    SEEN_QUERIES.extend(queries)
+    return [sum(a.count(c) for c in "aeiou") / 5.0 - 0.5 for a in answers]
+
+
+def nan_reward(queries, answers):
+    return [float("nan")] * len(queries)
+
+
+def inf_reward(queries, answers):
+    return [0.0] * (len(queries) - 1) + [float("inf")]
+
+
+def short_reward(queries, answers):
+    return [0.0] * (len(queries) - 1)
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def state_of(path):
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss, the threshold, the sequence score
+# ------------------------------------------------------------------------------------------------
+
+def test_ple_loss_ranking_branch_by_hand():
+    lp, lo = torch.tensor([-1.0]), torch.tensor([-2.0])
+    loss, info = ple.ple_loss(lp, lo, torch.tensor([1.0]), torch.tensor([0.0]), tau=0.2)
+    assert info["ranked"].tolist() == [True]
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1.0)), abs=1e-6)  # -log sigmoid(-1 - -2)
+    loss, _ = ple.ple_loss(lp, lo, torch.tensor([1.0]), torch.tensor([0.0]), tau=0.2, beta=2.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-2.0)), abs=1e-6)
+
+
+def test_ple_loss_weighted_sft_branch_by_hand():
+    lp, lo = torch.tensor([-1.0]), torch.tensor([-2.0])
+    loss, info = ple.ple_loss(lp, lo, torch.tensor([0.1]), torch.tensor([0.0]), tau=0.2)
+    w_p = math.exp(0.1) / (math.exp(0.1) + 1.0)
+    assert info["ranked"].tolist() == [False]
+    assert info["weights"][0].tolist() == pytest.approx([w_p, 1 - w_p], abs=1e-6)
+    assert loss.item() == pytest.approx(-(w_p * -1.0 + (1 - w_p) * -2.0), abs=1e-6)
+
+
+def test_ple_loss_delta_equal_to_tau_takes_sft_and_batch_is_mean():
+    lp, lo = torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -2.0])
+    loss, info = ple.ple_loss(lp, lo, torch.tensor([0.5, 1.5]), torch.tensor([0.0, 0.0]), tau=0.5)
+    assert info["ranked"].tolist() == [False, True]  # delta == tau is not "greater than tau"
+    w_p = math.exp(0.5) / (math.exp(0.5) + 1.0)
+    wsft = -(w_p * -1.0 + (1 - w_p) * -2.0)
+    rank = math.log(1 + math.exp(-1.0))
+    assert loss.item() == pytest.approx((wsft + rank) / 2, abs=1e-6)
+
+
+def test_ple_loss_gradient_signs():
+    r_p, r = torch.tensor([2.0, 0.1]), torch.tensor([0.0, 0.0])
+    r_p.requires_grad_(True)
+    lp = torch.tensor([-1.0, -1.0], requires_grad=True)
+    lo = torch.tensor([-2.0, -2.0], requires_grad=True)
+    loss, info = ple.ple_loss(lp, lo, r_p, r, tau=0.2)
+    loss.backward()
+    assert info["ranked"].tolist() == [True, False]
+    # ranking pushes l(y_p) up and l(y) down; weighted SFT pushes both up
+    assert lp.grad[0] < 0 and lo.grad[0] > 0
+    assert lp.grad[1] < 0 and lo.grad[1] < 0
+    assert lp.grad[1] < lo.grad[1]  # the better-rewarded answer gets the larger weight
+    assert r_p.grad is None or torch.all(r_p.grad == 0)  # rewards are labels, not trained
+
+
+def test_threshold_at():
+    assert ple.threshold_at(0, 0.2, 0.9) == pytest.approx(0.2)
+    assert ple.threshold_at(3, 0.2, 0.9) == pytest.approx(0.2 * 0.729)
+    assert ple.threshold_at(5, 0.2, 1.0) == pytest.approx(0.2)
+
+
+def manual_logprob(model, prompt, answer):
+    total = 0.0
+    with torch.no_grad():
+        for i, token in enumerate(answer):
+            ids = torch.tensor([prompt + answer[:i]])
+            total += torch.log_softmax(model(ids).logits[0, -1].double(), -1)[token].item()
+    return total / len(answer)
+
+
+def test_sequence_logprobs_matches_token_loop_and_ignores_padding_side():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer("The film was")["input_ids"], tokenizer("A quiet drama about two sisters")["input_ids"]]
+    answers = [tokenizer(" slow and flat")["input_ids"] + [eos], tokenizer(" fine")["input_ids"] + [eos]]
+    expected = [manual_logprob(model, p, a) for p, a in zip(prompts, answers)]
+
+    ids, mask, answer_mask = ple.training_batch(prompts, answers, eos, "cpu")  # left padding
+    left = ple.sequence_logprobs(model, ids, mask, answer_mask)
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers))  # right padding, built by hand
+    ids_r = torch.full((2, width), eos)
+    mask_r, answer_mask_r = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        ids_r[i, :len(p) + len(a)] = torch.tensor(p + a)
+        mask_r[i, :len(p) + len(a)] = 1
+        answer_mask_r[i, len(p):len(p) + len(a)] = 1
+    right = ple.sequence_logprobs(model, ids_r, mask_r, answer_mask_r)
+
+    assert left.dtype == torch.float32
+    assert left.tolist() == pytest.approx(expected, abs=1e-4)
+    assert right.tolist() == pytest.approx(expected, abs=1e-4)
+    # the end-of-sequence token is part of the answer: leaving it out changes the score
+    without_eos = [manual_logprob(model, p, a[:-1]) for p, a in zip(prompts, answers)]
+    assert abs(left[0].item() - without_eos[0]) > 1e-3
+
+
+def test_empty_answer_trains_without_crash():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer("The film was")["input_ids"]] * 2
+    ids, mask, answer_mask = ple.training_batch(prompts, [[eos], tokenizer(" good")["input_ids"] + [eos]], eos, "cpu")
+    logp = ple.sequence_logprobs(model, ids, mask, answer_mask)
+    loss, _ = ple.ple_loss(logp[:1], logp[1:], torch.tensor([0.0]), torch.tensor([1.0]), 0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_build_principle_query_and_read_principles(tmp_path):
+    assert ple.build_principle_query("The film was", ["Be kind.", "Be brief."]) == "Be kind.\nBe brief.\n\nThe film was"
+    shipped = ple.read_principles(os.path.join(HERE, "principles.txt"), "sentiment")
+    assert shipped and all(p and not p.startswith("#") for p in shipped)
+    for task in ple.TASKS:
+        assert ple.read_principles(os.path.join(HERE, "principles.txt"), task)
+
+
+def test_make_query_per_task():
+    import random
+
+    query, rest = ple.make_query("sentiment", {"text": "one two three four five six seven eight nine ten"}, random.Random(0))
+    assert 2 <= len(query.split()) <= 8 and (query + rest).split() == "one two three four five six seven eight nine ten".split()
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant: Mix flour and water."
+    query, answer = ple.make_query("dialogue", {"chosen": hh}, random.Random(0))
+    assert query.endswith("how to bake bread?\n\nAssistant:") and answer == " Mix flour and water."
+    query, _ = ple.make_query("summarize", {"post": "My cat sleeps all day. "}, random.Random(0))
+    assert query == "My cat sleeps all day.\n\nTL;DR:"
+
+
+def test_dialogue_reading_on_real_hh_file():
+    path = os.path.join(HERE, "..", "shared", "data", "harmless-base-test.jsonl.gz")
+    if not os.path.exists(path):
+        pytest.skip("the shared HH file is not beside this checkout")
+    queries, answers = ple.load_queries(path, "train", "dialogue", 50, 0)
+    assert len(queries) == 50
+    for q, a in zip(queries, answers):
+        assert q.startswith("\n\nHuman:") and q.endswith("\n\nAssistant:")
+        assert "\n\nAssistant:" not in a and "\n\nHuman:" not in a
+
+
+def test_find_gguf_in_an_installed_package(tmp_path, monkeypatch):
+    package = tmp_path / "fake_gguf_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    (package / "Tiny.Q4.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert ple.find_gguf("fake_gguf_pkg") == (str(package), "Tiny.Q4.gguf")
+    assert ple.find_gguf(str(package / "Tiny.Q4.gguf")) == (str(package), "Tiny.Q4.gguf")
+    assert ple.find_gguf("some-org/some-model") == ("some-org/some-model", None)
+    (package / "Other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ple.PLEError, match="2 .gguf files"):
+        ple.find_gguf("fake_gguf_pkg")
+
+
+# ------------------------------------------------------------------------------------------------
+# rewards
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def classifier_dir(tmp_path_factory):
+    from transformers import GPT2ForSequenceClassification
+
+    path = str(tmp_path_factory.mktemp("tiny_classifier"))
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 12
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=2,
+                        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+                        pad_token_id=tokenizer.eos_token_id)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_classifier_reward_is_positive_logit_truncated_from_the_left(classifier_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reward = ple.load_reward(classifier_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(classifier_dir)
+    queries = ["The film was", REVIEWS[0] + " " + REVIEWS[1]]  # the second is longer than 12 tokens
+    answers = ["great", " and the ending was awful"]
+    got = reward(queries, answers)
+    for q, a, r in zip(queries, answers, got):
+        ids = tokenizer(ple.join_text(q, a))["input_ids"][-12:]  # the answer's end survives truncation
+        with torch.no_grad():
+            assert r == pytest.approx(model(torch.tensor([ids])).logits[0, 1].item(), abs=1e-5)
+
+
+def test_one_logit_reward_model_and_unknown_labels(tmp_path, classifier_dir):
+    from transformers import GPT2ForSequenceClassification
+
+    tokenizer = tiny_tokenizer()
+    for labels, ok in [({0: "LABEL_0"}, True), ({0: "cat", 1: "dog"}, False)]:
+        path = str(tmp_path / str(len(labels)))
+        config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, num_labels=len(labels),
+                            id2label=labels, label2id={v: k for k, v in labels.items()}, pad_token_id=tokenizer.eos_token_id)
+        GPT2ForSequenceClassification(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        if ok:
+            values = ple.load_reward(path)(["a", "b"], ["c", "d"])
+            assert len(values) == 2 and values[0] != values[1]
+        else:
+            with pytest.raises(ple.PLEError, match="'positive'"):
+                ple.load_reward(path)
+
+
+def test_vader_reward_prefers_positive_text():
+    reward = ple.load_reward("vader")
+    good, bad = reward(["The film was", "The film was"], ["wonderful and moving", "awful and boring"])
+    assert good > 0.3 and bad < -0.3
+
+
+def test_score_rejects_bad_reward_values():
+    with pytest.raises(ple.PLEError, match=r"sample 3 .*finite"):
+        ple.score(lambda q, a: [0.0, 1.0, 2.0, float("nan")], ["q"] * 4, ["a"] * 4, 10)
+    with pytest.raises(ple.PLEError, match="returned 3 values for 4 answers"):
+        ple.score(lambda q, a: [0.0] * 3, ["q"] * 4, ["a"] * 4, 10)
+    assert ple.score(lambda q, a: [1] * len(q), ["q"] * 5, ["a"] * 5, 2).tolist() == [1.0] * 5
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole loop
+# ------------------------------------------------------------------------------------------------
+
+def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, principles_file, tmp_path):
+    SEEN_QUERIES.clear()
+    straight = make_args(model_dir, data_file, principles_file, tmp_path / "a", iterations=3)
+    ple.run(straight)
+    queries, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
+    # the reward only ever saw the original queries, never the principle-guided ones
+    assert SEEN_QUERIES and set(SEEN_QUERIES) == set(queries)
+    assert not any(PRINCIPLE in q for q in SEEN_QUERIES)
+
+    out = tmp_path / "b"
+    ple.run(make_args(model_dir, data_file, principles_file, out))
+    assert json.loads((out / "args.json").read_text())["iterations"] == 2
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    assert metrics[1]["tau"] == pytest.approx(0.2 * 0.9)
+    for key in ("ranked_share", "reward_original", "reward_principle", "loss", "sample_tokens_per_s",
+                "score_s", "train_tokens_per_s", "peak_memory_mb"):
+        assert key in metrics[0]
+    samples = read_jsonl(out / "samples" / "iter-001.jsonl")
+    assert len(samples) == 6 and {s["query"] for s in samples} == set(queries)
+    assert all(s["branch"] in ("rank", "wsft") and len(s["weights"]) == 2 for s in samples)
+    assert sum(s["branch"] == "rank" for s in samples) / 6 == pytest.approx(metrics[1]["ranked_share"])
+    assert [c for c in os.listdir(out) if c.startswith("checkpoint")] == ["checkpoint-2"]
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert state["iteration"] == 2 and state["tau"] == pytest.approx(0.2 * 0.81)
+
+    before, after = state_of(model_dir), state_of(str(out / "final"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # training changed the weights
+
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=3, resume=True))
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    assert metrics[2]["tau"] == pytest.approx(0.2 * 0.81)
+    # 2 iterations + resume == 3 iterations straight, to the last bit: same samples, same weights
+    assert read_jsonl(out / "samples" / "iter-002.jsonl") == read_jsonl(tmp_path / "a" / "samples" / "iter-002.jsonl")
+    resumed, direct = state_of(str(out / "final")), state_of(str(tmp_path / "a" / "final"))
+    assert all(torch.equal(resumed[k], direct[k]) for k in direct)
+
+
+def test_same_seed_repeats_and_other_seed_differs(model_dir, data_file, principles_file, tmp_path):
+    runs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / name, iterations=1, seed=seed))
+        runs[name] = read_jsonl(tmp_path / name / "samples" / "iter-000.jsonl")
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+@pytest.mark.parametrize("loss", ["rank", "wsft", "cd", "sft"])
+def test_ablations_run_and_train(model_dir, data_file, principles_file, tmp_path, loss):
+    out = tmp_path / loss
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, loss=loss))
+    samples = read_jsonl(out / "samples" / "iter-000.jsonl")
+    if loss == "rank":
+        assert all(s["branch"] == "rank" for s in samples)
+    if loss == "wsft":
+        assert all(s["branch"] == "wsft" for s in samples)
+    before, after = state_of(model_dir), state_of(str(out / "final"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lora_run_trains_adapters_and_saves_a_plain_model(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "lora"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, lora_r=4, lora_alpha=8))
+    assert os.path.exists(out / "checkpoint-1" / "adapter_config.json")
+    final = AutoModelForCausalLM.from_pretrained(str(out / "final"))
+    assert not any("lora" in k for k in final.state_dict())
+    before = state_of(model_dir)
+    assert any(not torch.equal(before[k], v) for k, v in final.state_dict().items() if k in before)
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, lora_r=4, lora_alpha=8, resume=True))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+def test_model_that_always_ends_at_once(tmp_path, data_file, principles_file):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    with torch.no_grad():  # every hidden state points at the end-of-sequence embedding
+        direction = torch.randn(model.config.n_embd)
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(direction)
+        model.transformer.wte.weight[tokenizer.eos_token_id] = 50 * direction
+    path = str(tmp_path / "eos_model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    out = tmp_path / "run"
+    ple.run(make_args(path, data_file, principles_file, out, iterations=1))
+    samples = read_jsonl(out / "samples" / "iter-000.jsonl")
+    assert all(s["answer"] == "" and s["answer_principle"] == "" for s in samples)
+    assert math.isfinite(read_jsonl(out / "metrics.jsonl")[0]["loss"])
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line and bad input
+# ------------------------------------------------------------------------------------------------
+
+def cli(*argv, env=None):
+    return subprocess.run([sys.executable, os.path.join(HERE, "ple.py"), *argv], cwd=HERE, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "cli"
+    result = cli("--model", model_dir, "--reward", "test_ple:word_reward", "--dataset", data_file,
+                 "--principles", principles_file, "--output_dir", str(out), "--iterations", "1",
+                 "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "iter 0: tau 0.200" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(str(out / "final")) is not None
+    assert (out / "metrics.jsonl").exists()
+
+
+def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
+    result = cli("--task", "poetry")
+    assert result.returncode != 0 and "invalid choice: 'poetry'" in result.stderr
+    result = cli("--model", model_dir, "--dataset", data_file, "--principles", str(tmp_path / "missing.txt"),
+                 "--output_dir", str(tmp_path / "x"))
+    assert result.returncode == 2 and "principles file not found" in result.stderr
+    # a Hub id while the Hub is unreachable: say so and what to pass instead
+    result = cli("--model", "nobody-here/no-such-model", "--reward", "test_ple:word_reward", "--dataset", data_file,
+                 "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "Hub could not be reached" in result.stderr and "local folder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_principles(model_dir, data_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(ple.PLEError, match="no principles for task 'sentiment'"):
+        ple.run(make_args(model_dir, data_file, str(empty), tmp_path / "o"))
+    other = tmp_path / "other.txt"
+    other.write_text("[dialogue]\nBe helpful.\n")
+    with pytest.raises(ple.PLEError, match=r"tasks with principles: dialogue"):
+        ple.run(make_args(model_dir, data_file, str(other), tmp_path / "o"))
+    with pytest.raises(ple.PLEError, match="principles file not found"):
+        ple.run(make_args(model_dir, data_file, str(tmp_path / "none.txt"), tmp_path / "o"))
+
+
+def test_dataset_without_the_task_field(model_dir, principles_file, tmp_path):
+    path = tmp_path / "wrong.jsonl"
+    path.write_text(json.dumps({"review": "good", "stars": 5}) + "\n")
+    with pytest.raises(ple.PLEError, match=r"no 'text' field.*fields are: review, stars"):
+        ple.run(make_args(model_dir, str(path), principles_file, tmp_path / "o"))
+    odd = tmp_path / "reviews.xml"
+    odd.write_text("<review>good</review>")
+    with pytest.raises(ple.PLEError, match=r"use a \.jsonl, \.json, \.csv or \.txt file"):
+        ple.run(make_args(model_dir, str(odd), principles_file, tmp_path / "o"))
+
+
+def test_model_or_reward_that_cannot_be_loaded(model_dir, data_file, principles_file, tmp_path):
+    with pytest.raises(ple.PLEError, match="could not load model"):
+        ple.run(make_args(str(tmp_path / "no_such_folder"), data_file, principles_file, tmp_path / "o1"))
+    with pytest.raises(ple.PLEError, match="could not load reward 'no_module_here:f'"):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "o2", reward="no_module_here:f"))
+    with pytest.raises(ple.PLEError, match="could not load reward model"):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "o3", reward=str(tmp_path / "no_rm")))
+
+
+@pytest.mark.parametrize("reward, message", [("test_ple:nan_reward", r"nan for sample 0"),
+                                             ("test_ple:inf_reward", r"inf for sample 1"),
+                                             ("test_ple:short_reward", r"returned 1 values for 2 answers")])
+def test_bad_reward_values_fail_before_training(model_dir, data_file, principles_file, tmp_path, reward, message):
+    out = tmp_path / "o"
+    with pytest.raises(ple.PLEError, match=message):
+        ple.run(make_args(model_dir, data_file, principles_file, out, reward=reward))
+    assert not any(p.startswith("checkpoint") for p in os.listdir(out))
+
+
+def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    saved = (out / "final" / "model.safetensors").stat().st_mtime
+    with pytest.raises(ple.PLEError, match="already holds a run"):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    with pytest.raises(ple.PLEError, match=r"--tau0 0.2 there, 0.5 now"):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, tau0=0.5, resume=True))
+    with pytest.raises(ple.PLEError, match="holds no run"):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "empty", resume=True))
+    assert (out / "final" / "model.safetensors").stat().st_mtime == saved  # nothing saved was touched
+
+
+def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_file, principles_file, tmp_path,
+                                                               monkeypatch):
+    out = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    real = ple.save_checkpoint
+
+    def dies_mid_write(args, model, tokenizer, optimizer, done):
+        def write(path):
+            model.save_pretrained(path)
+            raise KeyboardInterrupt  # killed before the trainer state is written
+        ple.save_dir_atomically(os.path.join(args.output_dir, f"checkpoint-{done}"), write)
+
+    monkeypatch.setattr(ple, "save_checkpoint", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert [n for n, _ in ple.checkpoints(str(out))] == [1]
+    monkeypatch.setattr(ple, "save_checkpoint", real)
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
