@@ -203,6 +203,26 @@ def test_sequence_logprobs_matches_token_loop_and_ignores_padding_side():
     assert abs(left[0].item() - without_eos[0]) > 1e-3
 
 
+def test_one_forward_per_mini_batch_and_no_prompt_logits():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer(r)["input_ids"] for r in REVIEWS[:5]]
+    answers = [tokenizer(" good")["input_ids"] + [eos], [eos], tokenizer(" a long answer here")["input_ids"] + [eos],
+               tokenizer(" ok")["input_ids"], tokenizer(" fine fine")["input_ids"] + [eos]]
+    guided = list(reversed(answers))
+    calls, shapes = [], []
+    model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                with_kwargs=True)
+    model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    args = ple.Args(mini_batch_size=2, loss="ple")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    ple.ple_epoch(model, optimizer, tokenizer, prompts, answers, guided, torch.zeros(5), torch.ones(5), 0.2, args)
+    assert calls == [4, 4, 2]  # 3 mini-batches of pairs: one forward each over both answers
+    longest = max(map(len, answers))
+    assert all(shape[1] <= longest + 1 for shape in shapes)  # logits only where an answer token is predicted
+
+
 def test_empty_answer_trains_without_crash():
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer)
