@@ -151,7 +151,12 @@ def render_prompt(tokenizer, text):
     return text
 
 
-def encode_prompts(tokenizer, texts):
+def encode_prompts(tokenizer, queries, task, principles=None):
+    """Token ids of x as the model sees it, or of x_p when principles are given."""
+    texts = []
+    for query in queries:
+        shown = TASKS[task].chat_prefix + query if tokenizer.chat_template else query
+        texts.append(render_prompt(tokenizer, build_principle_query(shown, principles) if principles else shown))
     # A chat template already holds its special tokens; plain text gets the tokenizer's own (e.g. BOS).
     special = not tokenizer.chat_template
     return [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
@@ -444,8 +449,13 @@ def load_rows(dataset, split):
         raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e)}") from e
 
 
-def load_queries(dataset, split, task, limit, seed):
-    """D_query: (queries, references) for the task, shuffled under the seed, at most `limit` of them."""
+def load_queries(dataset, split, task, limit, seed, exclude=()):
+    """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
+
+    Returns (queries, references, sources): the reference answer of each query (None where the task
+    has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
+    is how eval.py keeps its queries disjoint from the training ones.
+    """
     rows = load_rows(dataset, split)
     column = TASKS[task].field
     if column not in rows.column_names:
@@ -454,20 +464,21 @@ def load_queries(dataset, split, task, limit, seed):
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     rng = random.Random(seed)
-    queries, references = [], []
+    queries, references, sources = [], [], []
     for i in order:
         row = rows[i]
-        if not row[column] or not str(row[column]).strip():
+        if not row[column] or not str(row[column]).strip() or row[column] in exclude:
             continue
         query, reference = make_query(task, row, rng)
         if query:
             queries.append(query)
             references.append(reference)
+            sources.append(row[column])
         if limit and len(queries) == limit:
             break
     if not queries:
         raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}'")
-    return queries, references
+    return queries, references, sources
 
 
 def resolve_path(path):
@@ -641,7 +652,7 @@ def run(args):
     if not 0 < args.alpha <= 1:
         raise PLEError(f"--alpha {args.alpha}: the threshold decays, so alpha must be in (0, 1]")
     principles = read_principles(resolve_path(args.principles), args.task)
-    queries, references = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed)
+    queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed)
     if (args.loss == "sft" or args.sft_epochs) and any(r is None for r in references):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
                        f"lacks some for task '{args.task}'")
@@ -685,11 +696,8 @@ def run(args):
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
 
     # x and x_p, rendered for the model once; training always uses x
-    task = TASKS[args.task]
-    chat = bool(tokenizer.chat_template)
-    shown = [task.chat_prefix + q if chat else q for q in queries]
-    prompts = encode_prompts(tokenizer, [render_prompt(tokenizer, s) for s in shown])
-    guided_prompts = encode_prompts(tokenizer, [render_prompt(tokenizer, build_principle_query(s, principles)) for s in shown])
+    prompts = encode_prompts(tokenizer, queries, args.task)
+    guided_prompts = encode_prompts(tokenizer, queries, args.task, principles)
 
     reference_ids = reference_ids_for(tokenizer, references) if args.loss == "sft" or args.sft_epochs else None
     if args.sft_epochs and start == 0:  # optional warm start on D_sft

@@ -259,7 +259,7 @@ def test_dialogue_reading_on_real_hh_file():
     path = os.path.join(HERE, "..", "shared", "data", "harmless-base-test.jsonl.gz")
     if not os.path.exists(path):
         pytest.skip("the shared HH file is not beside this checkout")
-    queries, answers = ple.load_queries(path, "train", "dialogue", 50, 0)
+    queries, answers, _ = ple.load_queries(path, "train", "dialogue", 50, 0)
     assert len(queries) == 50
     for q, a in zip(queries, answers):
         assert q.startswith("\n\nHuman:") and q.endswith("\n\nAssistant:")
@@ -355,7 +355,7 @@ def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, prin
     SEEN_QUERIES.clear()
     straight = make_args(model_dir, data_file, principles_file, tmp_path / "a", iterations=3)
     ple.run(straight)
-    queries, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
+    queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
     # the reward only ever saw the original queries, never the principle-guided ones
     assert SEEN_QUERIES and set(SEEN_QUERIES) == set(queries)
     assert not any(PRINCIPLE in q for q in SEEN_QUERIES)
@@ -551,3 +551,173 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
     monkeypatch.setattr(ple, "save_checkpoint", real)
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.py
+# ------------------------------------------------------------------------------------------------
+
+import eval as ple_eval  # noqa: E402  (the module is eval.py; the alias keeps the builtin visible)
+
+
+def length_reward(queries, answers):
+    return [float(len(a)) for a in answers]
+
+
+def test_win_rate_by_hand():
+    result = ple_eval.win_rate([1, 2, 3, 4], [0, 2, 5, 1])
+    assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
+    assert result["rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert result["ci_low"] <= result["rate"] <= result["ci_high"]
+    assert ple_eval.win_rate([1.0, 2.0], [1.05, 0.0], tie_margin=0.1)["ties"] == 1
+    assert ple_eval.win_rate([1.0, 2.0], [1.05, 0.0])["ties"] == 0
+
+
+def test_win_rate_interval_narrows_with_more_queries():
+    import random
+
+    rng = random.Random(0)
+    cand, base = [rng.gauss(0.2, 1) for _ in range(40)], [rng.gauss(0, 1) for _ in range(40)]
+    small = ple_eval.win_rate(cand, base)
+    large = ple_eval.win_rate(cand * 8, base * 8)
+    assert large["rate"] == pytest.approx(small["rate"])
+    assert large["ci_high"] - large["ci_low"] < 0.6 * (small["ci_high"] - small["ci_low"])
+    assert small["ci_low"] <= small["rate"] <= small["ci_high"]
+
+
+def test_win_rate_averages_samples_within_a_query_first():
+    cand = [[1, 3], [5], [1, 1, 1]]
+    base = [[2], [0, 10], [0]]
+    result = ple_eval.win_rate(cand, base)
+    # per query: (0 + 1) / 2, (1 + 0) / 2, 1  -> mean 2/3; pooling all 7 pairs would give 5/7
+    assert result["rate"] == pytest.approx(2 / 3)
+    assert (result["wins"], result["ties"], result["losses"]) == (5, 0, 2)
+    with pytest.raises(ple.PLEError, match="at least 2 queries"):
+        ple_eval.win_rate([1], [0])
+    with pytest.raises(ple.PLEError, match="3 queries, the baseline for 2"):
+        ple_eval.win_rate([1, 2, 3], [0, 1])
+
+
+def test_judge_asks_in_both_orders_and_disagreement_is_a_tie():
+    calls = []
+
+    def always_first(query, a, b):
+        calls.append((a, b))
+        return "A"
+
+    assert ple_eval.judge_outcome(always_first, "q", "cand", "base") == 0.5  # position bias -> tie
+    assert calls == [("cand", "base"), ("base", "cand")]
+    longer = lambda q, a, b: "A" if len(a) > len(b) else "B"  # noqa: E731
+    assert ple_eval.judge_outcome(longer, "q", "a long answer", "short") == 1.0
+    assert ple_eval.judge_outcome(longer, "q", "short", "a long answer") == 0.0
+
+
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny_gpt2_b"))
+    tokenizer = tiny_tokenizer()
+    tiny_model(tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def eval_args(models, data_file, out, **changes):
+    settings = dict(models=models, reward="test_ple:length_reward", dataset=data_file, max_new_tokens=6,
+                    batch_size=4, device="cpu", dtype="float32", output=str(out), bootstrap=200)
+    settings.update(changes)
+    return ple_eval.EvalArgs(**settings)
+
+
+def test_eval_two_models_end_to_end_repeatable(model_dir, other_model_dir, data_file, tmp_path):
+    a = ple_eval.run(eval_args([model_dir, other_model_dir], data_file, tmp_path / "a.json", samples=2))
+    b = ple_eval.run(eval_args([model_dir, other_model_dir], data_file, tmp_path / "b.json", samples=2))
+    assert a["generations"] == b["generations"] and a["win_rates"] == b["win_rates"]
+    saved = json.loads((tmp_path / "a.json").read_text())
+    gens = saved["generations"]
+    assert len(gens["queries"]) == len(REVIEWS)
+    for name in (model_dir, other_model_dir):
+        answers = gens["models"][name]["answers"]
+        assert len(answers) == len(REVIEWS) and all(len(x) == 2 for x in answers)
+        assert gens["models"][name]["rewards"] == [[float(len(x)) for x in pair] for pair in answers]
+        mean = sum(sum(r) / 2 for r in gens["models"][name]["rewards"]) / len(REVIEWS)
+        assert saved["models"][name]["mean_reward"] == pytest.approx(mean)
+    wr = saved["win_rates"][other_model_dir]
+    assert wr["wins"] + wr["ties"] + wr["losses"] == len(REVIEWS) * 4
+    expected = ple_eval.win_rate(gens["models"][model_dir]["rewards"], gens["models"][other_model_dir]["rewards"],
+                                 bootstrap=200)
+    assert wr == expected
+
+
+def test_eval_holds_out_training_rows_and_warns_about_the_training_reward(model_dir, data_file, principles_file,
+                                                                          tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, run_dir, iterations=1, num_queries=6))
+    candidate = str(run_dir / "final")
+    report = ple_eval.run(eval_args([candidate, model_dir], data_file, "", reward="test_ple:word_reward"))
+    _, _, trained = ple.load_queries(data_file, "train", "sentiment", 6, 0)
+    held_out = report["generations"]["queries"]
+    assert len(held_out) == len(REVIEWS) - 6
+    assert not any(any(r.startswith(q) for r in trained) for q in held_out)
+    assert report["judge_is_training_reward"] is True
+    assert "the one the candidate was trained with" in capsys.readouterr().err
+    assert (run_dir / "eval.json").exists()  # written beside the candidate's run
+    with pytest.raises(ple.PLEError, match=r"only 2 held-out queries .* excluding 6 rows"):
+        ple_eval.run(eval_args([candidate, model_dir], data_file, "", n=5))
+
+
+def test_rescore_saved_generations_without_loading_a_model(model_dir, other_model_dir, data_file, tmp_path,
+                                                            monkeypatch):
+    path = tmp_path / "gen.json"
+    ple_eval.run(eval_args([model_dir, other_model_dir], data_file, path))
+
+    def no_models(*args, **kwargs):
+        raise AssertionError("re-scoring must not load a model")
+
+    monkeypatch.setattr(ple, "load_policy", no_models)
+    report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="test_ple:word_reward", bootstrap=200))
+    gens = report["generations"]
+    for name in (model_dir, other_model_dir):
+        got = [r for rs in gens["models"][name]["rewards"] for r in rs]
+        assert got == pytest.approx([r for a in gens["models"][name]["answers"] for r in word_reward([""], a)], abs=1e-6)
+    assert (tmp_path / "gen-rescored.json").exists()
+
+    broken = json.loads(path.read_text())
+    broken["generations"]["models"][other_model_dir]["answers"].pop()
+    (tmp_path / "broken.json").write_text(json.dumps(broken))
+    with pytest.raises(ple.PLEError, match=r"answer 7 queries, not 8"):
+        ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "broken.json")))
+
+
+def test_eval_bad_input(model_dir, data_file, tmp_path):
+    with pytest.raises(ple.PLEError, match="could not load model .*no such file or folder"):
+        ple_eval.run(eval_args([model_dir, str(tmp_path / "missing")], data_file, tmp_path / "x.json"))
+    with pytest.raises(ple.PLEError, match="candidate and at least one baseline"):
+        ple_eval.run(eval_args([model_dir], data_file, tmp_path / "x.json"))
+    with pytest.raises(ple.PLEError, match=r"only 8 held-out queries"):
+        ple_eval.run(eval_args([model_dir, model_dir], data_file, tmp_path / "x.json", n=200))
+    one_row = tmp_path / "one.jsonl"
+    one_row.write_text(json.dumps({"text": "just one review here"}) + "\n")
+    with pytest.raises(ple.PLEError, match=r"too few held-out queries \(1\)"):
+        ple_eval.run(eval_args([model_dir, model_dir], str(one_row), tmp_path / "x.json"))
+
+
+def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, tmp_path):
+    out = tmp_path / "judged.json"
+    result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--models", model_dir, other_model_dir,
+                             "--reward", "test_ple:length_reward", "--judge", model_dir, "--dataset", data_file,
+                             "--max_new_tokens", "5", "--device", "cpu", "--output", str(out), "--bootstrap", "100"],
+                            cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "| model | mean reward" in result.stdout and "Pairwise judge" in result.stdout
+    judged = json.loads(out.read_text())["judge_win_rates"][other_model_dir]
+    assert judged["wins"] + judged["ties"] + judged["losses"] == len(REVIEWS)
+
+
+def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
+    pytest.importorskip("matplotlib")
+    run_dir = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, run_dir, iterations=2))
+    ple_eval.run(ple_eval.EvalArgs(plot=str(run_dir)))
+    assert (run_dir / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ple.PLEError, match="no metrics.jsonl"):
+        ple_eval.run(ple_eval.EvalArgs(plot=str(tmp_path)))

@@ -30,11 +30,9 @@ def main():
     model, tokenizer = ple.load_policy(a.model, device, ple.pick_dtype(a.dtype, device))
     model.eval()
     principles = ple.read_principles(ple.resolve_path("principles.txt"), "sentiment")
-    queries, _ = ple.load_queries(ple.resolve_path("data/review_openings.txt"), "train", "sentiment", a.batch // 2, 0)
-    shown = [ple.TASKS["sentiment"].chat_prefix + q if tokenizer.chat_template else q for q in queries]
-    texts = [ple.render_prompt(tokenizer, s) for s in shown] + \
-            [ple.render_prompt(tokenizer, ple.build_principle_query(s, principles)) for s in shown]
-    prompt_ids = ple.encode_prompts(tokenizer, texts)
+    queries, _, _ = ple.load_queries(ple.resolve_path("data/review_openings.txt"), "train", "sentiment", a.batch // 2, 0)
+    prompt_ids = ple.encode_prompts(tokenizer, queries, "sentiment") + \
+        ple.encode_prompts(tokenizer, queries, "sentiment", principles)
     ids, mask = ple.left_pad(prompt_ids, tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
 
