@@ -554,14 +554,17 @@ def prepare_output_dir(args):
             raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
         os.makedirs(args.output_dir, exist_ok=True)
         return None
-    if not os.path.exists(path) or not found:
-        raise PLEError(f"--resume: {args.output_dir} holds no run with a checkpoint to resume")
+    if not os.path.exists(path):
+        raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
     with open(path) as f:
         saved = json.load(f)
     conflicts = [f"--{k} {saved.get(k)!r} there, {v!r} now" for k, v in asdict(args).items()
                  if k not in RESUMABLE and saved.get(k) != v]
     if conflicts:
         raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
+    if not found:  # stopped before its first checkpoint: nothing to keep, start again
+        print(f"--resume: {args.output_dir} has no checkpoint yet; starting from iteration 0")
+        return None
     return found[-1][1]
 
 
@@ -745,8 +748,8 @@ def run(args):
             for q, a, g, r, rp, k, w in zip(queries, answers, guided, rewards.tolist(), guided_rewards.tolist(),
                                             ranked.tolist(), weights.tolist() if weights is not None else [None] * len(queries))],
             mode="w")
+        write_jsonl(metrics_path, [record])  # before the checkpoint: a resume drops records it does not cover
         save_checkpoint(args, model, tokenizer, optimizer, t + 1)
-        write_jsonl(metrics_path, [record])
         print(f"iter {t}: tau {tau:.3f} ranked {record['ranked_share']:.2f} | reward x {record['reward_original']:+.3f} "
               f"x_p {record['reward_principle']:+.3f} | loss {record['loss']:.4f} | "
               f"sample {t_sample:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) score {t_score:.1f}s "

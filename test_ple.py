@@ -529,6 +529,12 @@ def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principle
         ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, tau0=0.5, resume=True))
     with pytest.raises(ple.PLEError, match="holds no run"):
         ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "empty", resume=True))
+    # a run stopped before its first checkpoint can be resumed: it starts again from iteration 0
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "args.json").write_text((out / "args.json").read_text().replace(str(out), str(early)))
+    ple.run(make_args(model_dir, data_file, principles_file, early, iterations=1, resume=True))
+    assert [m["iteration"] for m in read_jsonl(early / "metrics.jsonl")] == [0]
     assert (out / "final" / "model.safetensors").stat().st_mtime == saved  # nothing saved was touched
 
 
