@@ -243,6 +243,18 @@ def test_build_principle_query_and_read_principles(tmp_path):
         assert ple.read_principles(os.path.join(HERE, "principles.txt"), task)
 
 
+def test_chat_models_get_queries_through_their_template_base_models_plain_text():
+    tokenizer = tiny_tokenizer()
+    plain = ple.encode_prompts(tokenizer, ["The film was"], "sentiment", [PRINCIPLE])
+    assert tokenizer.decode(plain[0]) == PRINCIPLE + "\n\nThe film was"
+    tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}<assistant>"
+    x = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], "sentiment")[0])
+    x_p = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], "sentiment", [PRINCIPLE])[0])
+    prefix = ple.TASKS["sentiment"].chat_prefix
+    assert x == f"<user>{prefix}The film was</s><assistant>"
+    assert x_p == f"<user>{PRINCIPLE}\n\n{prefix}The film was</s><assistant>"
+
+
 def test_make_query_per_task():
     import random
 

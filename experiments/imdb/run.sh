@@ -19,7 +19,7 @@ train() {  # name, then ple.py flags
   if [ -d "$RUNS/$name/final" ]; then echo "$name: done already"; return; fi
   rm -rf "$RUNS/$name"
   local start=$(date +%s)
-  python ple.py "${common[@]}" --output_dir "$RUNS/$name" "$@" 2>&1 | grep -a "^iter\|error" || true
+  python ple.py "${common[@]}" --output_dir "$RUNS/$name" "$@" 2>&1 | tr '\r' '\n' | grep -a "^iter\|error" || true
   echo "$name $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt"
 }
 

@@ -59,5 +59,30 @@ def main(folder):
               f"{rate('rm', model, baseline_cd) if baseline_cd else '-'} | {rate('vader', model, baseline_cd) if baseline_cd else '-'} | {time} |")
 
 
+def five_grams(text):
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i:i + 5]) for i in range(len(words) - 4)}
+
+
+def quality(folder):
+    """What a sentiment judge does not see: copying the principle's wording, and diversity."""
+    import ple
+
+    principle = set().union(*map(five_grams, ple.read_principles(ple.resolve_path("principles.txt"), "sentiment")))
+    with open(os.path.join(folder, "eval_rm.json")) as f:
+        models = json.load(f)["generations"]["models"]
+    print()
+    print("| model | answers copying 5 words of the principles | distinct bigrams / all bigrams |")
+    print("| --- | --- | --- |")
+    for model, entry in models.items():
+        answers = [a for query in entry["answers"] for a in query]
+        copied = sum(bool(five_grams(a) & principle) for a in answers)
+        bigrams = [tuple(w[i:i + 2]) for a in answers for w in [a.lower().split()] for i in range(len(w) - 1)]
+        name, seed, _ = label(model)
+        print(f"| {name}{'' if seed is None else f' (seed {seed})'} | {copied} / {len(answers)} | "
+              f"{len(set(bigrams)) / max(len(bigrams), 1):.2f} |")
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
+    quality(sys.argv[1])
