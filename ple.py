@@ -31,7 +31,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
