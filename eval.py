@@ -245,8 +245,8 @@ def check_generations(record):
 # Scoring and the report
 # ================================================================================================
 
-def evaluate(args, record, device):
-    """Score saved or fresh generations; returns the report (every figure)."""
+def evaluate(args, record, reward_fn=None, judge=None):
+    """Score saved or fresh generations with the reward and/or judge; returns the report (every figure)."""
     check_generations(record)
     queries, names = record["queries"], list(record["models"])
     candidate = names[0]
@@ -254,12 +254,11 @@ def evaluate(args, record, device):
               "candidate": candidate, "baselines": names[1:], "models": {}, "win_rates": {}}
     trained_with = (saved_run_args(candidate) or {}).get("reward")
     report["candidate_training_reward"] = trained_with
-    if args.reward:
+    if reward_fn is not None:
         report["judge_is_training_reward"] = trained_with == args.reward
         if trained_with == args.reward:
             print(f"warning: the judging reward '{args.reward}' is the one the candidate was trained with; "
                   "add an independent judge to tell learning from reward hacking", file=sys.stderr)
-        reward_fn = ple.load_reward(args.reward, device)
         for name in names:
             answers = record["models"][name]["answers"]
             flat_q = [q for q, a in zip(queries, answers) for _ in a]
@@ -283,8 +282,7 @@ def evaluate(args, record, device):
             stats["perplexity_on_references"] = entry["perplexity"]
     if args.bleu:
         add_bleu(report, record)
-    if args.judge:
-        judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device))
+    if judge is not None:
         report["judge_win_rates"] = {}
         for name in names[1:]:
             outcomes = [[judge_outcome(judge, q, c, b) for c in cs for b in bs]
@@ -404,10 +402,12 @@ def run(args):
             raise PLEError("--samples must be at least 1")
         queries, references, excluded = held_out_queries(args)
         print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
-        if args.reward:  # a reward that cannot load, fails before any generation
-            ple.load_reward(args.reward, device)
+    # judges load once, before any generation, so that one that cannot load fails early
+    reward_fn = ple.load_reward(args.reward, device) if args.reward else None
+    judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device)) if args.judge else None
+    if not args.rescore:
         record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device))
-    report = evaluate(args, record, device)
+    report = evaluate(args, record, reward_fn, judge)
     report["generations"] = record
     output = args.output or default_output(args)
     with open(output, "w") as f:
