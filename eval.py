@@ -183,7 +183,7 @@ def held_out_queries(args):
 def generate_for(model, tokenizer, queries, args):
     """`args.samples` answers per query, same order and seed for every model."""
     torch.manual_seed(args.seed)
-    prompts = [p for p in ple.encode_prompts(tokenizer, queries, args.task) for _ in range(args.samples)]
+    prompts = [p for p in ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix) for _ in range(args.samples)]
     answers = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", leave=False):
         answers += ple.generate_answers(model, tokenizer, prompts[start:start + args.batch_size],
@@ -194,7 +194,7 @@ def generate_for(model, tokenizer, queries, args):
 
 
 def perplexity_on(model, tokenizer, queries, references, args):
-    prompts = ple.encode_prompts(tokenizer, queries, args.task)
+    prompts = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
     targets = ple.reference_ids_for(tokenizer, references)
     logps = []
     with torch.inference_mode():

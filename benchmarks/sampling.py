@@ -31,8 +31,9 @@ def main():
     model.eval()
     principles = ple.read_principles(ple.resolve_path("principles.txt"), "sentiment")
     queries, _, _ = ple.load_queries(ple.resolve_path("data/review_openings.txt"), "train", "sentiment", a.batch // 2, 0)
-    prompt_ids = ple.encode_prompts(tokenizer, queries, "sentiment") + \
-        ple.encode_prompts(tokenizer, queries, "sentiment", principles)
+    prefix = ple.TASKS["sentiment"].chat_prefix
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=prefix) + \
+        ple.encode_prompts(tokenizer, queries, principles, chat_prefix=prefix)
     ids, mask = ple.left_pad(prompt_ids, tokenizer.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
 
