@@ -22,33 +22,34 @@ import torch
 from tqdm.auto import tqdm
 
 import ple
-from ple import PLEError
+from ple import PLEError, arg
 
 
 @dataclass
 class EvalArgs:
-    models: List[str] = field(default_factory=list, metadata={"help": "candidate first, then baselines: run folders' final/, Hub ids, .gguf files or pip packages"})
-    reward: str = field(default="vader", metadata={"help": "judging reward, as ple.py's --reward; '' for none (with --judge)"})
-    judge: Optional[str] = field(default=None, metadata={"help": "optional pairwise judge: a causal LM asked which answer is better, in both orders"})
-    dataset: str = field(default="data/review_openings.txt", metadata={"help": "queries, as ple.py's --dataset"})
-    split: str = field(default="train", metadata={"help": "dataset split"})
-    task: Literal["sentiment", "dialogue", "summarize"] = field(default="sentiment", metadata={"help": "as ple.py's --task"})
-    n: int = field(default=0, metadata={"help": "held-out queries to use; 0 = all that remain after excluding training rows"})
-    samples: int = field(default=1, metadata={"help": "answers per query and model"})
-    seed: int = field(default=0, metadata={"help": "query order and sampling seed, the same for every model"})
-    max_new_tokens: int = field(default=24, metadata={"help": "answer length cap"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
-    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per generate call"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, mps"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={"help": "model dtype"})
-    tie_margin: float = field(default=0.0, metadata={"help": "rewards closer than this count as a tie"})
-    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples (over queries) for the win-rate interval"})
-    bleu: bool = field(default=False, metadata={"help": "also BLEU against the dataset's references (similarity, not alignment; needs sacrebleu)"})
-    perplexity: bool = field(default=False, metadata={"help": "also each model's perplexity on the references (similarity, not alignment)"})
-    output: str = field(default="", metadata={"help": "JSON with every figure and the generations; default: beside the candidate, else eval.json"})
-    rescore: Optional[str] = field(default=None, metadata={"help": "re-score the generations saved in this JSON instead of generating"})
-    plot: Optional[str] = field(default=None, metadata={"help": "plot a run folder's metrics.jsonl to training_curve.png and exit"})
+    models: List[str] = field(default_factory=list, metadata={
+        "help": "candidate first, then baselines: run folders' final/, Hub ids, .gguf files or pip packages"})
+    reward: str = arg("vader", "judging reward, as ple.py's --reward; '' for none (with --judge)")
+    judge: Optional[str] = arg(None, "optional pairwise judge: a causal LM asked which answer is better, both orders")
+    dataset: str = arg("data/review_openings.txt", "queries, as ple.py's --dataset")
+    split: str = arg("train", "dataset split")
+    task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "as ple.py's --task")
+    n: int = arg(0, "held-out queries to use; 0 = all that remain after excluding training rows")
+    samples: int = arg(1, "answers per query and model")
+    seed: int = arg(0, "query order and sampling seed, the same for every model")
+    max_new_tokens: int = arg(24, "answer length cap")
+    temperature: float = arg(0.7, "sampling temperature")
+    top_p: float = arg(0.95, "nucleus sampling")
+    batch_size: int = arg(32, "prompts per generate call")
+    device: str = arg("auto", "auto, cpu, cuda, mps")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "model dtype")
+    tie_margin: float = arg(0.0, "rewards closer than this count as a tie")
+    bootstrap: int = arg(2000, "bootstrap resamples (over queries) for the win-rate interval")
+    bleu: bool = arg(False, "also BLEU against the dataset's references (similarity, not alignment; needs sacrebleu)")
+    perplexity: bool = arg(False, "also each model's perplexity on the references (similarity, not alignment)")
+    output: str = arg("", "JSON with every figure and the generations; default: beside the candidate, else eval.json")
+    rescore: Optional[str] = arg(None, "re-score the generations saved in this JSON instead of generating")
+    plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
 
 
 # ================================================================================================
@@ -147,6 +148,7 @@ def llm_judge(name, device, dtype):
 
 def saved_run_args(model_path):
     """The ple.py arguments a model was trained with (its run folder's args.json), or None."""
+    model_path = ple.stored_path(model_path)
     for path in (os.path.join(model_path, "args.json"), os.path.join(model_path, "..", "args.json")):
         if os.path.isdir(model_path) and os.path.isfile(path):
             with open(path) as f:
@@ -160,7 +162,7 @@ def training_rows(models):
     for model in models:
         run = saved_run_args(model)
         if run:
-            _, _, sources = ple.load_queries(ple.resolve_path(run["dataset"]), run["split"], run["task"],
+            _, _, sources = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
                                              run["num_queries"], run["seed"])
             rows.update(sources)
     return rows
@@ -219,7 +221,7 @@ def generate_all(args, queries, references, device, dtype):
         entry = {"answers": answers, "answer_tokens": lengths}
         if args.perplexity:
             entry["perplexity"] = perplexity_on(model, tokenizer, queries, references, args)
-        record["models"][name] = entry
+        record["models"][ple.portable_path(name)] = entry
         del model
     return record
 
@@ -250,13 +252,15 @@ def evaluate(args, record, reward_fn=None, judge=None):
     check_generations(record)
     queries, names = record["queries"], list(record["models"])
     candidate = names[0]
-    report = {"settings": {k: v for k, v in asdict(args).items() if k not in ("plot",)},
-              "candidate": candidate, "baselines": names[1:], "models": {}, "win_rates": {}}
+    report = {"settings": portable_settings(args), "candidate": candidate, "baselines": names[1:], "models": {},
+              "win_rates": {}}
     trained_with = (saved_run_args(candidate) or {}).get("reward")
     report["candidate_training_reward"] = trained_with
     if reward_fn is not None:
-        report["judge_is_training_reward"] = trained_with == args.reward
-        if trained_with == args.reward:
+        same = trained_with is not None and \
+            ple.portable_path(ple.stored_path(trained_with)) == ple.portable_path(args.reward)
+        report["judge_is_training_reward"] = same
+        if same:
             print(f"warning: the judging reward '{args.reward}' is the one the candidate was trained with; "
                   "add an independent judge to tell learning from reward hacking", file=sys.stderr)
         for name in names:
@@ -290,6 +294,16 @@ def evaluate(args, record, reward_fn=None, judge=None):
                                                        record["models"][name]["answers"])), desc="judging", leave=False)]
             report["judge_win_rates"][name] = summarize_outcomes(outcomes, args.bootstrap, args.seed)
     return report
+
+
+def portable_settings(args):
+    """The settings as the JSON stores them: local paths relative to the repository."""
+    settings = {k: v for k, v in asdict(args).items() if k != "plot"}
+    settings["models"] = [ple.portable_path(m) for m in settings["models"]]
+    for key in ("reward", "judge", "dataset", "rescore"):
+        settings[key] = ple.portable_path(settings[key])
+    settings["output"] = ple.portable_path(settings["output"], exists=False)
+    return settings
 
 
 def add_bleu(report, record):
@@ -392,7 +406,8 @@ def run(args):
             saved = json.load(f)
         record = saved.get("generations", saved)
         args.models = list(record.get("models", {}))
-        for key in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p"):  # describe what was generated
+        # describe what was generated, not this command's defaults
+        for key in ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p"):
             if key in saved.get("settings", {}):
                 setattr(args, key, saved["settings"][key])
     else:

