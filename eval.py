@@ -10,6 +10,8 @@ The first model is the candidate, the others baselines. Every model answers the 
 queries (rows any of the models trained on are dropped), in the same order, with the same sampling
 settings and seed. Models, rewards, data and sampling come from ple.py: one implementation of each.
 """
+import glob
+import hashlib
 import json
 import math
 import os
@@ -22,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ple
-from ple import PLEError, arg
+from ple import PLEError, arg, require
 
 
 @dataclass
@@ -49,6 +51,7 @@ class EvalArgs:
     perplexity: bool = arg(False, "also each model's perplexity on the references (similarity, not alignment)")
     output: str = arg("", "JSON with every figure and the generations; default: beside the candidate, else eval.json")
     rescore: Optional[str] = arg(None, "re-score the generations saved in this JSON instead of generating")
+    cache: str = arg("", "folder for each model's generations, reused by reruns; default: eval_cache/ beside --output")
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
 
 
@@ -129,13 +132,15 @@ def llm_judge(name, device, dtype):
     model.eval()
     letters = []
     for letter in ("A", "B"):
-        ids = tokenizer(letter, add_special_tokens=False)["input_ids"] or tokenizer(" " + letter, add_special_tokens=False)["input_ids"]
+        ids = (tokenizer(letter, add_special_tokens=False)["input_ids"]
+               or tokenizer(" " + letter, add_special_tokens=False)["input_ids"])
         letters.append(ids[0])
 
     @torch.inference_mode()
     def judge(query, a, b):
         text = ple.render_prompt(tokenizer, JUDGE_PROMPT.format(query=query, a=a, b=b))
-        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"].to(device)
+        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
+        ids = ids.to(device)
         logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
         return "A" if logits[letters[0]] >= logits[letters[1]] else "B"
 
@@ -185,14 +190,16 @@ def held_out_queries(args):
 def generate_for(model, tokenizer, queries, args):
     """`args.samples` answers per query, same order and seed for every model."""
     torch.manual_seed(args.seed)
-    prompts = [p for p in ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix) for _ in range(args.samples)]
+    prompts = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
+    prompts = [p for p in prompts for _ in range(args.samples)]
     answers = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", leave=False):
         answers += ple.generate_answers(model, tokenizer, prompts[start:start + args.batch_size],
                                         args.max_new_tokens, args.temperature, args.top_p)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     k = args.samples
-    return [texts[i * k:(i + 1) * k] for i in range(len(queries))], [list(map(len, answers[i * k:(i + 1) * k])) for i in range(len(queries))]
+    per_query = [slice(i * k, (i + 1) * k) for i in range(len(queries))]
+    return [texts[q] for q in per_query], [list(map(len, answers[q])) for q in per_query]
 
 
 def perplexity_on(model, tokenizer, queries, references, args):
@@ -207,39 +214,86 @@ def perplexity_on(model, tokenizer, queries, references, args):
     return float(math.exp(-np.mean(logps)))
 
 
-def generate_all(args, queries, references, device, dtype):
-    """Every model answers the queries; returns the generations record saved in the JSON."""
+def generate_all(args, queries, references, device, dtype, output):
+    """Every model answers the queries; returns the generations record saved in the JSON.
+
+    Each model's generations are saved as soon as they exist: in the cache (reused by any later run
+    with the same model files, queries and settings) and in `output`, marked incomplete, which
+    --rescore can read. A failure after minutes of generation loses nothing.
+    """
     record = {"queries": queries, "references": references, "models": {}}
-    for name in args.models:  # a missing folder fails before any generation
-        if name.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(name)):
-            raise PLEError(f"could not load model '{name}': no such file or folder")
     for name in args.models:
-        print(f"generating with {name}", flush=True)
-        model, tokenizer = ple.load_policy(name, device, dtype)
-        model.eval()
-        answers, lengths = generate_for(model, tokenizer, queries, args)
-        entry = {"answers": answers, "answer_tokens": lengths}
-        if args.perplexity:
-            entry["perplexity"] = perplexity_on(model, tokenizer, queries, references, args)
+        path = cache_path(args, name, queries)
+        entry = read_cache(path)
+        if entry is None:
+            print(f"generating with {name}", flush=True)
+            model, tokenizer = ple.load_policy(name, device, dtype)
+            model.eval()
+            answers, lengths = generate_for(model, tokenizer, queries, args)
+            entry = {"answers": answers, "answer_tokens": lengths}
+            if args.perplexity:
+                entry["perplexity"] = perplexity_on(model, tokenizer, queries, references, args)
+            del model
+            write_json(path, entry)
+        else:
+            print(f"reusing the generations of {name} ({ple.portable_path(path)})", flush=True)
         record["models"][ple.portable_path(name)] = entry
-        del model
+        write_json(output, {"complete": False, "settings": portable_settings(args), "generations": record})
     return record
+
+
+def cache_path(args, name, queries):
+    """Where a model's generations are cached: named by a hash of everything that shapes them."""
+    key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
+           **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
+                                            "perplexity")}}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output or default_output(args))),
+                                        "eval_cache")
+    return os.path.join(folder, f"{digest}.json")
+
+
+def model_fingerprint(name):
+    """Names, sizes and modification times of a local model's files (a retrained folder gets a new key)."""
+    folder, gguf = ple.find_gguf(name)
+    path = os.path.join(folder, gguf) if gguf else folder
+    if not os.path.exists(path):
+        return None  # a Hub id: its revision is the Hub's business
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
+    return [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in files if os.path.isfile(f)]
+
+
+def read_cache(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # missing, or cut short by a kill: generate again
+
+
+def write_json(path, data):
+    """Write under a temporary name, then rename: a kill mid-write leaves the old file or none."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def check_generations(record):
     """Saved generations must pair up: the same queries, the same number of answers per query."""
-    queries = record.get("queries")
-    models = record.get("models") or {}
-    if not queries or len(models) < 2:
+    queries = record.get("queries") if isinstance(record, dict) else None
+    models = record.get("models") if isinstance(record, dict) else None
+    if not isinstance(queries, list) or not queries or not isinstance(models, dict) or len(models) < 2:
         raise PLEError("saved generations need 'queries' and at least two models under 'models'")
     counts = None
     for name, entry in models.items():
-        answers = entry.get("answers", [])
+        answers = entry.get("answers", []) if isinstance(entry, dict) else []
         if len(answers) != len(queries):
             raise PLEError(f"saved generations of '{name}' answer {len(answers)} queries, not {len(queries)}")
         shape = [len(a) for a in answers]
         if counts is not None and shape != counts:
-            raise PLEError(f"saved generations of '{name}' have a different number of answers per query than the first model")
+            raise PLEError(f"saved generations of '{name}' have a different number of answers per query "
+                           "than the first model")
         counts = shape
 
 
@@ -275,7 +329,8 @@ def evaluate(args, record, reward_fn=None, judge=None):
             mean, error = mean_and_error(rewards)
             report["models"][name] = {"mean_reward": mean, "stderr": error}
         for name in names[1:]:
-            report["win_rates"][name] = win_rate(record["models"][candidate]["rewards"], record["models"][name]["rewards"],
+            report["win_rates"][name] = win_rate(record["models"][candidate]["rewards"],
+                                                 record["models"][name]["rewards"],
                                                  args.tie_margin, args.bootstrap, args.seed)
     for name in names:
         entry, stats = record["models"][name], report["models"].setdefault(name, {})
@@ -355,8 +410,9 @@ def plot_run(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise PLEError(f"--plot: no metrics.jsonl in {run_dir}")
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
+    records = ple.read_jsonl(path)
+    if not records:
+        raise PLEError(f"--plot: {path} holds no finished iteration yet")
     t = [r["iteration"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
@@ -394,39 +450,99 @@ def main(argv=None):
         print(markdown(report))
 
 
+def check_eval_args(args):
+    """Everything that can be checked before a model is loaded."""
+    if not args.reward and not args.judge:
+        raise PLEError("nothing judges: pass --reward, --judge or both")
+    for name in ("samples", "batch_size", "max_new_tokens", "bootstrap"):
+        require(getattr(args, name) >= 1, name, "must be at least 1")
+    require(args.n >= 0, "n", "must be 0 (all held-out queries) or more")
+    require(args.n != 1, "n", "a win rate needs at least 2 queries")
+    require(0 < args.temperature < math.inf, "temperature", "must be a positive number")
+    require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
+    require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
+    ple.check_device(args.device)
+    if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
+        ple.check_local(args.reward, "--reward")
+    if not args.rescore:
+        ple.check_local(ple.resolve_path(args.dataset), "--dataset")
+        if len(args.models) < 2:
+            raise PLEError("--models needs a candidate and at least one baseline")
+
+
+def check_models(names):
+    """Each model exists (local) or resolves (Hub id), before any of them generates."""
+    from transformers import AutoConfig
+
+    for name in names:
+        ple.check_local(name, "--models")
+        folder, gguf = ple.find_gguf(name)
+        if gguf:
+            continue
+        try:
+            AutoConfig.from_pretrained(folder)
+        except Exception as e:
+            raise PLEError(f"could not load model '{name}': {ple.load_hint(name, e)}") from None
+
+
+def check_writable(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PLEError(f"--output {path}: the folder {folder} does not exist")
+    try:
+        with open(path + ".tmp", "w"):
+            pass
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise PLEError(f"--output {path} cannot be written: {e}") from None
+
+
+def read_saved(path):
+    """The JSON that --rescore reads: eval.py's own output (complete or not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise PLEError(f"--rescore {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PLEError(f"--rescore {path} is not a readable JSON file: {e}") from None
+    if not isinstance(saved, dict):
+        raise PLEError(f"--rescore {path} holds a JSON {type(saved).__name__}, not the object eval.py writes")
+    record = saved.get("generations", saved)
+    check_generations(record)
+    return saved, record
+
+
 def run(args):
     if args.plot:
         print(f"wrote {plot_run(args.plot)}")
         return None
-    if not args.reward and not args.judge:
-        raise PLEError("nothing judges: pass --reward, --judge or both")
-    device = ple.pick_device(args.device)
+    check_eval_args(args)
     if args.rescore:
-        with open(args.rescore) as f:
-            saved = json.load(f)
-        record = saved.get("generations", saved)
-        args.models = list(record.get("models", {}))
+        saved, record = read_saved(args.rescore)
+        args.models = list(record["models"])
         # describe what was generated, not this command's defaults
         for key in ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p"):
             if key in saved.get("settings", {}):
                 setattr(args, key, saved["settings"][key])
+        queries = record["queries"]
     else:
-        if len(args.models) < 2:
-            raise PLEError("--models needs a candidate and at least one baseline")
-        if args.samples < 1:
-            raise PLEError("--samples must be at least 1")
+        check_models(args.models)
         queries, references, excluded = held_out_queries(args)
         print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
-    # judges load once, before any generation, so that one that cannot load fails early
+    output = args.output or default_output(args)
+    check_writable(output)
+    device = ple.pick_device(args.device)
+    # judges load once, before any generation, so that one that cannot load or score fails early
     reward_fn = ple.load_reward(args.reward, device) if args.reward else None
+    if reward_fn is not None:
+        ple.score(reward_fn, queries[:2], ["", ""], 64)
     judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device)) if args.judge else None
     if not args.rescore:
-        record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device))
+        record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output)
     report = evaluate(args, record, reward_fn, judge)
     report["generations"] = record
-    output = args.output or default_output(args)
-    with open(output, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(output, report)
     print(f"wrote {output}")
     return report
 

@@ -176,21 +176,29 @@ def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new
 
 def score(reward_fn, queries, answers, batch_size):
     """Call the reward in batches and refuse anything that is not one finite float per answer."""
-    rewards = []
+    rewards, largest = [], torch.finfo(torch.float32).max  # the losses compute in float32
     for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False):
         q, a = queries[start:start + batch_size], answers[start:start + batch_size]
-        values = list(reward_fn(q, a))
+        where = f"samples {start} to {start + len(q) - 1} (first query {q[0][:60]!r}, answer {a[0][:60]!r})"
+        try:
+            values = reward_fn(q, a)
+        except Exception as e:
+            raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
+        try:
+            values = list(values)
+        except TypeError:
+            raise PLEError(f"the reward returned {values!r} for {where}; it must return one number per answer, "
+                           f"a list of {len(q)}") from None
         if len(values) != len(q):
-            raise PLEError(f"the reward returned {len(values)} values for {len(q)} answers "
-                           f"(samples {start} to {start + len(q) - 1})")
+            raise PLEError(f"the reward returned {len(values)} values for {len(q)} answers ({where})")
         for i, v in enumerate(values):
             try:
                 v = float(v)
             except (TypeError, ValueError):
                 v = float("nan")
-            if not math.isfinite(v):
+            if not abs(v) <= largest:  # NaN, inf, or beyond float32 (it would become inf there)
                 raise PLEError(f"the reward returned {values[i]!r} for sample {start + i} "
-                               f"(query {q[i][:60]!r}, answer {a[i][:60]!r}); rewards must be finite numbers")
+                               f"(query {q[i][:60]!r}, answer {a[i][:60]!r}); rewards must be finite float32 numbers")
             rewards.append(v)
     return torch.tensor(rewards)
 
@@ -414,10 +422,59 @@ class State:
 
 
 def check_args(args):
-    if args.iterations < 1 or args.batch_size < 1 or args.mini_batch_size < 1 or args.max_new_tokens < 1:
-        raise PLEError("--iterations, --batch_size, --mini_batch_size and --max_new_tokens must be at least 1")
-    if not 0 < args.alpha <= 1:
-        raise PLEError(f"--alpha {args.alpha}: the threshold decays, so alpha must be in (0, 1]")
+    """Every argument that can be wrong without loading anything: ranges, device, files that must exist."""
+    for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size"):
+        require(getattr(args, name) >= 1, name, "must be at least 1")
+    for name in ("num_queries", "sft_epochs", "lora_r"):
+        require(getattr(args, name) >= 0, name, "must be 0 or more")
+    for name in ("learning_rate", "max_grad_norm", "temperature", "beta", "lora_alpha"):
+        require(0 < getattr(args, name) < math.inf, name, "must be a positive number")
+    require(math.isfinite(args.tau0), "tau0", "must be a finite number")
+    require(0 < args.alpha <= 1, "alpha", "is the threshold's decay factor: it must be in (0, 1]")
+    require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]; 1.0 samples from the full distribution")
+    check_device(args.device)
+    check_local(resolve_path(args.dataset), "--dataset")
+    check_local(args.model, "--model")
+    if args.reward != "vader" and not is_function_spec(args.reward):
+        check_local(args.reward, "--reward")
+
+
+def require(ok, name, what):
+    if not ok:
+        raise PLEError(f"--{name}: {what}")
+
+
+def check_device(name):
+    """--device: refuse a device this machine does not have, before anything is loaded."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise PLEError(f"--device {name}: {e}; pass auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PLEError(f"--device {name}: CUDA is not available on this machine (torch.cuda.is_available() is "
+                       "False); pass --device auto or cpu, or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise PLEError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise PLEError(f"--device {name}: MPS is not available on this machine; pass --device auto or cpu")
+
+
+LOCAL_SUFFIXES = (".gguf", ".jsonl", ".json", ".csv", ".txt", ".gz", ".safetensors", ".bin", ".pt")
+
+
+def looks_local(name):
+    """True for a name that can only be a local path, never a Hub id (Hub ids are 'name' or 'org/name')."""
+    if name.startswith((".", "/", "~", "\\")) or name.lower().endswith(LOCAL_SUFFIXES) or name.count("/") > 1:
+        return True
+    return "/" in name and os.path.isdir(name.split("/")[0])  # 'models/smol' when there is a folder 'models'
+
+
+def check_local(name, flag):
+    """A missing local path is reported as such at once, without asking the Hub about it."""
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        raise PLEError(f"{flag} {name}: no such file or folder")
 
 
 def set_up(args):
@@ -442,12 +499,9 @@ def set_up(args):
 
     set_seed(args.seed)
     s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype)
-    with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-        json.dump(saved_args(args), f, indent=2)
     s.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if os.path.exists(s.metrics_path):  # drop records of iterations after the checkpoint (a crash mid-iteration)
-        with open(s.metrics_path) as f:
-            kept = [r for r in map(json.loads, f) if r["iteration"] < s.start]
+        kept = [r for r in read_jsonl(s.metrics_path) if r.get("iteration", math.inf) < s.start]
         write_jsonl(s.metrics_path, kept, mode="w")
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
 
@@ -583,18 +637,24 @@ def load_rows(dataset, split):
     from datasets import load_dataset
 
     local = os.path.exists(dataset)
+    if local and os.path.isfile(dataset) and os.path.getsize(dataset) == 0:
+        raise PLEError(f"dataset file {dataset} is empty")
     try:
         if local:
             base = dataset[:-3] if dataset.endswith(".gz") else dataset
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
             if builder is None:
                 raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
-            return load_dataset(builder, data_files=dataset, split=split)
-        return load_dataset(dataset, split=split)
+            rows = load_dataset(builder, data_files=dataset, split=split)
+        else:
+            rows = load_dataset(dataset, split=split)
     except PLEError:
         raise
     except Exception as e:
         raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e)}") from e
+    if len(rows) == 0:
+        raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
+    return rows
 
 
 def load_queries(dataset, split, task, limit, seed, exclude=()):
@@ -612,10 +672,16 @@ def load_queries(dataset, split, task, limit, seed, exclude=()):
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     rng = random.Random(seed)
-    queries, references, sources = [], [], []
+    queries, references, sources, excluded = [], [], [], 0
     for i in order:
         row = rows[i]
-        if not row[column] or not str(row[column]).strip() or row[column] in exclude:
+        if row[column] is not None and not isinstance(row[column], str):
+            raise PLEError(f"dataset '{dataset}', row {i}: the '{column}' field is {type(row[column]).__name__} "
+                           f"{row[column]!r}, not text")
+        if not row[column] or not row[column].strip():
+            continue
+        if row[column] in exclude:
+            excluded += 1
             continue
         query, reference = make_query(task, row, rng)
         if query:
@@ -624,8 +690,12 @@ def load_queries(dataset, split, task, limit, seed, exclude=()):
             sources.append(row[column])
         if limit and len(queries) == limit:
             break
+    if not queries and excluded:
+        raise PLEError(f"every row of dataset '{dataset}' that gives a query was excluded as a training row of the "
+                       f"models ({excluded} rows); evaluate on another --dataset or --split")
     if not queries:
-        raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}'")
+        raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}' (its {len(rows)} rows have no "
+                       f"usable '{column}' text)")
     return queries, references, sources
 
 
@@ -718,19 +788,25 @@ def classifier_reward(name, device):
     return reward
 
 
+def is_function_spec(spec):
+    return bool(re.fullmatch(r"[\w.]+:\w+", spec)) and not os.path.exists(spec)
+
+
 def load_reward(spec, device="cpu"):
     """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier."""
     if spec == "vader":
         return vader_reward()
-    if re.fullmatch(r"[\w.]+:\w+", spec) and not os.path.exists(spec):
+    if is_function_spec(spec):
         module_name, function_name = spec.split(":")
         sys.path.insert(0, os.getcwd())
         try:
             function = getattr(importlib.import_module(module_name), function_name)
-        except (ImportError, AttributeError) as e:
-            raise PLEError(f"could not load reward '{spec}': {e}") from e
+        except Exception as e:  # ImportError, AttributeError, or the module's own SyntaxError or crash
+            raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}") from e
         finally:
             sys.path.pop(0)
+        if not callable(function):
+            raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
         return function
     return classifier_reward(spec, device)
 
@@ -748,8 +824,9 @@ def load_hint(name, error):
     text = " ".join(f"{type(c).__name__} {c}" for c in chain)
     if re.search(r"couldn't connect|couldn't reach|ConnectError|ConnectionError|LocalEntryNotFound|OfflineMode|offline",
                  text, re.I):
-        return (f"the Hugging Face Hub could not be reached and '{name}' is not in the local cache; "
-                "pass a local folder (or .gguf file) instead, or connect and retry")
+        return (f"there is no local file or folder '{name}', and the Hugging Face Hub could not be reached to look "
+                "it up as a Hub id (nor is it in the local cache); pass a local folder (or .gguf file) instead, "
+                "or connect and retry")
     if os.sep in name and not os.path.exists(name):
         return f"no such file or folder: {name}"
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -883,19 +960,30 @@ def set_rng_state(state):
 
 
 def prepare_output_dir(args):
-    """Refuse to overwrite a run; on --resume check the arguments agree and return its checkpoint."""
+    """Refuse to overwrite a run; on --resume check the arguments agree and return its checkpoint.
+
+    A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
+    --resume and with any arguments, starts in its folder afresh. Writes args.json, which also checks
+    that the folder is writable before anything is loaded.
+    """
     path = os.path.join(args.output_dir, "args.json")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
     found = checkpoints(args.output_dir)
-    if not args.resume:
-        if os.path.exists(path) or found:
-            raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, "
-                           "or another --output_dir")
-        os.makedirs(args.output_dir, exist_ok=True)
+    if not found:
+        if args.resume and not os.path.exists(path):
+            raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
+        if os.path.exists(path):
+            print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
+        write_args(args, path)
         return None
-    if not os.path.exists(path):
-        raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
-    with open(path) as f:
-        saved = json.load(f)
+    if not args.resume:
+        raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PLEError(f"--resume: cannot read {path}: {e}") from None
     for key in PATHS:  # paths compare as the files they name, however they are spelled
         if isinstance(saved.get(key), str):
             saved[key] = portable_path(stored_path(saved[key]))
@@ -903,10 +991,35 @@ def prepare_output_dir(args):
                  if k not in RESUMABLE and saved.get(k) != v]
     if conflicts:
         raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
-    if not found:  # stopped before its first checkpoint: nothing to keep, start again
-        print(f"--resume: {args.output_dir} has no checkpoint yet; starting from iteration 0")
-        return None
+    write_args(args, path)  # the folder may have moved: record where it is now
     return found[-1][1]
+
+
+def write_args(args, path):
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(saved_args(args), f, indent=2)
+    except OSError as e:
+        raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
+
+
+def read_jsonl(path):
+    """Records of a JSON Lines file. A partial last line (an append cut short by a kill or a full disk)
+    is dropped with a warning; any other line that is not JSON is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i + 1:]):
+                raise PLEError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
+            print(f"warning: {path}: dropped a partial last line ({len(line)} characters)", file=sys.stderr)
+    return records
 
 
 def write_jsonl(path, records, mode="a"):

@@ -558,12 +558,161 @@ def test_dataset_without_the_task_field(model_dir, principles_file, tmp_path):
 
 
 def test_model_or_reward_that_cannot_be_loaded(model_dir, data_file, principles_file, tmp_path):
-    with pytest.raises(ple.PLEError, match="could not load model"):
+    with pytest.raises(ple.PLEError, match="no such file or folder"):
         ple.run(make_args(str(tmp_path / "no_such_folder"), data_file, principles_file, tmp_path / "o1"))
     with pytest.raises(ple.PLEError, match="could not load reward 'no_module_here:f'"):
         ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "o2", reward="no_module_here:f"))
-    with pytest.raises(ple.PLEError, match="could not load reward model"):
+    with pytest.raises(ple.PLEError, match="no such file or folder"):
         ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "o3", reward=str(tmp_path / "no_rm")))
+    (tmp_path / "not_a_model").mkdir()
+    with pytest.raises(ple.PLEError, match="could not load model"):
+        ple.run(make_args(str(tmp_path / "not_a_model"), data_file, principles_file, tmp_path / "o4"))
+
+
+def raising_reward(queries, answers):
+    raise ValueError("the reward server is down")
+
+
+def scalar_reward(queries, answers):
+    return 3.0
+
+
+def none_reward(queries, answers):
+    return None
+
+
+def huge_reward(queries, answers):
+    return [1e39] * len(answers)  # finite in float64, inf in float32
+
+
+def late_reward(queries, answers):
+    """Fine on the empty answers of the start-up check, fails on real ones (in iteration 0)."""
+    if any(answers):
+        raise RuntimeError("fails only on real answers")
+    return [0.0] * len(answers)
+
+
+BAD_RUNS = [  # (changes to a good run, the error it must give)
+    (dict(num_queries=-3), r"--num_queries: must be 0 or more"),
+    (dict(top_p=0.0), r"--top_p: must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"--top_p"),
+    (dict(max_grad_norm=-1.0), r"--max_grad_norm: must be a positive number"),
+    (dict(learning_rate=-1.0), r"--learning_rate: must be a positive number"),
+    (dict(learning_rate=float("nan")), r"--learning_rate"),
+    (dict(lora_r=-1), r"--lora_r: must be 0 or more"),
+    (dict(temperature=0.0), r"--temperature: must be a positive number"),
+    (dict(reward_batch_size=0), r"--reward_batch_size: must be at least 1"),
+    (dict(alpha=1.5), r"--alpha"),
+    (dict(device="cuda:99"), r"--device cuda:99"),
+    (dict(device="toaster"), r"--device toaster"),
+    (dict(dataset="nope.jsonl"), r"--dataset nope.jsonl: no such file or folder"),
+    (dict(model="nothere.gguf"), r"--model nothere.gguf: no such file or folder"),
+    (dict(model="runs/typo/final"), r"--model runs/typo/final: no such file or folder"),
+    (dict(reward="test_ple:raising_reward"), r"the reward raised ValueError: the reward server is down on samples 0"),
+    (dict(reward="test_ple:scalar_reward"), r"returned 3.0 for samples 0 to 1 .*one number per answer"),
+    (dict(reward="test_ple:none_reward"), r"returned None for samples 0 to 1"),
+    (dict(reward="test_ple:huge_reward"), r"returned 1e\+39 for sample 0 .*finite float32"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_RUNS, ids=[m.split(":")[0][:30] for _, m in BAD_RUNS])
+def test_bad_input_fails_before_any_model_loads(model_dir, data_file, principles_file, tmp_path, monkeypatch,
+                                                 changes, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was found")
+
+    monkeypatch.setattr(ple, "load_policy", no_model)
+    with pytest.raises(ple.PLEError, match=message):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "o", **changes))
+
+
+def test_bad_files_fail_early_and_clearly(model_dir, data_file, principles_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    run = lambda out, **changes: ple.run(make_args(model_dir, data_file, principles_file, tmp_path / out, **changes))  # noqa: E731
+    for name in ("empty.txt", "empty.jsonl"):
+        (tmp_path / name).write_text("")
+        with pytest.raises(ple.PLEError, match=f"dataset file .*{name} is empty"):
+            run("o", dataset=str(tmp_path / name))
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(3)))
+    with pytest.raises(ple.PLEError, match=r"row \d: the 'text' field is int \d, not text"):
+        run("o", dataset=str(numbers))
+    (tmp_path / "broken_reward_mod.py").write_text("def f(queries, answers)\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ple.PLEError, match=r"could not load reward 'broken_reward_mod:f': SyntaxError"):
+        run("o", reward="broken_reward_mod:f")
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(ple.PLEError, match="is a file, not a folder"):
+        run("a_file")
+    with pytest.raises(ple.PLEError, match="cannot be written"):
+        run("a_file/run")
+    (tmp_path / "models").mkdir()  # 'models/smol' next to a folder 'models' is a missing local path, not a Hub id
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ple.PLEError, match="--model models/smol: no such file or folder"):
+        run("o", model="models/smol")
+
+
+def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, tmp_path):
+    result = cli("--model", "models/none/here", "--dataset", data_file, "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --model models/none/here: no such file or folder"]
+
+
+def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ple.PLEError, match="the reward raised RuntimeError"):
+        ple.run(make_args(model_dir, data_file, principles_file, out, reward="test_ple:late_reward"))
+    assert (out / "args.json").exists() and not ple.checkpoints(str(out))
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))  # corrected, no --resume
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
+    assert json.loads((out / "args.json").read_text())["reward"] == "test_ple:word_reward"
+    again = tmp_path / "again"
+    with pytest.raises(ple.PLEError):
+        ple.run(make_args(model_dir, data_file, principles_file, again, reward="test_ple:late_reward"))
+    ple.run(make_args(model_dir, data_file, principles_file, again, iterations=1, resume=True))  # --resume too
+    assert [m["iteration"] for m in read_jsonl(again / "metrics.jsonl")] == [0]
+
+
+def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, data_file, principles_file, tmp_path,
+                                                                    monkeypatch):
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(data_file, work / "data" / "reviews.jsonl")
+    monkeypatch.chdir(work)
+    ple.run(make_args(model_dir, "data/reviews.jsonl", principles_file, "runs/A", iterations=1))
+    straight = tmp_path / "straight"  # the same run without interruptions, for comparison
+    ple.run(make_args(model_dir, str(work / "data" / "reviews.jsonl"), principles_file, straight, iterations=3))
+    # the run folder in another spelling, the dataset given absolute instead of relative
+    ple.run(make_args(model_dir, str(work / "data" / "reviews.jsonl"), principles_file, "runs/A/", iterations=2,
+                      resume=True))
+    # the run folder moved, resumed from another working directory with the dataset relative to it
+    shutil.move(str(work / "runs" / "A"), str(tmp_path / "B"))
+    monkeypatch.chdir(work / "data")
+    ple.run(make_args(model_dir, "reviews.jsonl", principles_file, str(tmp_path / "B"), iterations=3, resume=True))
+    assert [m["iteration"] for m in read_jsonl(tmp_path / "B" / "metrics.jsonl")] == [0, 1, 2]
+    assert read_jsonl(tmp_path / "B" / "samples" / "iter-002.jsonl") == read_jsonl(straight / "samples" / "iter-002.jsonl")
+    with pytest.raises(ple.PLEError, match="--dataset"):  # a different file is still refused
+        ple.run(make_args(model_dir, data_file, principles_file, str(tmp_path / "B"), iterations=4, resume=True))
+
+
+def test_resume_drops_a_partial_last_metrics_line(model_dir, data_file, principles_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 1, "tau": 0.18, "rank')  # an append cut short by a kill
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert "dropped a partial last line" in capsys.readouterr().err
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"iteration": 2, "ta')
+    pytest.importorskip("matplotlib")
+    ple_eval.run(ple_eval.EvalArgs(plot=str(out)))  # the plot reads it too
+    assert (out / "training_curve.png").exists()
+    (out / "metrics.jsonl").write_text('{"iteration": 0}\nnot json\n{"iteration": 1}\n')
+    with pytest.raises(ple.PLEError, match=r"line 2, is not JSON"):  # damage elsewhere is an error
+        ple.read_jsonl(str(out / "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("reward, message", [("test_ple:nan_reward", r"nan for sample 0"),
@@ -685,8 +834,11 @@ def other_model_dir(tmp_path_factory):
 
 
 def eval_args(models, data_file, out, **changes):
+    import tempfile
+
     settings = dict(models=models, reward="test_ple:length_reward", dataset=data_file, max_new_tokens=6,
-                    batch_size=4, device="cpu", dtype="float32", output=str(out), bootstrap=200)
+                    batch_size=4, device="cpu", dtype="float32", output=str(out), bootstrap=200,
+                    cache=tempfile.mkdtemp(prefix="eval_cache"))  # a fresh cache: every test generates
     settings.update(changes)
     return ple_eval.EvalArgs(**settings)
 
@@ -759,7 +911,7 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
 
 
 def test_eval_bad_input(model_dir, data_file, tmp_path):
-    with pytest.raises(ple.PLEError, match="could not load model .*no such file or folder"):
+    with pytest.raises(ple.PLEError, match="no such file or folder"):
         ple_eval.run(eval_args([model_dir, str(tmp_path / "missing")], data_file, tmp_path / "x.json"))
     with pytest.raises(ple.PLEError, match="candidate and at least one baseline"):
         ple_eval.run(eval_args([model_dir], data_file, tmp_path / "x.json"))
@@ -769,6 +921,70 @@ def test_eval_bad_input(model_dir, data_file, tmp_path):
     one_row.write_text(json.dumps({"text": "just one review here"}) + "\n")
     with pytest.raises(ple.PLEError, match=r"too few held-out queries \(1\)"):
         ple_eval.run(eval_args([model_dir, model_dir], str(one_row), tmp_path / "x.json"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(reward="test_ple:raising_reward"), r"the reward raised ValueError"),
+    (dict(output="/nonexistent/dir/e.json"), r"--output /nonexistent/dir/e.json: the folder .* does not exist"),
+    (dict(n=1), r"--n: a win rate needs at least 2 queries"),
+    (dict(n=-2), r"--n: must be 0"),
+    (dict(second="runs/typo/final"), r"--models runs/typo/final: no such file or folder"),
+    (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
+    (dict(top_p=0.0), r"--top_p"),
+    (dict(device="cuda:99"), r"--device cuda:99"),
+])
+def test_eval_checks_everything_before_generating(model_dir, data_file, tmp_path, monkeypatch, changes, message):
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    second = changes.pop("second", model_dir)
+    out = changes.pop("output", str(tmp_path / "e.json"))
+    with pytest.raises(ple.PLEError, match=message):
+        ple_eval.run(eval_args([model_dir, second], data_file, out, **changes))
+
+
+def test_eval_rescore_bad_files(tmp_path):
+    cases = [("missing.json", None, "no such file"), ("corrupt.json", '{"generations": ', "not a readable JSON"),
+             ("list.json", "[1, 2]", "holds a JSON list"), ("empty_object.json", "{}", "need 'queries'")]
+    for name, text, message in cases:
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(ple.PLEError, match=message):
+            ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="test_ple:length_reward"))
+    with pytest.raises(ple.PLEError, match="--bootstrap: must be at least 1"):
+        ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "list.json"), bootstrap=0))
+
+
+def test_eval_on_rows_that_were_all_trained_on(model_dir, data_file, principles_file, tmp_path):
+    run_dir = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, run_dir, iterations=1, num_queries=0))
+    with pytest.raises(ple.PLEError, match=r"every row .* was excluded as a training row .*\(8 rows\)"):
+        ple_eval.run(eval_args([str(run_dir / "final"), model_dir], data_file, tmp_path / "e.json"))
+
+
+def test_eval_failure_after_generating_loses_nothing(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):
+    cache, out = str(tmp_path / "cache"), tmp_path / "e.json"
+    real_evaluate = ple_eval.evaluate
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. Ctrl-C, or a judge that fails, after every model has generated
+
+    monkeypatch.setattr(ple_eval, "evaluate", dies)
+    with pytest.raises(KeyboardInterrupt):
+        ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out, cache=cache))
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and len(partial["generations"]["models"]) == 2
+    monkeypatch.setattr(ple_eval, "evaluate", real_evaluate)
+    rescored = ple_eval.run(ple_eval.EvalArgs(rescore=str(out), reward="test_ple:length_reward", bootstrap=50))
+    assert [m["answers"] for m in rescored["generations"]["models"].values()] == \
+        [m["answers"] for m in partial["generations"]["models"].values()]
+    assert set(rescored["win_rates"]) == {ple.portable_path(other_model_dir)}
+    # a rerun takes the generations from the cache: no model is loaded again
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("generations were not reused"))
+    again = ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out, cache=cache))
+    assert [m["answers"] for m in again["generations"]["models"].values()] == \
+        [m["answers"] for m in partial["generations"]["models"].values()]
+    # other settings are other generations
+    with pytest.raises(pytest.fail.Exception, match="generations were not reused"):
+        ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out, cache=cache, max_new_tokens=5))
 
 
 def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, tmp_path):

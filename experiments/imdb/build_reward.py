@@ -94,7 +94,8 @@ def main():
         optimizer.zero_grad()
         if step % 100 == 0 or step == a.steps - 1:
             print(f"step {step}: loss {loss.item():.3f} ({time.time() - start:.0f} s)", flush=True)
-    print(f"accuracy on {a.eval} ({a.eval_split}, {len(held_out)} sentences): "
+    split = "" if os.path.exists(a.eval) else f" ({a.eval_split})"
+    print(f"accuracy on {a.eval}{split}, {len(held_out)} sentences: "
           f"{accuracy(model, tokenizer, held_out, a.max_length):.3f}")
     model.save_pretrained(a.out_dir)
     tokenizer.save_pretrained(a.out_dir)
