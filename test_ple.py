@@ -272,8 +272,9 @@ def test_chat_models_get_queries_through_their_template_base_models_plain_text()
 def test_make_query_per_task():
     import random
 
-    query, rest = ple.make_query("sentiment", {"text": "one two three four five six seven eight nine ten"}, random.Random(0))
-    assert 2 <= len(query.split()) <= 8 and (query + rest).split() == "one two three four five six seven eight nine ten".split()
+    review = "one two three four five six seven eight nine ten"
+    query, rest = ple.make_query("sentiment", {"text": review}, random.Random(0))
+    assert 2 <= len(query.split()) <= 8 and (query + rest).split() == review.split()
     hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant: Mix flour and water."
     query, answer = ple.make_query("dialogue", {"chosen": hh}, random.Random(0))
     assert query.endswith("how to bake bread?\n\nAssistant:") and answer == " Mix flour and water."
@@ -368,7 +369,8 @@ def test_one_logit_reward_model_and_unknown_labels(tmp_path, classifier_dir):
     for labels, ok in [({0: "LABEL_0"}, True), ({0: "cat", 1: "dog"}, False)]:
         path = str(tmp_path / str(len(labels)))
         config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, num_labels=len(labels),
-                            id2label=labels, label2id={v: k for k, v in labels.items()}, pad_token_id=tokenizer.eos_token_id)
+                            id2label=labels, label2id={v: k for k, v in labels.items()},
+                            pad_token_id=tokenizer.eos_token_id)
         GPT2ForSequenceClassification(config).save_pretrained(path)
         tokenizer.save_pretrained(path)
         if ok:
@@ -628,7 +630,8 @@ def test_bad_input_fails_before_any_model_loads(model_dir, data_file, principles
 
 def test_bad_files_fail_early_and_clearly(model_dir, data_file, principles_file, tmp_path, monkeypatch):
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
-    run = lambda out, **changes: ple.run(make_args(model_dir, data_file, principles_file, tmp_path / out, **changes))  # noqa: E731
+    def run(out, **changes):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / out, **changes))
     for name in ("empty.txt", "empty.jsonl"):
         (tmp_path / name).write_text("")
         with pytest.raises(ple.PLEError, match=f"dataset file .*{name} is empty"):
@@ -692,7 +695,8 @@ def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, da
     monkeypatch.chdir(work / "data")
     ple.run(make_args(model_dir, "reviews.jsonl", principles_file, str(tmp_path / "B"), iterations=3, resume=True))
     assert [m["iteration"] for m in read_jsonl(tmp_path / "B" / "metrics.jsonl")] == [0, 1, 2]
-    assert read_jsonl(tmp_path / "B" / "samples" / "iter-002.jsonl") == read_jsonl(straight / "samples" / "iter-002.jsonl")
+    resumed = read_jsonl(tmp_path / "B" / "samples" / "iter-002.jsonl")
+    assert resumed == read_jsonl(straight / "samples" / "iter-002.jsonl")
     with pytest.raises(ple.PLEError, match="--dataset"):  # a different file is still refused
         ple.run(make_args(model_dir, data_file, principles_file, str(tmp_path / "B"), iterations=4, resume=True))
 
@@ -880,6 +884,10 @@ def test_eval_holds_out_training_rows_and_warns_about_the_training_reward(model_
     assert len(held_out) == len(REVIEWS) - 6
     assert not any(any(r.startswith(q) for r in trained) for q in held_out)
     assert report["judge_is_training_reward"] is True
+    stats = report["models"]
+    assert stats[ple.portable_path(model_dir)]["kl"] == 0.0  # the run's untrained model is the default reference
+    assert stats[ple.portable_path(candidate)]["kl_reference"] == ple.portable_path(model_dir)
+    assert "| KL ± s.e. |" in ple_eval.markdown(report)
     assert "the one the candidate was trained with" in capsys.readouterr().err
     assert (run_dir / "eval.json").exists()  # written beside the candidate's run
     with pytest.raises(ple.PLEError, match=r"only 2 held-out queries .* excluding 6 rows"):
@@ -900,7 +908,8 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
     model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
     for name in (model_dir, other_model_dir):
         got = [r for rs in gens["models"][name]["rewards"] for r in rs]
-        assert got == pytest.approx([r for a in gens["models"][name]["answers"] for r in word_reward([""], a)], abs=1e-6)
+        expected = [r for a in gens["models"][name]["answers"] for r in word_reward([""], a)]
+        assert got == pytest.approx(expected, abs=1e-6)
     assert (tmp_path / "gen-rescored.json").exists()
 
     broken = json.loads(path.read_text())
@@ -997,6 +1006,79 @@ def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, 
     assert "| model | mean reward" in result.stdout and "Pairwise judge" in result.stdout
     judged = json.loads(out.read_text())["judge_win_rates"][ple.portable_path(other_model_dir)]
     assert judged["wins"] + judged["ties"] + judged["losses"] == len(REVIEWS)
+
+
+def test_kl_estimate_distinct_n_and_copying_by_hand():
+    mean, stderr = ple_eval.kl_estimate([-1.0, -2.0, -3.0], [-2.0, -2.0, -2.0])  # differences 1, 0, -1
+    assert mean == 0.0 and stderr == pytest.approx(1 / math.sqrt(3))
+    answers = ["the cat sat", "The cat, ran far!", ""]
+    assert ple_eval.distinct_n(answers, 1) == pytest.approx(5 / 7)  # the cat sat the cat ran far
+    assert ple_eval.distinct_n(answers, 2) == pytest.approx(4 / 5)  # (the cat) twice among 5 bigrams
+    assert ple_eval.distinct_n([""], 2) == 0.0
+    principles = ["Continue the movie review below in a warm voice.", "Praise the acting."]
+    copied = ["I will continue the Movie review, below now", "the movie review below in a warm", "a warm voice",
+              "praise the acting"]
+    # 5 consecutive words of one principle: the first two answers; the others are too short to copy 5
+    assert ple_eval.copying_share(copied, principles) == pytest.approx(2 / 4)
+
+
+def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
+    sft = tmp_path / "sft"  # SFT on the same references again and again: each iteration moves further away
+    ple.run(make_args(model_dir, data_file, principles_file, sft, iterations=3, num_queries=4, loss="sft",
+                      learning_rate=3e-2, save_every=1))
+    lora = tmp_path / "lora"
+    ple.run(make_args(model_dir, data_file, principles_file, lora, iterations=2, num_queries=4, lora_r=4,
+                      lora_alpha=8, save_every=1))
+    assert sorted(os.listdir(sft)) == sorted(["args.json", "checkpoint-3", "final", "iter-1", "iter-2", "iter-3",
+                                              "metrics.jsonl", "samples"])
+    assert (lora / "iter-2" / "adapter_config.json").exists() and not (lora / "iter-2" / "trainer_state.pt").exists()
+    out = tmp_path / "frontier.json"
+    report = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="test_ple:length_reward",
+                                            dataset=data_file, principles=principles_file, max_new_tokens=8,
+                                            kl_samples=8, batch_size=16, device="cpu", dtype="float32",
+                                            output=str(out), cache=str(tmp_path / "cache"), bootstrap=50))
+    frontier = json.loads(out.read_text())["frontier"]
+    assert frontier == report["frontier"] and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    runs = frontier["runs"]
+    assert [p["iteration"] for p in runs[ple.portable_path(str(sft))]] == [0, 1, 2, 3]
+    assert [p["iteration"] for p in runs[ple.portable_path(str(lora))]] == [0, 1, 2]
+    start = runs[ple.portable_path(str(sft))][0]
+    assert start["model"] == ple.portable_path(model_dir)
+    assert start["kl"] == 0.0 and start["kl_stderr"] == 0.0  # the reference against itself: exactly 0
+    kl = [p["kl"] for p in runs[ple.portable_path(str(sft))]]
+    assert kl[3] > kl[1] + 4 * runs[ple.portable_path(str(sft))][3]["kl_stderr"] and kl[1] > 0
+    assert all(0 <= p["distinct_2"] <= 1 and p["mean_answer_tokens"] > 0 for line in runs.values() for p in line)
+    # the same frontier again comes from the cache: the KL needs no model either
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("cached generations were not reused"))
+        again = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="test_ple:length_reward",
+                                               dataset=data_file, principles=principles_file, max_new_tokens=8,
+                                               kl_samples=8, batch_size=16, device="cpu", dtype="float32",
+                                               output=str(out), cache=str(tmp_path / "cache"), bootstrap=50))
+    assert again["frontier"] == frontier
+    plain = tmp_path / "plain"  # a run trained without --save_every
+    plain.mkdir()
+    (plain / "args.json").write_text((sft / "args.json").read_text())
+    with pytest.raises(ple.PLEError, match="plain holds no saved iterations .*--save_every"):
+        ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(plain)], dataset=data_file))
+    with pytest.raises(ple.PLEError, match="not a ple.py run folder"):
+        ple_eval.run(ple_eval.EvalArgs(frontier=[model_dir], dataset=data_file))
+
+
+def test_kl_needs_the_same_tokenizer(model_dir, data_file, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["completely different words here"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    path = str(tmp_path / "other_tokenizer")
+    tiny_model(other).save_pretrained(path)
+    other.save_pretrained(path)
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(ple.PLEError, match="different tokenizers .* the KL between them is undefined"):
+        ple_eval.run(eval_args([model_dir, model_dir], data_file, tmp_path / "e.json", reference=path))
 
 
 def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
