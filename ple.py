@@ -85,6 +85,8 @@ class Args:
     learning_rate: float = arg(1e-5, "AdamW learning rate")
     mini_batch_size: int = arg(8, "pairs per optimizer step (one forward and backward over both answers)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
+    gradient_accumulation_steps: int = arg(1, "split each mini-batch into this many forward/backward passes (memory)")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
 
 
 class PLEError(Exception):
@@ -284,53 +286,76 @@ def ple_loss(logp_p, logp, r_p, r, tau, beta=1.0):
 # Training on one iteration's samples
 # ================================================================================================
 
-def train_step(model, optimizer, loss, max_grad_norm):
-    loss.backward()
+def train_mode(model):
+    """Dropout off while training, as in the DPO reference code; gradients still flow. Layers that
+    checkpoint their activations (--gradient_checkpointing) only do so in training mode: they get it."""
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
+
+
+def device_of(model):
+    return next(model.parameters()).device
+
+
+def optimizer_step(model, optimizer, max_grad_norm):
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
 def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau, beta,
-              pad_id, mini_batch_size, max_grad_norm):
+              pad_id, mini_batch_size, max_grad_norm, accumulation=1):
     """One pass over the pairs with ple_loss, both answers conditioned on the ORIGINAL query x.
 
     prompt_ids: token ids of x per query; answer_ids, answer_ids_p: y and y_p; rewards, rewards_p: [N].
-    Returns (mean losses, tokens trained on, ranked mask [N], SFT weights [N, 2]).
+    Each optimizer step takes the mean loss of mini_batch_size pairs, computed in `accumulation`
+    forward/backward passes (less memory, the same step). Returns (mean losses, tokens trained on,
+    ranked mask [N], SFT weights [N, 2]).
     """
-    model.eval()  # dropout off, as in the DPO reference code; gradients still flow
+    train_mode(model)
     stats, tokens = {"loss": [], "rank_loss": [], "wsft_loss": []}, 0
     ranked, weights = torch.zeros(len(prompt_ids), dtype=torch.bool), torch.zeros(len(prompt_ids), 2)
-    for idx in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc="training", leave=False):
-        n = len(idx)
-        # y and y_p of the same queries, both after the original x: one forward, one backward
-        ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx] * 2,
-                                                [answer_ids[i] for i in idx] + [answer_ids_p[i] for i in idx],
-                                                pad_id, model.device)
-        logp = sequence_logprobs(model, ids, mask, answer_mask)
-        loss, info = ple_loss(logp[n:], logp[:n], rewards_p[idx].to(logp.device), rewards[idx].to(logp.device),
-                              tau, beta)
-        train_step(model, optimizer, loss, max_grad_norm)
-        ranked[idx] = info["ranked"].cpu()
-        weights[idx] = info["weights"].cpu()
-        stats["loss"].append(loss.item())
-        stats["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
-        stats["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
-        tokens += int(mask.sum())
+    for batch in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc="training", leave=False):
+        batch_loss = 0.0
+        for idx in batch.chunk(accumulation):
+            n = len(idx)
+            # y and y_p of the same queries, both after the original x: one forward, one backward
+            ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx] * 2,
+                                                    [answer_ids[i] for i in idx] + [answer_ids_p[i] for i in idx],
+                                                    pad_id, device_of(model))
+            logp = sequence_logprobs(model, ids, mask, answer_mask)
+            loss, info = ple_loss(logp[n:], logp[:n], rewards_p[idx].to(logp.device), rewards[idx].to(logp.device),
+                                  tau, beta)
+            (loss * (n / len(batch))).backward()  # the parts' weighted sum is the mini-batch's mean
+            batch_loss += loss.item() * (n / len(batch))
+            ranked[idx] = info["ranked"].cpu()
+            weights[idx] = info["weights"].cpu()
+            stats["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
+            stats["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
+            tokens += int(mask.sum())
+        optimizer_step(model, optimizer, max_grad_norm)
+        stats["loss"].append(batch_loss)
     return {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}, tokens, ranked, weights
 
 
-def sft_epoch(model, optimizer, prompt_ids, answer_ids, pad_id, mini_batch_size, max_grad_norm, desc="training"):
+def sft_epoch(model, optimizer, prompt_ids, answer_ids, pad_id, mini_batch_size, max_grad_norm, accumulation=1,
+              desc="training"):
     """Plain SFT on (x, y) pairs, -l(y | x): the optional warm start and the cd and sft baselines."""
-    model.eval()
+    train_mode(model)
     losses, tokens = [], 0
-    for idx in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc=desc, leave=False):
-        ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx], [answer_ids[i] for i in idx],
-                                                pad_id, model.device)
-        loss = -sequence_logprobs(model, ids, mask, answer_mask).mean()
-        train_step(model, optimizer, loss, max_grad_norm)
-        losses.append(loss.item())
-        tokens += int(mask.sum())
+    for batch in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc=desc, leave=False):
+        batch_loss = 0.0
+        for idx in batch.chunk(accumulation):
+            ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx], [answer_ids[i] for i in idx],
+                                                    pad_id, device_of(model))
+            loss = -sequence_logprobs(model, ids, mask, answer_mask).mean()
+            (loss * (len(idx) / len(batch))).backward()
+            batch_loss += loss.item() * (len(idx) / len(batch))
+            tokens += int(mask.sum())
+        optimizer_step(model, optimizer, max_grad_norm)
+        losses.append(batch_loss)
     return {"loss": float(np.mean(losses))}, tokens
 
 
@@ -340,7 +365,8 @@ def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_id
 
     ple: each pair routed by tau. rank, wsft (ablations): the branch rule pinned, every pair to one
     branch. cd (context distillation): SFT on y_p given x. sft: SFT on the dataset's answers.
-    step: pad_id, mini_batch_size, max_grad_norm. Returns (losses, tokens, branch per pair, weights or None).
+    step: pad_id, mini_batch_size, max_grad_norm, accumulation. Returns (losses, tokens, branch per pair,
+    weights or None).
     """
     if method in ("cd", "sft"):
         targets = answer_ids_p if method == "cd" else reference_ids
@@ -361,7 +387,7 @@ def ple_iteration(t, args, s):
     tau = threshold_at(t, args.tau0, args.alpha)  # the threshold decays: tau_t = tau0 * alpha^t
     clock = Stopwatch()
     with clock("sample"):  # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model
-        answer_ids, answer_ids_p = sample_pairs(s.model, s.tokenizer, s.prompt_ids, s.prompt_ids_p, args.batch_size,
+        answer_ids, answer_ids_p = sample_pairs(s.policy, s.tokenizer, s.prompt_ids, s.prompt_ids_p, args.batch_size,
                                                 args.max_new_tokens, args.temperature, args.top_p)
     answers = s.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
     answers_p = s.tokenizer.batch_decode(answer_ids_p, skip_special_tokens=True)
@@ -371,8 +397,8 @@ def ple_iteration(t, args, s):
     with clock("train"):  # 3. rank if r_p - r > tau_t, else reward-weighted SFT; trained given x only
         losses, tokens, branches, weights = train_on_samples(
             args.loss, s.model, s.optimizer, s.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
-            args.beta, s.reference_ids, pad_id=s.tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size,
-            max_grad_norm=args.max_grad_norm)
+            args.beta, s.reference_ids, pad_id=s.tokenizer.pad_token_id, mini_batch_size=s.mini_batch_size,
+            max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps)
     return dict(t=t, tau=tau, answers=answers, answers_p=answers_p, rewards=rewards, rewards_p=rewards_p,
                 losses=losses, branches=branches, weights=weights, seconds=clock, train_tokens=tokens,
                 answer_tokens=sum(map(len, answer_ids)) + sum(map(len, answer_ids_p)))
@@ -384,13 +410,15 @@ def run(args):
     if args.sft_epochs and s.start == 0:  # optional warm start on D_sft
         for epoch in range(args.sft_epochs):
             losses, _ = sft_epoch(s.model, s.optimizer, s.prompt_ids, s.reference_ids, s.tokenizer.pad_token_id,
-                                  args.mini_batch_size, args.max_grad_norm, desc=f"warm start {epoch}")
-            print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
+                                  s.mini_batch_size, args.max_grad_norm, args.gradient_accumulation_steps,
+                                  desc=f"warm start {epoch}")
+            s.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
     s.started = time.time()
     for t in range(s.start, args.iterations):
         result = ple_iteration(t, args, s)
         log_iteration(args, s, result)  # metrics, samples and a checkpoint to resume from
     save_final(args, s)
+    return s
 
 
 # ================================================================================================
@@ -424,7 +452,8 @@ class State:
 
 def check_args(args):
     """Every argument that can be wrong without loading anything: ranges, device, files that must exist."""
-    for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size"):
+    for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size",
+                 "gradient_accumulation_steps"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
     for name in ("num_queries", "sft_epochs", "lora_r", "save_every"):
         require(getattr(args, name) >= 0, name, "must be 0 or more")
@@ -482,29 +511,46 @@ def set_up(args):
     """Check everything that can be checked, then load reward, queries and model, and resume if asked."""
     check_args(args)
     s = State()
+    s.accelerator = start_processes(args)  # None for a plain `python ple.py`
+    s.rank, s.world = (s.accelerator.process_index, s.accelerator.num_processes) if s.accelerator else (0, 1)
+    s.is_main = s.rank == 0
+    s.print = print if s.is_main else (lambda *a, **k: None)
     principles = read_principles(resolve_path(args.principles), args.task)
-    s.queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
-                                            args.seed)
+    s.all_queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
+                                                args.seed)
     needs_references = args.loss == "sft" or args.sft_epochs
     if needs_references and any(r is None for r in references):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
                        f"lacks some for task '{args.task}'")
-    resume_from = prepare_output_dir(args)
-    device = pick_device(args.device)
+    check_processes(len(s.all_queries), args.mini_batch_size, s.world)
+    shard = slice(s.rank * len(s.all_queries) // s.world, (s.rank + 1) * len(s.all_queries) // s.world)
+    s.queries, references = s.all_queries[shard], references[shard]  # this process's share of D_query
+    s.mini_batch_size = args.mini_batch_size // s.world  # pairs per process; gradients are averaged
+    resume_from = prepare_output_dir(args, s)
+    device = s.accelerator.device if s.accelerator else pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     s.reward_fn = load_reward(args.reward, device)
     score(s.reward_fn, s.queries[:2], ["", ""], args.reward_batch_size)  # a reward that fails, fails now
-    print(f"{len(s.queries)} queries, task {args.task}, {len(principles)} principles, device {device}, dtype {dtype}")
+    s.print(f"{len(s.all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
+            f"dtype {dtype}" + (f", {s.world} processes" if s.world > 1 else ""))
 
     from transformers import set_seed
 
     set_seed(args.seed)
-    s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype)
+    s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype, s.rank)
+    if args.gradient_checkpointing:
+        s.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    s.policy = s.model  # samples and saves; s.model is what trains (wrapped for data parallel)
+    if s.accelerator:
+        if not resume_from:
+            set_seed(args.seed + s.rank)  # the processes sample independently (a resume restores their states)
+        s.model, s.optimizer = s.accelerator.prepare(s.model, s.optimizer)  # weights synced from process 0
     s.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if os.path.exists(s.metrics_path):  # drop records of iterations after the checkpoint (a crash mid-iteration)
+    if s.is_main and os.path.exists(s.metrics_path):  # drop records after the checkpoint (a crash mid-iteration)
         kept = [r for r in read_jsonl(s.metrics_path) if r.get("iteration", math.inf) < s.start]
         write_jsonl(s.metrics_path, kept, mode="w")
-    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    if s.is_main:
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
 
     # x and x_p, rendered for the model once; training always uses x
     chat_prefix = TASKS[args.task].chat_prefix
@@ -515,7 +561,7 @@ def set_up(args):
     return s
 
 
-def load_trainable(args, resume_from, device, dtype):
+def load_trainable(args, resume_from, device, dtype, rank=0):
     """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW, restored from a checkpoint on --resume."""
     full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
     model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
@@ -534,15 +580,20 @@ def load_trainable(args, resume_from, device, dtype):
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])  # one per process
         start = state["iteration"]
-        print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
+        if rank == 0:
+            print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
     return model, tokenizer, optimizer, start
 
 
 def log_iteration(args, s, it):
-    """metrics.jsonl first (a resume drops the records its checkpoint does not cover), samples, checkpoint."""
-    t, seconds, n = it["t"], it["seconds"], len(s.queries)
+    """metrics.jsonl first (a resume drops the records its checkpoint does not cover), samples, checkpoint.
+
+    Under several processes every figure covers all of them; process 0 writes.
+    """
+    it = gather_iteration(s, it)
+    t, seconds, n = it["t"], it["seconds"], len(s.all_queries)
     ranked = torch.tensor([b == "rank" for b in it["branches"]])
     record = {"iteration": t, "tau": it["tau"], "ranked_share": ranked.float().mean().item(),
               "reward_original": it["rewards"].mean().item(), "reward_principle": it["rewards_p"].mean().item(),
@@ -550,17 +601,22 @@ def log_iteration(args, s, it):
               "sample_s": seconds["sample"], "sample_tokens_per_s": it["answer_tokens"] / seconds["sample"],
               "score_s": seconds["score"], "score_answers_per_s": 2 * n / seconds["score"],
               "train_s": seconds["train"], "train_tokens_per_s": it["train_tokens"] / seconds["train"],
-              "elapsed_s": time.time() - s.started, "peak_memory_mb": peak_memory_mb(s.device)}
+              "elapsed_s": time.time() - s.started, "peak_memory_mb": it["peak_memory_mb"]}
+    rng = gather(s, [rng_state()]) if s.world > 1 else rng_state()
+    if not s.is_main:
+        return s.accelerator.wait_for_everyone()
     weights = it["weights"].tolist() if it["weights"] is not None else [None] * n
     write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), [
         {"iteration": t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
          "branch": b, "weights": w}
-        for q, a, a_p, r, r_p, b, w in zip(s.queries, it["answers"], it["answers_p"], it["rewards"].tolist(),
+        for q, a, a_p, r, r_p, b, w in zip(s.all_queries, it["answers"], it["answers_p"], it["rewards"].tolist(),
                                            it["rewards_p"].tolist(), it["branches"], weights)], mode="w")
     write_jsonl(s.metrics_path, [record])
-    save_checkpoint(args, s.model, s.tokenizer, s.optimizer, t + 1)
+    save_checkpoint(args, s.policy, s.tokenizer, s.optimizer, t + 1, rng)
     if args.save_every and (t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
         save_dir_atomically(os.path.join(args.output_dir, f"iter-{t + 1}"), lambda path: save_model(s, path))
+    if s.accelerator:
+        s.accelerator.wait_for_everyone()
     print(f"iter {t}: tau {it['tau']:.3f} ranked {record['ranked_share']:.2f} | "
           f"reward x {record['reward_original']:+.3f} x_p {record['reward_principle']:+.3f} | "
           f"loss {record['loss']:.4f} | sample {seconds['sample']:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) "
@@ -570,17 +626,81 @@ def log_iteration(args, s, it):
 
 def save_model(s, path):
     """The weights (LoRA: the adapter) in the run's dtype and the tokenizer, no optimizer state."""
-    s.model.save_pretrained(path)
+    s.policy.save_pretrained(path)
     s.tokenizer.save_pretrained(path)
 
 
 def save_final(args, s):
     def write(path):
-        final = s.model.merge_and_unload() if args.lora_r else s.model
+        final = s.policy.merge_and_unload() if args.lora_r else s.policy
         final.save_pretrained(path)
         s.tokenizer.save_pretrained(path)
-    save_dir_atomically(os.path.join(args.output_dir, "final"), write)
-    print(f"saved {os.path.join(args.output_dir, 'final')}")
+    if s.is_main:
+        save_dir_atomically(os.path.join(args.output_dir, "final"), write)
+        print(f"saved {os.path.join(args.output_dir, 'final')}")
+    if s.accelerator:
+        s.accelerator.wait_for_everyone()
+        s.accelerator.end_training()
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes: `accelerate launch` or torchrun, data parallel
+# ------------------------------------------------------------------------------------------------
+
+def start_processes(args):
+    """Under a launcher (WORLD_SIZE > 1) each process takes a share of the queries; DDP averages gradients."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
+        raise PLEError("FSDP and DeepSpeed are not supported: launch data parallel (accelerate launch --multi_gpu) "
+                       "and save memory with --lora_r, --gradient_checkpointing and --gradient_accumulation_steps")
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available())
+
+
+def check_processes(n_queries, mini_batch_size, world):
+    """Every process gets the same number of queries and of pairs per step, so the averaged gradient is
+    the gradient of the mean over the whole mini-batch."""
+    if world == 1:
+        return
+    if n_queries < world:
+        raise PLEError(f"{world} processes for {n_queries} queries: launch at most {n_queries} processes")
+    if n_queries % world:
+        raise PLEError(f"{n_queries} queries do not divide across {world} processes: pass a --num_queries that "
+                       f"is a multiple of {world}")
+    if mini_batch_size % world:
+        raise PLEError(f"--mini_batch_size {mini_batch_size} does not divide across {world} processes: pass a "
+                       f"multiple of {world}")
+
+
+def gather(s, values):
+    """The lists of every process, concatenated in process order (each holds a contiguous shard)."""
+    from accelerate.utils import gather_object
+
+    return gather_object(list(values))
+
+
+def gather_iteration(s, it):
+    """One process's iteration results -> the whole query set's (unchanged with one process)."""
+    if s.world == 1:
+        return {**it, "peak_memory_mb": peak_memory_mb(s.device)}
+    everyone = gather(s, [{k: v for k, v in it.items() if k not in ("seconds",)} | {
+        "rewards": it["rewards"].tolist(), "rewards_p": it["rewards_p"].tolist(),
+        "weights": it["weights"].tolist() if it["weights"] is not None else None,
+        "peak_memory_mb": peak_memory_mb(s.device)}])
+    joined = {key: [x for part in everyone for x in part[key]] for key in ("answers", "answers_p", "branches")}
+    joined["rewards"] = torch.tensor([x for part in everyone for x in part["rewards"]])
+    joined["rewards_p"] = torch.tensor([x for part in everyone for x in part["rewards_p"]])
+    joined["weights"] = None if it["weights"] is None else torch.tensor([x for p in everyone for x in p["weights"]])
+    losses = {"loss": float(np.mean([p["losses"]["loss"] for p in everyone]))}  # equal steps on every process
+    for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
+        if key in it["losses"]:  # per-pair means, weighted by how many pairs each process had in the branch
+            parts = [(p["losses"][key], p["branches"].count(branch)) for p in everyone if p["losses"][key] is not None]
+            losses[key] = sum(v * c for v, c in parts) / sum(c for _, c in parts) if parts else None
+    return {**it, **joined, "losses": losses, "train_tokens": sum(p["train_tokens"] for p in everyone),
+            "answer_tokens": sum(p["answer_tokens"] for p in everyone),
+            "peak_memory_mb": max(p["peak_memory_mb"] or 0 for p in everyone)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -916,11 +1036,13 @@ RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every"}  # ma
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
 
 
-def saved_args(args):
-    """args.json: the resolved arguments, local paths relative to the repository."""
+def saved_args(args, processes=1):
+    """args.json: the resolved arguments, local paths relative to the repository, and how many
+    processes ran (their shards and random states are what a resume continues)."""
     saved = asdict(args)
     for key in PATHS:
         saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
+    saved["num_processes"] = processes
     return saved
 
 
@@ -940,13 +1062,15 @@ def save_dir_atomically(final_path, write):
     os.replace(tmp, final_path)
 
 
-def save_checkpoint(args, model, tokenizer, optimizer, done):
-    """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly."""
+def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None):
+    """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly
+    (rng: the random states, a list of one per process under a launcher)."""
     def write(path):
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         torch.save({"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha),
-                    "optimizer": optimizer.state_dict(), "rng": rng_state()}, os.path.join(path, "trainer_state.pt"))
+                    "optimizer": optimizer.state_dict(), "rng": rng if rng is not None else rng_state()},
+                   os.path.join(path, "trainer_state.pt"))
     save_dir_atomically(os.path.join(args.output_dir, f"checkpoint-{done}"), write)
     for n, path in checkpoints(args.output_dir):  # the new one is complete: older ones can go
         if n != done:
@@ -968,12 +1092,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prepare_output_dir(args):
+def prepare_output_dir(args, s):
     """Refuse to overwrite a run; on --resume check the arguments agree and return its checkpoint.
 
     A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
-    --resume and with any arguments, starts in its folder afresh. Writes args.json, which also checks
-    that the folder is writable before anything is loaded.
+    --resume and with any arguments, starts in its folder afresh. Writes args.json (process 0), which
+    also checks that the folder is writable before anything is loaded.
     """
     path = os.path.join(args.output_dir, "args.json")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
@@ -983,8 +1107,8 @@ def prepare_output_dir(args):
         if args.resume and not os.path.exists(path):
             raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
         if os.path.exists(path):
-            print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
-        write_args(args, path)
+            s.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
+        write_args(args, path, s)
         return None
     if not args.resume:
         raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
@@ -996,21 +1120,29 @@ def prepare_output_dir(args):
     for key in PATHS:  # paths compare as the files they name, however they are spelled
         if isinstance(saved.get(key), str):
             saved[key] = portable_path(stored_path(saved[key]))
-    conflicts = [f"--{k} {saved.get(k)!r} there, {v!r} now" for k, v in saved_args(args).items()
+    if saved.get("num_processes", 1) != s.world:
+        raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now with "
+                       f"{s.world}; resume it with as many (each process continues its own share and random state)")
+    conflicts = [f"--{k} {saved.get(k)!r} there, {v!r} now" for k, v in saved_args(args, s.world).items()
                  if k not in RESUMABLE and saved.get(k) != v]
     if conflicts:
         raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
-    write_args(args, path)  # the folder may have moved: record where it is now
+    write_args(args, path, s)  # the folder may have moved: record where it is now
     return found[-1][1]
 
 
-def write_args(args, path):
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(saved_args(args), f, indent=2)
-    except OSError as e:
-        raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
+def write_args(args, path, s):
+    if s.accelerator:
+        s.accelerator.wait_for_everyone()  # every process has decided before process 0 writes
+    if s.is_main:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(saved_args(args, s.world), f, indent=2)
+        except OSError as e:
+            raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
+    if s.accelerator:
+        s.accelerator.wait_for_everyone()
 
 
 def read_jsonl(path):

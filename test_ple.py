@@ -754,7 +754,7 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
     real = ple.save_checkpoint
 
-    def dies_mid_write(args, model, tokenizer, optimizer, done):
+    def dies_mid_write(args, model, tokenizer, optimizer, done, rng=None):
         def write(path):
             model.save_pretrained(path)
             raise KeyboardInterrupt  # killed before the trainer state is written
@@ -1089,3 +1089,143 @@ def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
     assert (run_dir / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ple.PLEError, match="no metrics.jsonl"):
         ple_eval.run(ple_eval.EvalArgs(plot=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# memory and several processes (accelerate launch); the multi-process tests launch 2 CPU processes
+# each: deselect them with -k "not multiprocess"
+# ------------------------------------------------------------------------------------------------
+
+def fixed_pairs(tokenizer, n=4):
+    eos = tokenizer.eos_token_id
+    prompts = [tokenizer(r)["input_ids"] for r in REVIEWS[:n]]
+    answers = [tokenizer(w)["input_ids"] + [eos] for w in (" good", " the acting was flat", " fine", " a farm")][:n]
+    answers_p = [tokenizer(w)["input_ids"] + [eos] for w in (" lovely and warm", " bad", " great music", " ok")][:n]
+    return prompts, answers, answers_p, [0.0, 0.5, -0.2, 1.0][:n], [1.0, 0.6, 0.9, 0.2][:n]
+
+
+def one_step(model, pairs, mini_batch_size, **kwargs):
+    prompts, answers, answers_p, rewards, rewards_p = pairs
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # SGD: a step is proportional to the gradient
+    ple.ple_epoch(model, optimizer, prompts, answers, answers_p, torch.tensor(rewards), torch.tensor(rewards_p),
+                  0.2, 1.0, pad_id=model.config.eos_token_id, mini_batch_size=mini_batch_size, max_grad_norm=1e6,
+                  **kwargs)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_difference(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_gradient_accumulation_and_checkpointing_take_the_same_step():
+    tokenizer = tiny_tokenizer()
+    pairs = fixed_pairs(tokenizer)
+    whole = one_step(tiny_model(tokenizer), pairs, 4)
+    assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 4, accumulation=2)) < 1e-6
+    assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 4, accumulation=3)) < 1e-6  # 2 + 1 + 1
+    assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 2)) > 1e-4  # two steps: not the same
+    model = tiny_model(tokenizer)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = []
+    model.transformer.h[0].attn.register_forward_hook(lambda *a: calls.append(1))
+    assert max_difference(whole, one_step(model, pairs, 4)) < 1e-6
+    assert len(calls) == 2  # the block ran again in the backward pass: activations were recomputed, not kept
+    assert not model.transformer.h[0].attn.training  # and dropout stayed off
+
+
+def test_processes_must_divide_the_work():
+    ple.check_processes(7, 3, 1)  # one process: anything goes
+    with pytest.raises(ple.PLEError, match="8 processes for 6 queries"):
+        ple.check_processes(6, 8, 8)
+    with pytest.raises(ple.PLEError, match="7 queries do not divide across 2 processes"):
+        ple.check_processes(7, 4, 2)
+    with pytest.raises(ple.PLEError, match="--mini_batch_size 3 does not divide across 2 processes"):
+        ple.check_processes(6, 3, 2)
+
+
+WORKER = """
+import json, os, sys
+sys.path.insert(0, {here!r})
+import torch
+import ple
+
+mode, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+rank = int(os.environ["RANK"])
+if mode == "run":
+    s = ple.run(ple.Args(**settings))
+    torch.save(s.policy.state_dict(), os.path.join(out, f"weights-rank{{rank}}.pt"))
+else:  # one training step on this process's half of fixed pairs
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    accelerator = Accelerator(cpu=True)
+    model = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    n = len(settings["prompts"]) // accelerator.num_processes
+    part = slice(rank * n, (rank + 1) * n)
+    ple.ple_epoch(model, optimizer, settings["prompts"][part], settings["answers"][part],
+                  settings["answers_p"][part], torch.tensor(settings["rewards"][part]),
+                  torch.tensor(settings["rewards_p"][part]), 0.2, 1.0, pad_id=settings["pad_id"],
+                  mini_batch_size=n, max_grad_norm=1e6)
+    torch.save(accelerator.unwrap_model(model).state_dict(), os.path.join(out, f"weights-rank{{rank}}.pt"))
+"""
+
+
+def launch(tmp_path, mode, out, settings, processes=2):
+    import socket
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(here=HERE))
+    with socket.socket() as sock:  # a free port for the processes to meet on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.makedirs(out, exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                             str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
+                             "no", "--main_process_port", str(port), str(worker), mode, str(out),
+                             json.dumps(settings)], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(os.path.join(out, f"weights-rank{r}.pt")) for r in range(processes)]
+
+
+def test_multiprocess_step_equals_one_process_on_the_whole_mini_batch(model_dir, tmp_path):
+    pytest.importorskip("accelerate")
+    tokenizer = tiny_tokenizer()
+    pairs = fixed_pairs(tokenizer)
+    whole = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), pairs, 4)
+    half = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), [p[:2] for p in pairs], 2)
+    assert max_difference(whole, half) > 1e-3  # without the all-reduce, process 0 would take this step
+    keys = ("prompts", "answers", "answers_p", "rewards", "rewards_p")
+    settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, **dict(zip(keys, pairs))}
+    rank0, rank1 = launch(tmp_path, "step", tmp_path / "step", settings)
+    assert max_difference(rank0, whole) < 1e-5 and max_difference(rank1, whole) < 1e-5
+
+
+def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir, data_file, principles_file,
+                                                                       tmp_path):
+    pytest.importorskip("accelerate")
+    settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
+                    num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
+                    device="cpu", dtype="float32")
+    straight = tmp_path / "straight"
+    rank0, rank1 = launch(tmp_path, "run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
+    queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
+    for t in range(2):
+        assert [r["query"] for r in read_jsonl(straight / "samples" / f"iter-{t:03d}.jsonl")] == queries
+    assert max_difference(rank0, rank1) == 0  # every process holds the same weights
+    assert max_difference(rank0, state_of(str(straight / "final"))) == 0
+    assert max_difference(rank0, state_of(model_dir)) > 0
+    metrics = read_jsonl(straight / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    samples = read_jsonl(straight / "samples" / "iter-001.jsonl")
+    assert metrics[1]["ranked_share"] == pytest.approx(sum(s["branch"] == "rank" for s in samples) / 6)
+    assert metrics[1]["reward_original"] == pytest.approx(sum(s["reward"] for s in samples) / 6)
+
+    resumed = tmp_path / "resumed"
+    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 1})
+    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
+    assert read_jsonl(resumed / "samples" / "iter-001.jsonl") == samples
+    assert max_difference(state_of(str(resumed / "final")), rank0) == 0
+    with pytest.raises(ple.PLEError, match="launched with 2 process"):  # one process cannot continue it
+        ple.run(ple.Args(**{**settings, "output_dir": str(resumed), "iterations": 3, "resume": True}))
