@@ -59,6 +59,7 @@ class EvalArgs:
     reference: str = arg("", "model the KL is measured against; default: the untrained model of the candidate's run")
     kl_samples: int = arg(2, "answers per query for the KL, sampled at temperature 1 without top-p; 0: no KL")
     principles: str = arg("principles.txt", "the task's principles, for the copying metric (as ple.py's --principles)")
+    chat_template: str = arg("", "auto or off, as ple.py's --chat_template; default: as the candidate's run, else auto")
     frontier: List[str] = field(default_factory=list, metadata={
         "help": "run folders with iter-N/ (ple.py --save_every): reward against KL for every saved iteration"})
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
@@ -184,7 +185,8 @@ def llm_judge(name, device, dtype):
 
     @torch.inference_mode()
     def judge(query, a, b):
-        text = ple.render_prompt(tokenizer, JUDGE_PROMPT.format(query=query, a=a, b=b))
+        text = JUDGE_PROMPT.format(query=query, a=a, b=b)
+        text = ple.render_prompt(tokenizer, text) if tokenizer.chat_template else text
         ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
         ids = ids.to(device)
         logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
@@ -246,7 +248,8 @@ def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
 
 def generate_for(model, tokenizer, queries, args):
     """`args.samples` answers per query (texts and lengths), same order and seed for every model."""
-    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
+                                   chat=args.chat_template != "off")
     _, answers = sample(model, tokenizer, prompt_ids, args.samples, args, args.temperature, args.top_p, args.seed)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     k = args.samples
@@ -257,7 +260,8 @@ def generate_for(model, tokenizer, queries, args):
 def kl_samples_for(model, tokenizer, queries, args):
     """Answers for the KL, drawn from the model's own distribution (temperature 1, no top-p), with
     their log-likelihood sum_t log pi(y_t | x, y_<t) under it: the first half of the estimate."""
-    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
+                                   chat=args.chat_template != "off")
     prompts, answers = sample(model, tokenizer, prompt_ids, args.kl_samples, args, 1.0, 1.0, args.seed + 1)
     return {"prompt_ids": prompt_ids, "answer_ids": answers,
             "logp": logprob_sums(model, tokenizer.pad_token_id, prompts, answers, args.batch_size)}
@@ -276,7 +280,8 @@ def logprob_sums(model, pad_id, prompts, answers, batch_size):
 
 
 def perplexity_on(model, tokenizer, queries, references, args):
-    prompts = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix)
+    prompts = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
+                                   chat=args.chat_template != "off")
     targets = ple.reference_ids_for(tokenizer, references)
     logps = []
     with torch.inference_mode():
@@ -407,7 +412,7 @@ def cache_path(args, name, queries):
     """Where a model's generations are cached: named by a hash of everything that shapes them."""
     key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
            **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                                            "perplexity", "kl_samples", "batch_size")}}
+                                            "perplexity", "kl_samples", "batch_size", "chat_template")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output or default_output(args))),
                                         "eval_cache")
@@ -648,6 +653,7 @@ def check_eval_args(args):
     require(0 < args.temperature < math.inf, "temperature", "must be a positive number")
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
     require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
+    require(args.chat_template in ("", "auto", "off"), "chat_template", "must be auto or off")
     ple.check_device(args.device)
     if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
         ple.check_local(args.reward, "--reward")
@@ -785,7 +791,7 @@ def run(args):
         args.models = list(record["models"])
         # describe what was generated, not this command's defaults
         for key in ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                    "principles"):
+                    "principles", "chat_template"):
             if key in saved.get("settings", {}):
                 setattr(args, key, saved["settings"][key])
         queries = record["queries"]
@@ -793,6 +799,8 @@ def run(args):
         check_models(args.models)
         queries, references, excluded = held_out_queries(args)
         print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
+    if not args.chat_template:  # prompts as the candidate's run rendered them
+        args.chat_template = (saved_run_args(args.models[0]) or {}).get("chat_template", "auto")
     output = args.output or default_output(args)
     check_writable(output)
     ple.read_principles(ple.resolve_path(args.principles), args.task)  # needed for the copying metric

@@ -57,6 +57,10 @@ class Args:
     split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
     principles: str = arg("principles.txt", "file with the principles of each task")
+    chat_template: Literal["auto", "off"] = arg("auto", "auto: chat models get prompts through their chat template; "
+                                                        "off: plain text for every model")
+    principle_placement: Literal["user", "system"] = arg("user", "chat models: principles before x in the user "
+                                                                 "turn, or as the system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
     save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (eval.py --frontier); 0: off")
@@ -68,9 +72,10 @@ class Args:
     tau0: float = arg(0.2, "initial threshold on r(y_p) - r(y)")
     alpha: float = arg(0.9, "threshold decay per iteration (1.0: the fixed-threshold ablation)")
     beta: float = arg(1.0, "scale inside the ranking loss's sigmoid")
-    loss: Literal["ple", "rank", "wsft", "cd", "sft"] = arg(
+    loss: Literal["ple", "rank", "wsft", "cd", "sft", "raft"] = arg(
         "ple", "ple; ablations: rank or wsft (every pair to one branch); baselines: cd (SFT on y_p given x), "
-               "sft (SFT on the dataset's answers)")
+               "sft (SFT on the dataset's answers), raft (SFT on the best of --raft_k answers to x)")
+    raft_k: int = arg(4, "--loss raft: answers sampled per query, the best one trained on (the paper's RAFT: 4)")
     lora_r: int = arg(0, "LoRA rank on all linear layers (paper: 8); 0 = full fine-tuning")
     lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
     sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before iteration 0")
@@ -102,27 +107,30 @@ def build_principle_query(query, principles):
     return "\n".join(principles) + "\n\n" + query
 
 
-def render_prompt(tokenizer, text):
-    """What the model is given: chat models get the text as the user turn of their chat template."""
-    if tokenizer.chat_template:
-        messages = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text
+def render_prompt(tokenizer, text, system=None):
+    """What a chat model is given: the text as the user turn of its chat template (and a system turn)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def encode_prompts(tokenizer, queries, principles=None, chat_prefix=""):
+def encode_prompts(tokenizer, queries, principles=None, chat_prefix="", chat=True, placement="user"):
     """Token ids of x as the model sees it, or of x_p when principles are given.
 
-    chat_prefix: what a chat model is told before x (e.g. "Continue this movie review:\\n"); base
-    models see x alone.
+    Chat models (chat=True and a chat template) get chat_prefix + x as the user turn (e.g. "Continue
+    this movie review:\\n" first) and the principles before it (placement "user") or as the system
+    turn ("system"); otherwise the plain text x, or x_p = principles, a blank line, x.
     """
-    texts = []
+    texts, use_chat = [], bool(chat and tokenizer.chat_template)
     for query in queries:
-        shown = chat_prefix + query if tokenizer.chat_template else query
-        texts.append(render_prompt(tokenizer, build_principle_query(shown, principles) if principles else shown))
+        if not use_chat:
+            texts.append(build_principle_query(query, principles) if principles else query)
+        elif principles and placement == "system":
+            texts.append(render_prompt(tokenizer, chat_prefix + query, system="\n".join(principles)))
+        else:
+            shown = chat_prefix + query
+            texts.append(render_prompt(tokenizer, build_principle_query(shown, principles) if principles else shown))
     # A chat template already holds its special tokens; plain text gets the tokenizer's own (e.g. BOS).
-    special = not tokenizer.chat_template
-    return [tokenizer(t, add_special_tokens=special)["input_ids"] for t in texts]
+    return [tokenizer(t, add_special_tokens=not use_chat)["input_ids"] for t in texts]
 
 
 # ================================================================================================
@@ -414,8 +422,9 @@ def run(args):
                                   desc=f"warm start {epoch}")
             s.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
     s.started = time.time()
+    iteration = raft_iteration if args.loss == "raft" else ple_iteration  # RAFT samples differently
     for t in range(s.start, args.iterations):
-        result = ple_iteration(t, args, s)
+        result = iteration(t, args, s)
         log_iteration(args, s, result)  # metrics, samples and a checkpoint to resume from
     save_final(args, s)
     return s
@@ -436,6 +445,33 @@ def main(argv=None):
         sys.exit(2)
 
 
+def raft_iteration(t, args, s):
+    """The RAFT baseline (best-of-K, as the paper ran it with K = 4): K answers to x from the current
+    model, scored like PLE's, then SFT on the best one given x. No principle, no threshold; K answers
+    a query where PLE samples 2."""
+    k, clock = args.raft_k, Stopwatch()
+    with clock("sample"):
+        s.policy.eval()
+        prompts = [p for p in s.prompt_ids for _ in range(k)]
+        ids = []
+        for start in tqdm(range(0, len(prompts), 2 * args.batch_size), desc="sampling", leave=False):
+            ids += generate_answers(s.policy, s.tokenizer, prompts[start:start + 2 * args.batch_size],
+                                    args.max_new_tokens, args.temperature, args.top_p)
+    texts = s.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    with clock("score"):
+        rewards = score(s.reward_fn, [q for q in s.queries for _ in range(k)], texts, args.reward_batch_size)
+    best = [i * k + j for i, j in enumerate(rewards.view(-1, k).argmax(-1).tolist())]
+    with clock("train"):
+        losses, tokens = sft_epoch(s.model, s.optimizer, s.prompt_ids, [ids[i] for i in best],
+                                   s.tokenizer.pad_token_id, s.mini_batch_size, args.max_grad_norm,
+                                   args.gradient_accumulation_steps)
+    return dict(t=t, tau=None, answers=[texts[i] for i in best], answers_p=[None] * len(best),
+                rewards=rewards[best], rewards_p=None, reward_mean=rewards.mean().item(),
+                candidates=[texts[i * k:(i + 1) * k] for i in range(len(best))],
+                candidate_rewards=rewards.view(-1, k).tolist(), losses=losses, branches=["raft"] * len(best),
+                weights=None, seconds=clock, train_tokens=tokens, answer_tokens=sum(map(len, ids)))
+
+
 class Stopwatch(dict):
     """clock = Stopwatch(); with clock("name"): ...  ->  clock["name"] holds the seconds."""
 
@@ -453,7 +489,7 @@ class State:
 def check_args(args):
     """Every argument that can be wrong without loading anything: ranges, device, files that must exist."""
     for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size",
-                 "gradient_accumulation_steps"):
+                 "gradient_accumulation_steps", "raft_k"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
     for name in ("num_queries", "sft_epochs", "lora_r", "save_every"):
         require(getattr(args, name) >= 0, name, "must be 0 or more")
@@ -539,7 +575,7 @@ def set_up(args):
     set_seed(args.seed)
     s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype, s.rank)
     if args.gradient_checkpointing:
-        s.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(s.model)
     s.policy = s.model  # samples and saves; s.model is what trains (wrapped for data parallel)
     if s.accelerator:
         if not resume_from:
@@ -553,9 +589,10 @@ def set_up(args):
         os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
 
     # x and x_p, rendered for the model once; training always uses x
-    chat_prefix = TASKS[args.task].chat_prefix
-    s.prompt_ids = encode_prompts(s.tokenizer, s.queries, chat_prefix=chat_prefix)
-    s.prompt_ids_p = encode_prompts(s.tokenizer, s.queries, principles, chat_prefix=chat_prefix)
+    prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=args.chat_template == "auto",
+                  placement=args.principle_placement)
+    s.prompt_ids = encode_prompts(s.tokenizer, s.queries, **prompt)
+    s.prompt_ids_p = encode_prompts(s.tokenizer, s.queries, principles, **prompt)
     s.reference_ids = reference_ids_for(s.tokenizer, references) if needs_references else None
     s.device = device
     return s
@@ -587,6 +624,15 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
     return model, tokenizer, optimizer, start
 
 
+def enable_checkpointing(model):
+    """Activations recomputed in the backward pass (train_mode keeps the layers that do it in training mode)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def log_iteration(args, s, it):
     """metrics.jsonl first (a resume drops the records its checkpoint does not cover), samples, checkpoint.
 
@@ -596,29 +642,39 @@ def log_iteration(args, s, it):
     t, seconds, n = it["t"], it["seconds"], len(s.all_queries)
     ranked = torch.tensor([b == "rank" for b in it["branches"]])
     record = {"iteration": t, "tau": it["tau"], "ranked_share": ranked.float().mean().item(),
-              "reward_original": it["rewards"].mean().item(), "reward_principle": it["rewards_p"].mean().item(),
+              "reward_original": it.get("reward_mean", it["rewards"].mean().item()),
+              "reward_principle": it["rewards_p"].mean().item() if it["rewards_p"] is not None else None,
               **it["losses"], "answer_tokens": it["answer_tokens"],
               "sample_s": seconds["sample"], "sample_tokens_per_s": it["answer_tokens"] / seconds["sample"],
-              "score_s": seconds["score"], "score_answers_per_s": 2 * n / seconds["score"],
+              "score_s": seconds["score"], "score_answers_per_s": len(it["answers"]) * (
+                  2 if it.get("candidates") is None else args.raft_k) / seconds["score"],
               "train_s": seconds["train"], "train_tokens_per_s": it["train_tokens"] / seconds["train"],
               "elapsed_s": time.time() - s.started, "peak_memory_mb": it["peak_memory_mb"]}
     rng = gather(s, [rng_state()]) if s.world > 1 else rng_state()
     if not s.is_main:
         return s.accelerator.wait_for_everyone()
     weights = it["weights"].tolist() if it["weights"] is not None else [None] * n
-    write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), [
-        {"iteration": t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
-         "branch": b, "weights": w}
-        for q, a, a_p, r, r_p, b, w in zip(s.all_queries, it["answers"], it["answers_p"], it["rewards"].tolist(),
-                                           it["rewards_p"].tolist(), it["branches"], weights)], mode="w")
+    rewards_p = it["rewards_p"].tolist() if it["rewards_p"] is not None else [None] * n
+    samples = [{"iteration": t, "query": q, "answer": a, "answer_principle": a_p, "reward": r,
+                "reward_principle": r_p, "branch": b, "weights": w}
+               for q, a, a_p, r, r_p, b, w in zip(s.all_queries, it["answers"], it["answers_p"],
+                                                  it["rewards"].tolist(), rewards_p, it["branches"], weights)]
+    for sample, answers, rewards in zip(samples, it.get("candidates") or [], it.get("candidate_rewards") or []):
+        sample.update(candidates=answers, candidate_rewards=rewards)  # RAFT: all K answers; "answer" is the best
+    write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), samples, mode="w")
     write_jsonl(s.metrics_path, [record])
     save_checkpoint(args, s.policy, s.tokenizer, s.optimizer, t + 1, rng)
     if args.save_every and (t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
         save_dir_atomically(os.path.join(args.output_dir, f"iter-{t + 1}"), lambda path: save_model(s, path))
     if s.accelerator:
         s.accelerator.wait_for_everyone()
-    print(f"iter {t}: tau {it['tau']:.3f} ranked {record['ranked_share']:.2f} | "
-          f"reward x {record['reward_original']:+.3f} x_p {record['reward_principle']:+.3f} | "
+    if it["tau"] is None:  # RAFT
+        head = (f"iter {t}: reward x {record['reward_original']:+.3f}, best of {args.raft_k} "
+                f"{it['rewards'].mean().item():+.3f} | ")
+    else:
+        head = (f"iter {t}: tau {it['tau']:.3f} ranked {record['ranked_share']:.2f} | "
+                f"reward x {record['reward_original']:+.3f} x_p {record['reward_principle']:+.3f} | ")
+    print(head +
           f"loss {record['loss']:.4f} | sample {seconds['sample']:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) "
           f"score {seconds['score']:.1f}s train {seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)",
           flush=True)
@@ -685,14 +741,16 @@ def gather_iteration(s, it):
     """One process's iteration results -> the whole query set's (unchanged with one process)."""
     if s.world == 1:
         return {**it, "peak_memory_mb": peak_memory_mb(s.device)}
-    everyone = gather(s, [{k: v for k, v in it.items() if k not in ("seconds",)} | {
-        "rewards": it["rewards"].tolist(), "rewards_p": it["rewards_p"].tolist(),
-        "weights": it["weights"].tolist() if it["weights"] is not None else None,
-        "peak_memory_mb": peak_memory_mb(s.device)}])
-    joined = {key: [x for part in everyone for x in part[key]] for key in ("answers", "answers_p", "branches")}
-    joined["rewards"] = torch.tensor([x for part in everyone for x in part["rewards"]])
-    joined["rewards_p"] = torch.tensor([x for part in everyone for x in part["rewards_p"]])
-    joined["weights"] = None if it["weights"] is None else torch.tensor([x for p in everyone for x in p["weights"]])
+    local = {k: v.tolist() if torch.is_tensor(v) else v for k, v in it.items() if k != "seconds"}
+    everyone = gather(s, [{**local, "peak_memory_mb": peak_memory_mb(s.device)}])
+    joined = {}
+    for key in ("answers", "answers_p", "branches", "candidates", "candidate_rewards", "rewards", "rewards_p",
+                "weights"):  # per-query lists, joined in process order
+        if it.get(key) is not None:
+            joined[key] = [x for part in everyone for x in part[key]]
+            joined[key] = torch.tensor(joined[key]) if torch.is_tensor(it[key]) else joined[key]
+    if "reward_mean" in it:  # equal shares: the mean of the means
+        joined["reward_mean"] = float(np.mean([p["reward_mean"] for p in everyone]))
     losses = {"loss": float(np.mean([p["losses"]["loss"] for p in everyone]))}  # equal steps on every process
     for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
         if key in it["losses"]:  # per-pair means, weighted by how many pairs each process had in the branch

@@ -267,6 +267,12 @@ def test_chat_models_get_queries_through_their_template_base_models_plain_text()
     x_p = tokenizer.decode(ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE], chat_prefix=prefix)[0])
     assert x == f"<user>{prefix}The film was</s><assistant>"
     assert x_p == f"<user>{PRINCIPLE}\n\n{prefix}The film was</s><assistant>"
+    # the principles as the system turn instead; or no chat template at all
+    system = ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE, "Be brief."], chat_prefix=prefix,
+                                placement="system")
+    assert tokenizer.decode(system[0]) == f"<system>{PRINCIPLE}\nBe brief.</s><user>{prefix}The film was</s><assistant>"
+    off = ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE], chat_prefix=prefix, chat=False)
+    assert off == plain
 
 
 def test_make_query_per_task():
@@ -459,6 +465,35 @@ def test_ablations_run_and_train(model_dir, data_file, principles_file, tmp_path
         assert all(s["branch"] == "rank" for s in samples)
     if loss == "wsft":
         assert all(s["branch"] == "wsft" for s in samples)
+    before, after = state_of(model_dir), state_of(str(out / "final"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_raft_trains_on_the_best_of_k_answers(model_dir, data_file, principles_file, tmp_path, monkeypatch):
+    targets = []
+    real_sft_epoch = ple.sft_epoch
+
+    def spy(model, optimizer, prompt_ids, answer_ids, *args, **kwargs):
+        targets.append(answer_ids)
+        return real_sft_epoch(model, optimizer, prompt_ids, answer_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ple, "sft_epoch", spy)
+    out = tmp_path / "raft"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, loss="raft", raft_k=3))
+    samples = read_jsonl(out / "samples" / "iter-000.jsonl")
+    tokenizer = tiny_tokenizer()
+    assert len(samples) == 6 and len(targets) == 1
+    for sample, target in zip(samples, targets[0]):
+        assert len(sample["candidates"]) == 3
+        assert sample["candidate_rewards"] == pytest.approx([word_reward([""], [c])[0] for c in sample["candidates"]])
+        assert sample["reward"] == max(sample["candidate_rewards"])  # the best answer ...
+        assert sample["answer"] == sample["candidates"][sample["candidate_rewards"].index(sample["reward"])]
+        assert tokenizer.decode(target, skip_special_tokens=True) == sample["answer"]  # ... is the SFT target
+        assert sample["branch"] == "raft" and sample["answer_principle"] is None
+    record = read_jsonl(out / "metrics.jsonl")[0]
+    everything = [r for sample in samples for r in sample["candidate_rewards"]]
+    assert record["reward_original"] == pytest.approx(sum(everything) / len(everything), abs=1e-6)
+    assert record["reward_principle"] is None and record["tau"] is None
     before, after = state_of(model_dir), state_of(str(out / "final"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
@@ -1125,7 +1160,7 @@ def test_gradient_accumulation_and_checkpointing_take_the_same_step():
     assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 4, accumulation=3)) < 1e-6  # 2 + 1 + 1
     assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 2)) > 1e-4  # two steps: not the same
     model = tiny_model(tokenizer)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ple.enable_checkpointing(model)
     calls = []
     model.transformer.h[0].attn.register_forward_hook(lambda *a: calls.append(1))
     assert max_difference(whole, one_step(model, pairs, 4)) < 1e-6
