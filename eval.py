@@ -235,21 +235,23 @@ def held_out_queries(args):
     return queries[:n], references[:n], len(exclude)
 
 
+def prompt_ids_for(tokenizer, queries, args):
+    """The original queries x as ple.py rendered them for training (no principle)."""
+    return ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
+                              chat=args.chat_template != "off")
+
+
 def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
     """k answers per prompt (token ids), in batches, under a fixed seed."""
     torch.manual_seed(seed)
     prompts = [p for p in prompt_ids for _ in range(k)]
-    answers = []
-    for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", leave=False):
-        answers += ple.generate_answers(model, tokenizer, prompts[start:start + args.batch_size],
-                                        args.max_new_tokens, temperature, top_p)
-    return prompts, answers
+    return prompts, ple.sample_answers(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, temperature,
+                                       top_p)
 
 
 def generate_for(model, tokenizer, queries, args):
     """`args.samples` answers per query (texts and lengths), same order and seed for every model."""
-    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                                   chat=args.chat_template != "off")
+    prompt_ids = prompt_ids_for(tokenizer, queries, args)
     _, answers = sample(model, tokenizer, prompt_ids, args.samples, args, args.temperature, args.top_p, args.seed)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     k = args.samples
@@ -260,35 +262,28 @@ def generate_for(model, tokenizer, queries, args):
 def kl_samples_for(model, tokenizer, queries, args):
     """Answers for the KL, drawn from the model's own distribution (temperature 1, no top-p), with
     their log-likelihood sum_t log pi(y_t | x, y_<t) under it: the first half of the estimate."""
-    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                                   chat=args.chat_template != "off")
+    prompt_ids = prompt_ids_for(tokenizer, queries, args)
     prompts, answers = sample(model, tokenizer, prompt_ids, args.kl_samples, args, 1.0, 1.0, args.seed + 1)
     return {"prompt_ids": prompt_ids, "answer_ids": answers,
             "logp": logprob_sums(model, tokenizer.pad_token_id, prompts, answers, args.batch_size)}
 
 
 @torch.inference_mode()
-def logprob_sums(model, pad_id, prompts, answers, batch_size):
-    """sum_t log pi(y_t | x, y_<t) per answer, in float32; one forward per batch."""
+def logprob_sums(model, pad_id, prompts, answers, batch_size, average=False):
+    """sum_t log pi(y_t | x, y_<t) per answer (the mean with average=True), in float32; one forward per batch."""
     model.eval()
     sums = []
     for start in range(0, len(prompts), batch_size):
         batch = ple.training_batch(prompts[start:start + batch_size], answers[start:start + batch_size], pad_id,
                                    model.device)
-        sums += ple.sequence_logprobs(model, *batch, average=False).tolist()
+        sums += ple.sequence_logprobs(model, *batch, average=average).tolist()
     return sums
 
 
 def perplexity_on(model, tokenizer, queries, references, args):
-    prompts = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                                   chat=args.chat_template != "off")
     targets = ple.reference_ids_for(tokenizer, references)
-    logps = []
-    with torch.inference_mode():
-        for start in range(0, len(prompts), args.batch_size):
-            batch = ple.training_batch(prompts[start:start + args.batch_size], targets[start:start + args.batch_size],
-                                       tokenizer.pad_token_id, model.device)
-            logps += ple.sequence_logprobs(model, *batch).tolist()
+    logps = logprob_sums(model, tokenizer.pad_token_id, prompt_ids_for(tokenizer, queries, args), targets,
+                         args.batch_size, average=True)
     return float(math.exp(-np.mean(logps)))
 
 

@@ -167,6 +167,15 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
     return answers
 
 
+def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, temperature, top_p):
+    """One answer per prompt, batch_size prompts per generate call."""
+    answer_ids = []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
+        answer_ids += generate_answers(model, tokenizer, prompt_ids[start:start + batch_size], max_new_tokens,
+                                       temperature, top_p)
+    return answer_ids
+
+
 def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p):
     """Answer every query twice (x and x_p); each generate call holds both prompts of its queries."""
     model.eval()
@@ -452,11 +461,8 @@ def raft_iteration(t, args, s):
     k, clock = args.raft_k, Stopwatch()
     with clock("sample"):
         s.policy.eval()
-        prompts = [p for p in s.prompt_ids for _ in range(k)]
-        ids = []
-        for start in tqdm(range(0, len(prompts), 2 * args.batch_size), desc="sampling", leave=False):
-            ids += generate_answers(s.policy, s.tokenizer, prompts[start:start + 2 * args.batch_size],
-                                    args.max_new_tokens, args.temperature, args.top_p)
+        ids = sample_answers(s.policy, s.tokenizer, [p for p in s.prompt_ids for _ in range(k)], 2 * args.batch_size,
+                             args.max_new_tokens, args.temperature, args.top_p)  # as many per call as PLE's
     texts = s.tokenizer.batch_decode(ids, skip_special_tokens=True)
     with clock("score"):
         rewards = score(s.reward_fn, [q for q in s.queries for _ in range(k)], texts, args.reward_batch_size)
@@ -650,7 +656,7 @@ def log_iteration(args, s, it):
                   2 if it.get("candidates") is None else args.raft_k) / seconds["score"],
               "train_s": seconds["train"], "train_tokens_per_s": it["train_tokens"] / seconds["train"],
               "elapsed_s": time.time() - s.started, "peak_memory_mb": it["peak_memory_mb"]}
-    rng = gather(s, [rng_state()]) if s.world > 1 else rng_state()
+    rng = gather([rng_state()]) if s.world > 1 else rng_state()
     if not s.is_main:
         return s.accelerator.wait_for_everyone()
     weights = it["weights"].tolist() if it["weights"] is not None else [None] * n
@@ -730,7 +736,7 @@ def check_processes(n_queries, mini_batch_size, world):
                        f"multiple of {world}")
 
 
-def gather(s, values):
+def gather(values):
     """The lists of every process, concatenated in process order (each holds a contiguous shard)."""
     from accelerate.utils import gather_object
 
@@ -742,7 +748,7 @@ def gather_iteration(s, it):
     if s.world == 1:
         return {**it, "peak_memory_mb": peak_memory_mb(s.device)}
     local = {k: v.tolist() if torch.is_tensor(v) else v for k, v in it.items() if k != "seconds"}
-    everyone = gather(s, [{**local, "peak_memory_mb": peak_memory_mb(s.device)}])
+    everyone = gather([{**local, "peak_memory_mb": peak_memory_mb(s.device)}])
     joined = {}
     for key in ("answers", "answers_p", "branches", "candidates", "candidate_rewards", "rewards", "rewards_p",
                 "weights"):  # per-query lists, joined in process order
