@@ -298,7 +298,7 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
     record = {"queries": queries, "references": references, "models": {}}
     paths = {}
     for name in args.models:
-        paths[name] = path = cache_path(args, name, queries)
+        paths[name] = path = cache_path(args, name, queries, output)
         entry = read_cache(path)
         if entry is None:
             print(f"generating with {name}", flush=True)
@@ -403,14 +403,13 @@ def pick_reference(args, models):
     return None
 
 
-def cache_path(args, name, queries):
+def cache_path(args, name, queries, output):
     """Where a model's generations are cached: named by a hash of everything that shapes them."""
     key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
            **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
                                             "perplexity", "kl_samples", "batch_size", "chat_template")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output or default_output(args))),
-                                        "eval_cache")
+    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(output)), "eval_cache")
     return os.path.join(folder, f"{digest}.json")
 
 
