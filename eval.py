@@ -216,7 +216,7 @@ def training_rows(models):
         run = saved_run_args(model)
         if run:
             _, _, sources = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
-                                             run["num_queries"], run["seed"])
+                                             run["num_queries"], run["seed"], where=run.get("where", ""))
             rows.update(sources)
     return rows
 

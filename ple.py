@@ -55,6 +55,8 @@ class Args:
     reward: str = arg("vader", "reward: sequence-classification model (Hub id or folder), vader, or module:function")
     dataset: str = arg("data/review_openings.txt", "queries: Hub dataset id, or a .jsonl/.json/.csv/.txt(.gz) file")
     split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
+    where: str = arg("", "keep only the dataset rows whose FIELD equals VALUE, given as FIELD=VALUE (e.g. label=1: "
+                         "IMDb's positive reviews, the sft baseline's preferred data)")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
     principles: str = arg("principles.txt", "file with the principles of each task")
     chat_template: Literal["auto", "off"] = arg("auto", "auto: chat models get prompts through their chat template; "
@@ -78,7 +80,8 @@ class Args:
     raft_k: int = arg(4, "--loss raft: answers sampled per query, the best one trained on (the paper's RAFT: 4)")
     lora_r: int = arg(0, "LoRA rank on all linear layers (paper: 8); 0 = full fine-tuning")
     lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
-    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before iteration 0")
+    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers (cut to --max_new_tokens) "
+                             "before iteration 0")
     # --- data and sampling ---
     num_queries: int = arg(48, "size of the query set D_query (answered in full every iteration); 0 = all rows")
     max_new_tokens: int = arg(24, "answer length cap")
@@ -504,6 +507,8 @@ def check_args(args):
     require(math.isfinite(args.tau0), "tau0", "must be a finite number")
     require(0 < args.alpha <= 1, "alpha", "is the threshold's decay factor: it must be in (0, 1]")
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]; 1.0 samples from the full distribution")
+    require(not args.where or args.where.split("=", 1)[0].strip() and "=" in args.where, "where",
+            f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
     check_device(args.device)
     check_local(resolve_path(args.dataset), "--dataset")
     check_local(args.model, "--model")
@@ -559,7 +564,7 @@ def set_up(args):
     s.print = print if s.is_main else (lambda *a, **k: None)
     principles = read_principles(resolve_path(args.principles), args.task)
     s.all_queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
-                                                args.seed)
+                                                args.seed, where=args.where)
     needs_references = args.loss == "sft" or args.sft_epochs
     if needs_references and any(r is None for r in references):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
@@ -599,7 +604,7 @@ def set_up(args):
                   placement=args.principle_placement)
     s.prompt_ids = encode_prompts(s.tokenizer, s.queries, **prompt)
     s.prompt_ids_p = encode_prompts(s.tokenizer, s.queries, principles, **prompt)
-    s.reference_ids = reference_ids_for(s.tokenizer, references) if needs_references else None
+    s.reference_ids = reference_ids_for(s.tokenizer, references, args.max_new_tokens) if needs_references else None
     s.device = device
     return s
 
@@ -850,18 +855,28 @@ def load_rows(dataset, split):
     return rows
 
 
-def load_queries(dataset, split, task, limit, seed, exclude=()):
+def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
     """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
 
     Returns (queries, references, sources): the reference answer of each query (None where the task
     has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
-    is how eval.py keeps its queries disjoint from the training ones.
+    is how eval.py keeps its queries disjoint from the training ones; `where` ("FIELD=VALUE") keeps
+    only the rows whose FIELD, written as text, is VALUE.
     """
     rows = load_rows(dataset, split)
     column = TASKS[task].field
-    if column not in rows.column_names:
-        raise PLEError(f"dataset '{dataset}' has no '{column}' field, which task '{task}' reads; "
-                       f"its fields are: {', '.join(rows.column_names)}")
+    for field in (column, where.split("=", 1)[0].strip()):
+        if field and field not in rows.column_names:
+            reader = f"which task '{task}' reads" if field == column else "which --where names"
+            raise PLEError(f"dataset '{dataset}' has no '{field}' field, {reader}; "
+                           f"its fields are: {', '.join(rows.column_names)}")
+    if where:
+        field, value = (part.strip() for part in where.split("=", 1))
+        values = [str(v) for v in rows[field]]
+        if value not in values:
+            raise PLEError(f"--where {where}: no row of dataset '{dataset}' (split '{split}') has {field} = {value}; "
+                           f"its values there: {', '.join(sorted(set(values))[:10])}")
+        rows = rows.select([i for i, v in enumerate(values) if v == value])
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     rng = random.Random(seed)
@@ -892,9 +907,14 @@ def load_queries(dataset, split, task, limit, seed, exclude=()):
     return queries, references, sources
 
 
-def reference_ids_for(tokenizer, references):
-    """The dataset's answers as training targets, each closed by the end-of-sequence token."""
-    return [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in references]
+def reference_ids_for(tokenizer, references, max_tokens=None):
+    """The dataset's answers as training targets, each closed by the end-of-sequence token.
+
+    With max_tokens, at most that many tokens: the answer length cap the sampled answers have (an
+    answer cut there keeps no end-of-sequence token, as a sampled answer cut there has none).
+    """
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in references]
+    return [i[:max_tokens] for i in ids] if max_tokens else ids
 
 
 def resolve_path(path):
@@ -1187,8 +1207,10 @@ def prepare_output_dir(args, s):
     if saved.get("num_processes", 1) != s.world:
         raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now with "
                        f"{s.world}; resume it with as many (each process continues its own share and random state)")
-    conflicts = [f"--{k} {saved.get(k)!r} there, {v!r} now" for k, v in saved_args(args, s.world).items()
-                 if k not in RESUMABLE and saved.get(k) != v]
+    defaults = asdict(Args())  # a run saved before a flag existed ran with its default
+    conflicts = [f"--{k} {saved.get(k, defaults.get(k))!r} there, {v!r} now"
+                 for k, v in saved_args(args, s.world).items()
+                 if k not in RESUMABLE and saved.get(k, defaults.get(k)) != v]
     if conflicts:
         raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
     write_args(args, path, s)  # the folder may have moved: record where it is now

@@ -469,6 +469,33 @@ def test_ablations_run_and_train(model_dir, data_file, principles_file, tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_dir, data_file, principles_file,
+                                                                         tmp_path, monkeypatch):
+    targets = []
+    real_sft_epoch = ple.sft_epoch
+
+    def spy(model, optimizer, prompt_ids, answer_ids, *args, **kwargs):
+        targets.append(answer_ids)
+        return real_sft_epoch(model, optimizer, prompt_ids, answer_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ple, "sft_epoch", spy)
+    out = tmp_path / "sft_positive"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, num_queries=0, loss="sft",
+                      where="label=1", max_new_tokens=4, mini_batch_size=2))
+    queries = [s["query"] for s in read_jsonl(out / "samples" / "iter-000.jsonl")]
+    labelled = [i % 2 for i, review in enumerate(REVIEWS) for q in queries if review.startswith(q + " ")]
+    assert len(queries) == 4 and labelled == [1, 1, 1, 1]  # every row with label 1, no other
+    tokenizer = tiny_tokenizer()
+    for query, target in zip(queries, targets[0]):
+        rest = next(r for r in REVIEWS if r.startswith(query + " "))[len(query):]
+        assert target == (tokenizer(rest, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:4]
+    long_, short = ple.reference_ids_for(tokenizer, [REVIEWS[0], " the end"], max_tokens=5)
+    assert len(long_) == 5 and tokenizer.eos_token_id not in long_  # cut at the cap: no end-of-sequence
+    assert short[-1] == tokenizer.eos_token_id and len(short) < 5  # an answer within the cap keeps its end
+    # eval.py holds out exactly the rows such a run trained on
+    assert ple_eval.training_rows([str(out / "final")]) == {r for i, r in enumerate(REVIEWS) if i % 2 == 1}
+
+
 def test_raft_trains_on_the_best_of_k_answers(model_dir, data_file, principles_file, tmp_path, monkeypatch):
     targets = []
     real_sft_epoch = ple.sft_epoch
@@ -649,6 +676,9 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(reward="test_ple:scalar_reward"), r"returned 3.0 for samples 0 to 1 .*one number per answer"),
     (dict(reward="test_ple:none_reward"), r"returned None for samples 0 to 1"),
     (dict(reward="test_ple:huge_reward"), r"returned 1e\+39 for sample 0 .*finite float32"),
+    (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
+    (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
+    (dict(where="label=7"), r"--where label=7: no row .* has label = 7; its values there: 0, 1"),
 ]
 
 

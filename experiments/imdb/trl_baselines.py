@@ -80,7 +80,8 @@ def run(args):
         raise ple.PLEError("--loss and --sft_epochs are ple.py's; here the method is --method")
     s = ple.State()
     s.accelerator, s.rank, s.world, s.is_main, s.print = None, 0, 1, True, print
-    queries, _, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed)
+    queries, _, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed,
+                                     where=args.where)
     if ple.prepare_output_dir(args, s):
         raise ple.PLEError("--resume is not supported for the TRL baselines; start a new --output_dir")
     device = ple.pick_device(args.device)
