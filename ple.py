@@ -95,6 +95,8 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping")
     gradient_accumulation_steps: int = arg(1, "split each mini-batch into this many forward/backward passes (memory)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
+    fsdp: bool = arg(False, "under accelerate launch or torchrun: shard weights, gradients and optimizer state across "
+                            "the processes (FSDP2, as ZeRO-3) instead of a copy on each; full fine-tuning only")
 
 
 class PLEError(Exception):
@@ -150,7 +152,7 @@ def left_pad(sequences, pad_id):
     return ids, mask
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a sharded (--fsdp) model reuses gathered weights in training
 def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0):
     """Sample one answer per prompt in a single left-padded generate call.
 
@@ -162,7 +164,8 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
                               top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config,
+                         synced_gpus=sharded(model))  # sharded: every process steps until all are done
     answers = []
     for row in out[:, ids.shape[1]:].tolist():
         end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
@@ -509,6 +512,8 @@ def check_args(args):
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]; 1.0 samples from the full distribution")
     require(not args.where or args.where.split("=", 1)[0].strip() and "=" in args.where, "where",
             f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
+    require(not (args.fsdp and args.lora_r), "fsdp", "shards full fine-tuning; with --lora_r the base model is frozen, "
+            "so drop --fsdp (data parallel holds a copy of it on each process)")
     check_device(args.device)
     check_local(resolve_path(args.dataset), "--dataset")
     check_local(args.model, "--model")
@@ -570,6 +575,9 @@ def set_up(args):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
                        f"lacks some for task '{args.task}'")
     check_processes(len(s.all_queries), args.mini_batch_size, s.world)
+    if args.fsdp and s.world == 1:
+        raise PLEError("--fsdp shards the model across processes: launch several (accelerate launch --multi_gpu "
+                       "--num_processes N ple.py ... or torchrun --nproc_per_node N ple.py ...)")
     shard = slice(s.rank * len(s.all_queries) // s.world, (s.rank + 1) * len(s.all_queries) // s.world)
     s.queries, references = s.all_queries[shard], references[shard]  # this process's share of D_query
     s.mini_batch_size = args.mini_batch_size // s.world  # pairs per process; gradients are averaged
@@ -584,14 +592,14 @@ def set_up(args):
     from transformers import set_seed
 
     set_seed(args.seed)
-    s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype, s.rank)
-    if args.gradient_checkpointing:
-        enable_checkpointing(s.model)
+    s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype, s.rank,
+                                                                shard=args.fsdp, checkpointing=args.gradient_checkpointing)
     s.policy = s.model  # samples and saves; s.model is what trains (wrapped for data parallel)
     if s.accelerator:
         if not resume_from:
             set_seed(args.seed + s.rank)  # the processes sample independently (a resume restores their states)
-        s.model, s.optimizer = s.accelerator.prepare(s.model, s.optimizer)  # weights synced from process 0
+        if not args.fsdp:  # data parallel; a sharded model already is one model across the processes
+            s.model, s.optimizer = s.accelerator.prepare(s.model, s.optimizer)  # weights synced from process 0
     s.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if s.is_main and os.path.exists(s.metrics_path):  # drop records after the checkpoint (a crash mid-iteration)
         kept = [r for r in read_jsonl(s.metrics_path) if r.get("iteration", math.inf) < s.start]
@@ -609,8 +617,9 @@ def set_up(args):
     return s
 
 
-def load_trainable(args, resume_from, device, dtype, rank=0):
-    """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW, restored from a checkpoint on --resume."""
+def load_trainable(args, resume_from, device, dtype, rank=0, shard=False, checkpointing=False):
+    """Policy (LoRA-wrapped with --lora_r; sharded across the processes with shard), tokenizer and AdamW,
+    restored from a checkpoint on --resume."""
     full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
     model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
     if args.lora_r:
@@ -622,12 +631,21 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
             model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                      target_modules="all-linear", task_type="CAUSAL_LM"))
     model.config.use_cache = True
+    if checkpointing:
+        enable_checkpointing(model)
+    if shard:
+        shard_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=0.0)
     start = 0
     if resume_from:
         state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if shard:  # saved whole (gathered_state): each process takes its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])  # one per process
         start = state["iteration"]
         if rank == 0:
@@ -662,6 +680,7 @@ def log_iteration(args, s, it):
               "train_s": seconds["train"], "train_tokens_per_s": it["train_tokens"] / seconds["train"],
               "elapsed_s": time.time() - s.started, "peak_memory_mb": it["peak_memory_mb"]}
     rng = gather([rng_state()]) if s.world > 1 else rng_state()
+    model_state, optimizer_state = gathered_state(s, optimizer=True)  # sharded: every process takes part
     if not s.is_main:
         return s.accelerator.wait_for_everyone()
     weights = it["weights"].tolist() if it["weights"] is not None else [None] * n
@@ -674,9 +693,10 @@ def log_iteration(args, s, it):
         sample.update(candidates=answers, candidate_rewards=rewards)  # RAFT: all K answers; "answer" is the best
     write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), samples, mode="w")
     write_jsonl(s.metrics_path, [record])
-    save_checkpoint(args, s.policy, s.tokenizer, s.optimizer, t + 1, rng)
+    save_checkpoint(args, s.policy, s.tokenizer, s.optimizer, t + 1, rng, model_state, optimizer_state)
     if args.save_every and (t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
-        save_dir_atomically(os.path.join(args.output_dir, f"iter-{t + 1}"), lambda path: save_model(s, path))
+        save_dir_atomically(os.path.join(args.output_dir, f"iter-{t + 1}"),
+                            lambda path: save_model(s, path, model_state))
     if s.accelerator:
         s.accelerator.wait_for_everyone()
     if it["tau"] is None:  # RAFT
@@ -691,16 +711,19 @@ def log_iteration(args, s, it):
           flush=True)
 
 
-def save_model(s, path):
-    """The weights (LoRA: the adapter) in the run's dtype and the tokenizer, no optimizer state."""
-    s.policy.save_pretrained(path)
+def save_model(s, path, weights=None):
+    """The weights (LoRA: the adapter) in the run's dtype and the tokenizer, no optimizer state.
+    weights: the gathered weights of a sharded model."""
+    s.policy.save_pretrained(path, state_dict=weights)
     s.tokenizer.save_pretrained(path)
 
 
 def save_final(args, s):
+    weights, _ = gathered_state(s)
+
     def write(path):
         final = s.policy.merge_and_unload() if args.lora_r else s.policy
-        final.save_pretrained(path)
+        final.save_pretrained(path, state_dict=weights)
         s.tokenizer.save_pretrained(path)
     if s.is_main:
         save_dir_atomically(os.path.join(args.output_dir, "final"), write)
@@ -715,12 +738,14 @@ def save_final(args, s):
 # ------------------------------------------------------------------------------------------------
 
 def start_processes(args):
-    """Under a launcher (WORLD_SIZE > 1) each process takes a share of the queries; DDP averages gradients."""
+    """Under a launcher (WORLD_SIZE > 1) each process takes a share of the queries; DDP averages gradients
+    (with --fsdp, FSDP2 does: shard_model)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     if any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
-        raise PLEError("FSDP and DeepSpeed are not supported: launch data parallel (accelerate launch --multi_gpu) "
-                       "and save memory with --lora_r, --gradient_checkpointing and --gradient_accumulation_steps")
+        raise PLEError("Accelerate's FSDP and DeepSpeed configs are not used by ple.py: launch plain data parallel "
+                       "(accelerate launch --multi_gpu) and pass --fsdp to shard weights, gradients and optimizer "
+                       "state (FSDP2, as ZeRO-3)")
     from accelerate import Accelerator
 
     return Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available())
@@ -739,6 +764,38 @@ def check_processes(n_queries, mini_batch_size, world):
     if mini_batch_size % world:
         raise PLEError(f"--mini_batch_size {mini_batch_size} does not divide across {world} processes: pass a "
                        f"multiple of {world}")
+
+
+def shard_model(model):
+    """FSDP2: each decoder layer (the classes the model lists in _no_split_modules), then the rest, split
+    across the processes; a layer's weights are gathered for its forward and backward, the gradients
+    averaged across processes and scattered back as shards. Build the optimizer afterwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gathered_state(s, optimizer=False):
+    """A sharded model's whole weights (and optimizer state), on process 0; every process must call it.
+    (None, None) when the model is not sharded: then process 0 holds them already."""
+    if not sharded(s.model):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on the CPU of process 0 only
+    return (get_model_state_dict(s.model, options=whole),
+            get_optimizer_state_dict(s.model, s.optimizer, options=whole) if optimizer else None)
 
 
 def gather(values):
@@ -1146,14 +1203,16 @@ def save_dir_atomically(final_path, write):
     os.replace(tmp, final_path)
 
 
-def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None):
+def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None, weights=None, optimizer_state=None):
     """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly
-    (rng: the random states, a list of one per process under a launcher)."""
+    (rng: the random states, a list of one per process under a launcher; weights, optimizer_state: a
+    sharded model's, gathered)."""
     def write(path):
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=weights)
         tokenizer.save_pretrained(path)
         torch.save({"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha),
-                    "optimizer": optimizer.state_dict(), "rng": rng if rng is not None else rng_state()},
+                    "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                    "rng": rng if rng is not None else rng_state()},
                    os.path.join(path, "trainer_state.pt"))
     save_dir_atomically(os.path.join(args.output_dir, f"checkpoint-{done}"), write)
     for n, path in checkpoints(args.output_dir):  # the new one is complete: older ones can go

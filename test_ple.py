@@ -679,6 +679,8 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
     (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
     (dict(where="label=7"), r"--where label=7: no row .* has label = 7; its values there: 0, 1"),
+    (dict(fsdp=True, lora_r=4), r"--fsdp: shards full fine-tuning"),
+    (dict(fsdp=True), r"--fsdp shards the model across processes: launch several"),
 ]
 
 
@@ -819,7 +821,7 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
     real = ple.save_checkpoint
 
-    def dies_mid_write(args, model, tokenizer, optimizer, done, rng=None):
+    def dies_mid_write(args, model, tokenizer, optimizer, done, *rest):
         def write(path):
             model.save_pretrained(path)
             raise KeyboardInterrupt  # killed before the trainer state is written
@@ -1169,12 +1171,12 @@ def fixed_pairs(tokenizer, n=4):
     return prompts, answers, answers_p, [0.0, 0.5, -0.2, 1.0][:n], [1.0, 0.6, 0.9, 0.2][:n]
 
 
-def one_step(model, pairs, mini_batch_size, **kwargs):
+def one_step(model, pairs, mini_batch_size, max_grad_norm=1e6, **kwargs):
     prompts, answers, answers_p, rewards, rewards_p = pairs
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # SGD: a step is proportional to the gradient
     ple.ple_epoch(model, optimizer, prompts, answers, answers_p, torch.tensor(rewards), torch.tensor(rewards_p),
-                  0.2, 1.0, pad_id=model.config.eos_token_id, mini_batch_size=mini_batch_size, max_grad_norm=1e6,
-                  **kwargs)
+                  0.2, 1.0, pad_id=model.config.eos_token_id, mini_batch_size=mini_batch_size,
+                  max_grad_norm=max_grad_norm, **kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -1214,26 +1216,40 @@ sys.path.insert(0, {here!r})
 import torch
 import ple
 
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+
+def whole_weights(model):  # a sharded model's weights gathered on every process
+    if ple.sharded(model):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return model.state_dict()
+
+
 mode, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 rank = int(os.environ["RANK"])
 if mode == "run":
     s = ple.run(ple.Args(**settings))
-    torch.save(s.policy.state_dict(), os.path.join(out, f"weights-rank{{rank}}.pt"))
-else:  # one training step on this process's half of fixed pairs
+    if not ple.sharded(s.policy):  # (a sharded run has ended its process group: its whole model is final/)
+        torch.save(s.policy.state_dict(), os.path.join(out, f"weights-rank{{rank}}.pt"))
+else:  # one training step on this process's half of fixed pairs, data parallel ("step") or sharded
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     accelerator = Accelerator(cpu=True)
     model = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if mode == "sharded_step":
+        ple.shard_model(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        model, optimizer = accelerator.prepare(model, optimizer)
     n = len(settings["prompts"]) // accelerator.num_processes
     part = slice(rank * n, (rank + 1) * n)
     ple.ple_epoch(model, optimizer, settings["prompts"][part], settings["answers"][part],
                   settings["answers_p"][part], torch.tensor(settings["rewards"][part]),
                   torch.tensor(settings["rewards_p"][part]), 0.2, 1.0, pad_id=settings["pad_id"],
-                  mini_batch_size=n, max_grad_norm=1e6)
-    torch.save(accelerator.unwrap_model(model).state_dict(), os.path.join(out, f"weights-rank{{rank}}.pt"))
+                  mini_batch_size=n, max_grad_norm=settings["max_grad_norm"])
+    torch.save(whole_weights(accelerator.unwrap_model(model)), os.path.join(out, f"weights-rank{{rank}}.pt"))
 """
 
 
@@ -1251,7 +1267,8 @@ def launch(tmp_path, mode, out, settings, processes=2):
                              "no", "--main_process_port", str(port), str(worker), mode, str(out),
                              json.dumps(settings)], cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return [torch.load(os.path.join(out, f"weights-rank{r}.pt")) for r in range(processes)]
+    saved = [os.path.join(out, f"weights-rank{r}.pt") for r in range(processes)]
+    return [torch.load(path) for path in saved if os.path.exists(path)]
 
 
 def test_multiprocess_step_equals_one_process_on_the_whole_mini_batch(model_dir, tmp_path):
@@ -1262,8 +1279,24 @@ def test_multiprocess_step_equals_one_process_on_the_whole_mini_batch(model_dir,
     half = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), [p[:2] for p in pairs], 2)
     assert max_difference(whole, half) > 1e-3  # without the all-reduce, process 0 would take this step
     keys = ("prompts", "answers", "answers_p", "rewards", "rewards_p")
-    settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, **dict(zip(keys, pairs))}
+    settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, "max_grad_norm": 1e6, **dict(zip(keys, pairs))}
     rank0, rank1 = launch(tmp_path, "step", tmp_path / "step", settings)
+    assert max_difference(rank0, whole) < 1e-5 and max_difference(rank1, whole) < 1e-5
+
+
+def test_multiprocess_sharded_step_equals_one_process_on_the_whole_mini_batch(model_dir, tmp_path):
+    """--fsdp: each process holds half of every weight; the step, gradient clipping included, must be the
+    one a single process takes on the whole mini-batch (a norm over one shard would clip less)."""
+    pytest.importorskip("accelerate")
+    tokenizer = tiny_tokenizer()
+    pairs = fixed_pairs(tokenizer)
+    clip = 0.05
+    whole = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), pairs, 4, max_grad_norm=clip)
+    assert max_difference(whole, one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), pairs, 4)) > 1e-3
+    keys = ("prompts", "answers", "answers_p", "rewards", "rewards_p")
+    settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, "max_grad_norm": clip, **dict(zip(keys, pairs))}
+    rank0, rank1 = launch(tmp_path, "sharded_step", tmp_path / "sharded", settings)
+    assert sorted(rank0) == sorted(whole)
     assert max_difference(rank0, whole) < 1e-5 and max_difference(rank1, whole) < 1e-5
 
 
@@ -1294,3 +1327,27 @@ def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir,
     assert max_difference(state_of(str(resumed / "final")), rank0) == 0
     with pytest.raises(ple.PLEError, match="launched with 2 process"):  # one process cannot continue it
         ple.run(ple.Args(**{**settings, "output_dir": str(resumed), "iterations": 3, "resume": True}))
+
+
+def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(model_dir, data_file, principles_file,
+                                                                            tmp_path):
+    """--fsdp run: every query once, checkpoints and final/ hold the whole model (gathered from the
+    shards), and a resume (sharded AdamW state restored) continues exactly like the straight run."""
+    pytest.importorskip("accelerate")
+    settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
+                    num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
+                    device="cpu", dtype="float32", fsdp=True, save_every=1)
+    straight = tmp_path / "straight"
+    launch(tmp_path, "run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
+    queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
+    for t in range(2):
+        assert [r["query"] for r in read_jsonl(straight / "samples" / f"iter-{t:03d}.jsonl")] == queries
+    final = state_of(str(straight / "final"))
+    assert sorted(final) == sorted(state_of(model_dir)) and max_difference(final, state_of(model_dir)) > 0
+    assert max_difference(final, state_of(str(straight / "iter-1"))) > 0  # iter-1 is the model after one iteration
+    resumed = tmp_path / "resumed"
+    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 1})
+    assert max_difference(state_of(str(resumed / "final")), state_of(str(straight / "iter-1"))) == 0
+    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
+    assert read_jsonl(resumed / "samples" / "iter-001.jsonl") == read_jsonl(straight / "samples" / "iter-001.jsonl")
+    assert max_difference(state_of(str(resumed / "final")), final) == 0
