@@ -1331,12 +1331,12 @@ def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir,
 
 def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(model_dir, data_file, principles_file,
                                                                             tmp_path):
-    """--fsdp run: every query once, checkpoints and final/ hold the whole model (gathered from the
-    shards), and a resume (sharded AdamW state restored) continues exactly like the straight run."""
+    """--fsdp run (with --gradient_checkpointing): every query once, checkpoints and final/ hold the whole
+    model (gathered from the shards), and a resume (sharded AdamW state restored) continues exactly."""
     pytest.importorskip("accelerate")
     settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
-                    device="cpu", dtype="float32", fsdp=True, save_every=1)
+                    device="cpu", dtype="float32", fsdp=True, save_every=1, gradient_checkpointing=True)
     straight = tmp_path / "straight"
     launch(tmp_path, "run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
     queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
