@@ -5,17 +5,19 @@
 #   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 1 h on 2 CPU cores)
 #   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 2 h)
 #   bash experiments/imdb/compare.sh RM_FOLDER eval           # every trained model on the test queries (~3 min a model)
+#   bash experiments/imdb/compare.sh RM_FOLDER frontier       # seed 1's iter-2/4/6/8 of every method, 100 test queries
 #
 # IMDb comes from the Hub (stanfordnlp/imdb); IMDB_TRAIN=FILE and IMDB_TEST=FILE read local copies.
 # Every run: SmolLM2-135M-Instruct, plain-text prompts, 8 passes over 48 training queries from the
 # first 90% of the training reviews, answers of at most 24 tokens, LoRA r 8 / scaling 16 on all linear
 # layers; one full fine-tuning row of PLE (lr 1e-5, as the earlier table). The ablations use PLE's rate.
 # A seed-0 run whose sweep run (same flags, same seed) exists is linked, not trained again: a ple.py
-# run repeats exactly under its seed. Each part skips what is done, so it can be run in pieces.
+# run repeats exactly under its seed (and so has no iter-N/: the frontier uses seed 1, trained here with
+# --save_every 2). Each part skips what is done, so it can be run in pieces.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RM=${1:?usage: compare.sh RM_FOLDER train SEEDS | eval}
-PART=${2:?usage: compare.sh RM_FOLDER train SEEDS | eval}
+RM=${1:?usage: compare.sh RM_FOLDER train SEEDS | eval | frontier}
+PART=${2:?usage: compare.sh RM_FOLDER train SEEDS | eval | frontier}
 RUNS=${RUNS:-runs/imdb/compare}
 SWEEP_RUNS=${SWEEP_RUNS:-runs/imdb/sweep}
 OUT=experiments/imdb/compare
@@ -46,7 +48,8 @@ train() {  # method, seed
     echo "$name: the sweep's run at $lr"; return
   fi
   rm -rf "${RUNS:?}/$name"
-  local start=$(date +%s) flags=("${common[@]}" --seed "$seed" --learning_rate "$lr" --output_dir "$RUNS/$name")
+  local start=$(date +%s) flags=("${common[@]}" --seed "$seed" --learning_rate "$lr" --output_dir "$RUNS/$name"
+                                  --save_every 2)
   case $method in
     ple|rank|wsft|cd) python ple.py "${flags[@]}" "${lora[@]}" --loss "$method" ;;
     fixed)    python ple.py "${flags[@]}" "${lora[@]}" --loss ple --alpha 1.0 ;;
@@ -75,5 +78,11 @@ case $PART in
     python eval.py --rescore "$OUT/eval_rm.json" --reward vader --output "$OUT/eval_vader.json" 2>&1 | tail -1
     python experiments/imdb/compare_table.py "$OUT" > "$OUT/table.md"
     cat "$OUT/table.md" ;;
-  *) echo "unknown part '$PART': train or eval"; exit 2 ;;
+  frontier)
+    runs=()
+    for method in $METHODS; do [ -d "$RUNS/${method}_s1/iter-2" ] && runs+=("$RUNS/${method}_s1"); done
+    python eval.py --frontier "${runs[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 100 --seed 0 \
+      --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/frontier.json" 2>&1 \
+      | grep -av "it/s\]\|s/it\]" | tail -3 ;;
+  *) echo "unknown part '$PART': train, eval or frontier"; exit 2 ;;
 esac

@@ -67,6 +67,7 @@ def main():
                             xytext=(3, 3), textcoords="offset points", color=line.get_color())
         ax.axvline(KL_CAP, color="grey", lw=0.8, ls="--")
         ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)
         ax.set_xlabel("KL to the untrained model (nats per answer)")
         ax.set_ylabel("validation reward (training RM)")
         ax.set_title("Learning-rate sweep, validation queries (labels: learning rate)", fontsize=9)

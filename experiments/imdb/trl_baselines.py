@@ -13,7 +13,7 @@ Every flag of ple.py means the same here (`--help`); the loss is TRL's. The same
 - rloo: TRL's RLOOTrainer (REINFORCE with a leave-one-out baseline over the 2 answers; TRL 1.x ships no
   PPOTrainer, and RLOO is the PPO family's critic-free member); KL penalty --kl_coef.
 Writes args.json (ple.py's fields, so eval.py holds out the training rows and finds the starting model),
-iter-N/ after every pass (LoRA: the adapter; for eval.py --frontier) and final/ (merged).
+iter-N/ every --save_every passes (LoRA: the adapter; for eval.py --frontier) and final/ (merged).
 """
 import os
 import sys
