@@ -2,9 +2,10 @@
 # The paper's comparison on IMDb: every method at the learning rate the sweep kept, then the final
 # models on 200 held-out test queries. Run sweep.sh first (the rates come from its results).
 #
-#   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 1 h on 2 CPU cores)
-#   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 2 h)
-#   bash experiments/imdb/compare.sh RM_FOLDER eval           # every trained model on the test queries (~3 min a model)
+#   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 50 min on 2 CPU cores;
+#                                                             #   20 min when the sweep's runs are there)
+#   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 50 min each)
+#   bash experiments/imdb/compare.sh RM_FOLDER eval           # every trained model on the test queries (~2 min a model)
 #   bash experiments/imdb/compare.sh RM_FOLDER frontier       # seed 1's iter-2/4/6/8 of every method, 100 test queries
 #
 # IMDb comes from the Hub (stanfordnlp/imdb); IMDB_TRAIN=FILE and IMDB_TEST=FILE read local copies.
