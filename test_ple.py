@@ -1200,6 +1200,15 @@ def test_gradient_accumulation_and_checkpointing_take_the_same_step():
     assert not model.transformer.h[0].attn.training  # and dropout stayed off
 
 
+def test_accelerate_fsdp_or_deepspeed_config_is_refused_with_a_pointer_to_fsdp(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for variable in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.setenv(variable, "true")
+        with pytest.raises(ple.PLEError, match="pass --fsdp"):
+            ple.start_processes(ple.Args())
+        monkeypatch.delenv(variable)
+
+
 def test_processes_must_divide_the_work():
     ple.check_processes(7, 3, 1)  # one process: anything goes
     with pytest.raises(ple.PLEError, match="8 processes for 6 queries"):
