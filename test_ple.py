@@ -469,8 +469,9 @@ def test_ablations_run_and_train(model_dir, data_file, principles_file, tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_dir, data_file, principles_file,
-                                                                         tmp_path, monkeypatch):
+@pytest.fixture
+def sft_targets(monkeypatch):
+    """The answer ids every sft_epoch call trains on, one list per call."""
     targets = []
     real_sft_epoch = ple.sft_epoch
 
@@ -479,6 +480,11 @@ def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_di
         return real_sft_epoch(model, optimizer, prompt_ids, answer_ids, *args, **kwargs)
 
     monkeypatch.setattr(ple, "sft_epoch", spy)
+    return targets
+
+
+def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_dir, data_file, principles_file,
+                                                                         tmp_path, sft_targets):
     out = tmp_path / "sft_positive"
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, num_queries=0, loss="sft",
                       where="label=1", max_new_tokens=4, mini_batch_size=2))
@@ -486,7 +492,7 @@ def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_di
     labelled = [i % 2 for i, review in enumerate(REVIEWS) for q in queries if review.startswith(q + " ")]
     assert len(queries) == 4 and labelled == [1, 1, 1, 1]  # every row with label 1, no other
     tokenizer = tiny_tokenizer()
-    for query, target in zip(queries, targets[0]):
+    for query, target in zip(queries, sft_targets[0]):
         rest = next(r for r in REVIEWS if r.startswith(query + " "))[len(query):]
         assert target == (tokenizer(rest, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:4]
     long_, short = ple.reference_ids_for(tokenizer, [REVIEWS[0], " the end"], max_tokens=5)
@@ -496,21 +502,13 @@ def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_di
     assert ple_eval.training_rows([str(out / "final")]) == {r for i, r in enumerate(REVIEWS) if i % 2 == 1}
 
 
-def test_raft_trains_on_the_best_of_k_answers(model_dir, data_file, principles_file, tmp_path, monkeypatch):
-    targets = []
-    real_sft_epoch = ple.sft_epoch
-
-    def spy(model, optimizer, prompt_ids, answer_ids, *args, **kwargs):
-        targets.append(answer_ids)
-        return real_sft_epoch(model, optimizer, prompt_ids, answer_ids, *args, **kwargs)
-
-    monkeypatch.setattr(ple, "sft_epoch", spy)
+def test_raft_trains_on_the_best_of_k_answers(model_dir, data_file, principles_file, tmp_path, sft_targets):
     out = tmp_path / "raft"
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, loss="raft", raft_k=3))
     samples = read_jsonl(out / "samples" / "iter-000.jsonl")
     tokenizer = tiny_tokenizer()
-    assert len(samples) == 6 and len(targets) == 1
-    for sample, target in zip(samples, targets[0]):
+    assert len(samples) == 6 and len(sft_targets) == 1
+    for sample, target in zip(samples, sft_targets[0]):
         assert len(sample["candidates"]) == 3
         assert sample["candidate_rewards"] == pytest.approx([word_reward([""], [c])[0] for c in sample["candidates"]])
         assert sample["reward"] == max(sample["candidate_rewards"])  # the best answer ...
@@ -1247,10 +1245,9 @@ else:  # one training step on this process's half of fixed pairs, data parallel 
     accelerator = Accelerator(cpu=True)
     model = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
     if mode == "sharded_step":
-        ple.shard_model(model)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        ple.shard_model(model)  # before the optimizer: it must hold the shards
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    if mode == "step":
         model, optimizer = accelerator.prepare(model, optimizer)
     n = len(settings["prompts"]) // accelerator.num_processes
     part = slice(rank * n, (rank + 1) * n)

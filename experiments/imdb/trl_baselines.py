@@ -45,6 +45,14 @@ def reward_function(spec, device):
     return reward_func
 
 
+def writer(model, tokenizer):
+    """What save_dir_atomically writes: the model (LoRA: the adapter) and the tokenizer."""
+    def write(path):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return write
+
+
 def save_passes(s, args):
     """A callback that keeps the weights after every pass over the queries as iter-N/, as ple.py --save_every."""
     from transformers import TrainerCallback
@@ -53,10 +61,7 @@ def save_passes(s, args):
         def on_epoch_end(self, training_args, state, control, model=None, **kwargs):
             n = round(state.epoch)
             if state.is_world_process_zero and args.save_every and n % args.save_every == 0:
-                def write(path):
-                    model.save_pretrained(path)
-                    s.tokenizer.save_pretrained(path)
-                ple.save_dir_atomically(os.path.join(args.output_dir, f"iter-{n}"), write)
+                ple.save_dir_atomically(os.path.join(args.output_dir, f"iter-{n}"), writer(model, s.tokenizer))
 
     return SavePasses()
 
@@ -125,11 +130,7 @@ def run(args):
     history = [dict(r) for r in trainer.state.log_history]
     ple.write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), history, mode="w")
     final = trainer.model.merge_and_unload() if args.lora_r else trainer.model
-
-    def write(path):
-        final.save_pretrained(path)
-        s.tokenizer.save_pretrained(path)
-    ple.save_dir_atomically(os.path.join(args.output_dir, "final"), write)
+    ple.save_dir_atomically(os.path.join(args.output_dir, "final"), writer(final, s.tokenizer))
     print(f"{args.method}: {trainer.state.global_step} optimizer steps, {2 * len(queries) * args.iterations} answers "
           f"sampled, {time.time() - start:.0f} s; saved {os.path.join(args.output_dir, 'final')}")
 
