@@ -6,9 +6,10 @@ Reads eval_rm.json (judged by the training reward), eval_vader.json (the same an
 VADER) and train_seconds.txt. One row per method: the mean over its seeds, ± the standard deviation
 across seeds where there are several (with one seed: ± the standard error over queries). Win rates
 pool the seeds (each query's outcomes against every seed averaged), 95% bootstrap intervals over
-queries. "Strongest baseline": the method outside PLE and its ablations with the highest mean
-training-RM reward. "Continues": the share of answers that continue the review (prompt_formats.py's
-heuristic). Then each method's seed-0 answers to the first 5 held-out queries.
+queries. Training time: the first seed's run (later seeds may have shared the machine). "Strongest
+baseline": the method outside PLE and its ablations with the highest mean training-RM reward.
+"Continues": the share of answers that continue the review (prompt_formats.py's heuristic). Then
+each method's seed-0 answers to the first 5 held-out queries.
 """
 import json
 import os
@@ -83,7 +84,7 @@ def main(folder):
     print(f"{n} held-out test queries, one answer each per model; strongest baseline: {NAMES[strongest]}.\n")
     print("| method | seeds | reward, training RM | VADER | KL to untrained | distinct-2 | copies principles "
           "| continues | answer tokens | win rate vs untrained, RM | vs untrained, VADER "
-          f"| vs {NAMES[strongest]}, RM | vs {NAMES[strongest]}, VADER | training time |")
+          f"| vs {NAMES[strongest]}, RM | vs {NAMES[strongest]}, VADER | training time, first seed |")
     print("| --- " * 14 + "|")
     for m in methods:
         stats = [report["models"][runs[m][s]] for s in sorted(runs[m])]
@@ -102,8 +103,8 @@ def main(folder):
         cells.append(f"{np.mean([s['mean_answer_tokens'] for s in stats]):.1f}")
         for b in ("untrained", strongest):
             cells += [rate(rm, m, b), rate(vd, m, b)]
-        times = [seconds.get(f"{m}_s{s}") for s in sorted(runs[m])]
-        cells.append(f"{np.mean(times) / 60:.1f} min" if m != "untrained" and None not in times else "-")
+        time = seconds.get(f"{m}_s{min(runs[m])}")
+        cells.append(f"{time / 60:.1f} min" if m != "untrained" and time else "-")
         seeds = ", ".join(map(str, sorted(runs[m]))) if m != "untrained" else "-"
         print(f"| {NAMES[m]} | {seeds} | " + " | ".join(cells) + " |")
 
