@@ -9,17 +9,25 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from ple import read_jsonl  # noqa: E402
+
 out = sys.argv[1]
 runs = ["lora_bf16", "lora_fp32", "full_bf16", "full_fp32"]
-report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "torch": torch.__version__, "runs": {}}
+report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+          "torch": torch.__version__, "runs": {}}
 
 
 def records(run):
-    return [json.loads(line) for line in open(os.path.join(out, run, "metrics.jsonl"))]
+    return read_jsonl(os.path.join(out, run, "metrics.jsonl"))
 
 
 def samples(run):
     return [open(f).read() for f in sorted(glob.glob(os.path.join(out, run, "samples", "*.jsonl")))]
+
+
+def learning(record):  # a record without its timings and memory
+    return {k: v for k, v in record.items() if not k.endswith(("_s", "_per_s")) and k != "peak_memory_mb"}
 
 
 print("| run | s / iteration | sampling tok/s | training tok/s | peak GPU memory MiB | losses finite | saved dtype |")
@@ -40,14 +48,10 @@ for run in runs:
           f"{row['train_tokens_per_s']:.0f} | {row['peak_memory_mb']:.0f} | {row['losses_finite']} | "
           f"{', '.join(row['saved_dtypes'])} |")
 
-for dtype in ("lora", "full"):
-    ratio = report["runs"][f"{dtype}_fp32"]["seconds_per_iteration"] / report["runs"][f"{dtype}_bf16"]["seconds_per_iteration"]
-    report[f"{dtype}_fp32_over_bf16_time"] = ratio
-    print(f"{dtype}: float32 takes {ratio:.2f}x bfloat16's time per iteration")
-
-def learning(record):  # a record without its timings and memory
-    return {k: v for k, v in record.items() if not k.endswith(("_s", "_per_s")) and k != "peak_memory_mb"}
-
+for kind in ("lora", "full"):
+    seconds = {dtype: report["runs"][f"{kind}_{dtype}"]["seconds_per_iteration"] for dtype in ("fp32", "bf16")}
+    report[f"{kind}_fp32_over_bf16_time"] = ratio = seconds["fp32"] / seconds["bf16"]
+    print(f"{kind}: float32 takes {ratio:.2f}x bfloat16's time per iteration")
 
 straight = load_file(os.path.join(out, "lora_bf16", "final", "model.safetensors"))
 resumed = load_file(os.path.join(out, "lora_resumed", "final", "model.safetensors"))
