@@ -84,6 +84,8 @@ case $PART in
     for method in $METHODS; do [ -d "$RUNS/${method}_s1/iter-2" ] && runs+=("$RUNS/${method}_s1"); done
     python eval.py --frontier "${runs[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 100 --seed 0 \
       --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/frontier.json" 2>&1 \
-      | grep -av "it/s\]\|s/it\]" | tail -3 ;;
+      | grep -av "it/s\]\|s/it\]" | tail -3
+    python experiments/imdb/frontier_plot.py "$OUT" > "$OUT/frontier.md"   # frontier.png redrawn, by method
+    cat "$OUT/frontier.md" ;;
   *) echo "unknown part '$PART': train, eval or frontier"; exit 2 ;;
 esac
