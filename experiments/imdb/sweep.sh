@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 RM=${1:?usage: sweep.sh RM_FOLDER [RUNS_DIR] [METHODS] [RATES]}
 RUNS=${2:-runs/imdb/sweep}
-METHODS=${3:-"ple raft cd sft rloo dpo"}
+METHODS=${3:-"ple raft raft2 cd sft rloo dpo"}
 RATES=${4:-"3e-5 1e-4 3e-4"}
 DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 OUT=experiments/imdb/sweep
@@ -32,6 +32,7 @@ for method in $METHODS; do
     case $method in
       ple|cd) python ple.py "${common[@]}" --loss "$method" --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
       raft)   python ple.py "${common[@]}" --loss raft --raft_k 4 --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
+      raft2)  python ple.py "${common[@]}" --loss raft --raft_k 2 --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
       sft)    python ple.py "${common[@]}" --loss sft --where label=1 --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
       rloo|dpo) python experiments/imdb/trl_baselines.py "${common[@]}" --method "$method" --learning_rate "$lr" \
                   --output_dir "$RUNS/$name" ;;

@@ -16,8 +16,8 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KL_CAP = 10.0
-NAMES = {"ple": "PLE", "raft": "RAFT (best of 4)", "cd": "context distillation", "rloo": "RLOO", "dpo": "online DPO",
-         "sft": "SFT on positive reviews"}
+NAMES = {"ple": "PLE", "raft": "RAFT (best of 4)", "raft2": "RAFT (best of 2)", "cd": "context distillation",
+         "rloo": "RLOO", "dpo": "online DPO", "sft": "SFT on positive reviews"}
 
 
 def read_sweep(folder):
