@@ -28,7 +28,7 @@ mkdir -p "$RUNS" "$OUT"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
         --chat_template off)
 lora=(--lora_r 8 --lora_alpha 16)
-METHODS="ple rank wsft fixed cd sft raft rloo dpo ple_full"
+METHODS="ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"
 
 rate() {  # the kept learning rate of a method (sweep/selected.json, made by sweep_report.py)
   python -c "import json,sys; print(json.load(open('experiments/imdb/sweep/selected.json'))[sys.argv[1]])" "$1"
@@ -56,6 +56,7 @@ train() {  # method, seed
     fixed)    python ple.py "${flags[@]}" "${lora[@]}" --loss ple --alpha 1.0 ;;
     sft)      python ple.py "${flags[@]}" "${lora[@]}" --loss sft --where label=1 ;;
     raft)     python ple.py "${flags[@]}" "${lora[@]}" --loss raft --raft_k 4 ;;
+    raft2)    python ple.py "${flags[@]}" "${lora[@]}" --loss raft --raft_k 2 ;;
     ple_full) python ple.py "${flags[@]}" --loss ple ;;
     rloo|dpo) python experiments/imdb/trl_baselines.py "${flags[@]}" "${lora[@]}" --method "$method" ;;
   esac 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true

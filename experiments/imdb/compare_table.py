@@ -28,7 +28,7 @@ from prompt_formats import continues  # noqa: E402
 NAMES = {"untrained": "untrained SmolLM2-135M-Instruct", "ple": "PLE", "rank": "PLE, ranking loss only",
          "wsft": "PLE, weighted SFT only", "fixed": "PLE, fixed threshold", "ple_full": "PLE, full fine-tuning",
          "cd": "context distillation", "sft": "SFT on positive reviews", "raft": "RAFT (best of 4)",
-         "rloo": "RLOO", "dpo": "online DPO"}
+         "raft2": "RAFT (best of 2)", "rloo": "RLOO", "dpo": "online DPO"}
 OURS = {"ple", "rank", "wsft", "fixed", "ple_full"}
 
 

@@ -20,6 +20,7 @@ sys.path.insert(0, HERE)
 from compare_table import NAMES, OURS  # noqa: E402
 
 ZOOM_KL = 1.0  # the second panel shows KL up to this many nats
+COLORS = [f"C{i}" for i in range(10)] + ["black", "gold"]
 
 
 def method_of(run):
@@ -39,12 +40,12 @@ def main(folder):
             line = [p for p in lines[m] if not zoom or p["kl"] <= ZOOM_KL]
             ax.errorbar([p["kl"] for p in line], [p["reward"] for p in line],
                         xerr=[p["kl_stderr"] for p in line], yerr=[p["reward_stderr"] for p in line],
-                        marker="os^vD<>ph*"[i % 10], capsize=2, color=f"C{i}", label=NAMES[m],
+                        marker="os^vD<>ph*XP"[i % 12], capsize=2, color=COLORS[i % 12], label=NAMES[m],
                         linewidth=2.5 if m == "ple" else 1.2, linestyle="-" if m in OURS else "--")
             for p in line:
                 if p["iteration"]:
                     ax.annotate(str(p["iteration"]), (p["kl"], p["reward"]), textcoords="offset points",
-                                xytext=(4, 4), fontsize=7, color=f"C{i}")
+                                xytext=(4, 4), fontsize=7, color=COLORS[i % 12])
         ax.set(xlabel="KL to the untrained model (nats per answer)",
                title=f"KL up to {ZOOM_KL:g} nats" if zoom else "every saved iteration")
         if zoom:
