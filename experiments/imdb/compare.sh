@@ -4,7 +4,7 @@
 #
 #   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 50 min on 2 CPU cores;
 #                                                             #   20 min when the sweep's runs are there)
-#   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 50 min each)
+#   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 55 min each)
 #   bash experiments/imdb/compare.sh RM_FOLDER eval           # every trained model on the test queries (~2 min a model)
 #   bash experiments/imdb/compare.sh RM_FOLDER frontier       # seed 1's iter-2/4/6/8 of every method, 100 test queries
 #
