@@ -2,7 +2,7 @@
 # The paper's comparison on IMDb: every method at the learning rate the sweep kept, then the final
 # models on 200 held-out test queries. Run sweep.sh first (the rates come from its results).
 #
-#   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 50 min on 2 CPU cores;
+#   bash experiments/imdb/compare.sh RM_FOLDER train 0        # seed 0 of every method (about 55 min on 2 CPU cores;
 #                                                             #   20 min when the sweep's runs are there)
 #   bash experiments/imdb/compare.sh RM_FOLDER train "1 2"    # the other seeds (about 55 min each)
 #   bash experiments/imdb/compare.sh RM_FOLDER eval           # every trained model on the test queries (~2 min a model)
