@@ -20,7 +20,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import List, Literal, Optional
 
 import numpy as np
@@ -47,6 +47,7 @@ class EvalArgs:
     temperature: float = arg(0.7, "sampling temperature")
     top_p: float = arg(0.95, "nucleus sampling")
     batch_size: int = arg(32, "prompts per generate call")
+    reward_batch_size: int = arg(64, "texts per reward call")
     device: str = arg("auto", "auto, cpu, cuda, mps")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "model dtype")
     tie_margin: float = arg(0.0, "rewards closer than this count as a tie")
@@ -281,7 +282,7 @@ def logprob_sums(model, pad_id, prompts, answers, batch_size, average=False):
 
 
 def perplexity_on(model, tokenizer, queries, references, args):
-    targets = ple.reference_ids_for(tokenizer, references)
+    targets = ple.sft_targets_for(tokenizer, references)
     logps = logprob_sums(model, tokenizer.pad_token_id, prompt_ids_for(tokenizer, queries, args), targets,
                          args.batch_size, average=True)
     return float(math.exp(-np.mean(logps)))
@@ -313,11 +314,11 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
             write_json(path, entry)
         else:
             print(f"reusing the generations of {name} ({ple.portable_path(path)})", flush=True)
-        record["models"][ple.portable_path(name)] = entry
-        write_json(output, {"complete": False, "settings": portable_settings(args), "generations": record})
+        record["models"][name] = entry
+        write_json(output, portable({"complete": False, "settings": asdict(args), "generations": record}))
     if reference:
         add_kl(args, record, paths, reference, device, dtype)
-        write_json(output, {"complete": False, "settings": portable_settings(args), "generations": record})
+        write_json(output, portable({"complete": False, "settings": asdict(args), "generations": record}))
     return record
 
 
@@ -326,13 +327,13 @@ def add_kl(args, record, paths, reference, device, dtype):
     per batch, the reference loaded once. Stored (and cached) in each model's entry under 'kl'."""
     files = model_fingerprint(reference)
     todo = [name for name in args.models
-            if (record["models"][ple.portable_path(name)].get("kl") or {}).get("reference_files") != files]
+            if (record["models"][name].get("kl") or {}).get("reference_files") != files]
     if not todo:
         return
     print(f"scoring KL samples with the reference {reference}", flush=True)
     model, tokenizer = load_model(reference, device, dtype)
     for name in tqdm(todo, desc="KL", leave=False):
-        entry = record["models"][ple.portable_path(name)]
+        entry = record["models"][name]
         samples, k = entry["kl_samples"], args.kl_samples
         prompts = [p for p in samples["prompt_ids"] for _ in range(k)]
         logp_ref = logprob_sums(model, tokenizer.pad_token_id, prompts, samples["answer_ids"], args.batch_size)
@@ -466,7 +467,7 @@ def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
     check_generations(record)
     queries, names = record["queries"], list(record["models"])
     candidate = names[0]
-    report = {"settings": portable_settings(args), "candidate": candidate, "baselines": names[1:], "models": {},
+    report = {"settings": asdict(args), "candidate": candidate, "baselines": names[1:], "models": {},
               "win_rates": {}}
     trained_with = (saved_run_args(candidate) or {}).get("reward")
     report["candidate_training_reward"] = trained_with
@@ -480,7 +481,7 @@ def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
         for name in names:
             answers = record["models"][name]["answers"]
             flat_q = [q for q, a in zip(queries, answers) for _ in a]
-            flat = ple.score(reward_fn, flat_q, [x for a in answers for x in a], 64).tolist()
+            flat = ple.score(reward_fn, flat_q, [x for a in answers for x in a], args.reward_batch_size).tolist()
             rewards, i = [], 0
             for a in answers:
                 rewards.append(flat[i:i + len(a)])
@@ -523,15 +524,31 @@ def drift_stats(entry, principles):
     return stats
 
 
-def portable_settings(args):
-    """The settings as the JSON stores them: local paths relative to the repository."""
-    settings = {k: v for k, v in asdict(args).items() if k != "plot"}
-    settings["models"] = [ple.portable_path(m) for m in settings["models"]]
-    settings["frontier"] = [ple.portable_path(m) for m in settings["frontier"]]
-    for key in ("reward", "judge", "dataset", "rescore", "reference", "principles"):
-        settings[key] = ple.portable_path(settings[key])
-    settings["output"] = ple.portable_path(settings["output"], exists=False)
-    return settings
+def portable(report):
+    """A report, settings or generations record as the JSON stores it: every local path relative to the
+    repository (ple.portable_path), never a machine's absolute path; other names as given."""
+    path = ple.portable_path
+    out = dict(report)
+    if "settings" in out:
+        settings = {k: v for k, v in out["settings"].items() if k != "plot"}
+        settings["models"] = [path(m) for m in settings["models"]]
+        settings["frontier"] = [path(m) for m in settings["frontier"]]
+        for key in ("reward", "judge", "dataset", "rescore", "reference", "principles"):
+            settings[key] = path(settings[key])
+        out["settings"] = {**settings, "output": path(settings["output"], exists=False)}
+    if "candidate" in out:
+        out["candidate"], out["baselines"] = path(out["candidate"]), [path(b) for b in out["baselines"]]
+    for key in ("models", "win_rates", "judge_win_rates"):
+        if key in out:
+            out[key] = {path(name): value for name, value in out[key].items()}
+    if "generations" in out:
+        out["generations"] = portable(out["generations"])
+    if "frontier" in out:
+        frontier = out["frontier"]
+        out["frontier"] = {"reference": path(frontier["reference"]),
+                           "runs": {path(run): [{**p, "model": path(p["model"])} for p in line]
+                                    for run, line in frontier["runs"].items()}}
+    return out
 
 
 def add_bleu(report, record):
@@ -640,7 +657,7 @@ def check_eval_args(args):
     """Everything that can be checked before a model is loaded."""
     if not args.reward and not args.judge:
         raise PLEError("nothing judges: pass --reward, --judge or both")
-    for name in ("samples", "batch_size", "max_new_tokens", "bootstrap"):
+    for name in ("samples", "batch_size", "reward_batch_size", "max_new_tokens", "bootstrap"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
     require(args.n >= 0, "n", "must be 0 (all held-out queries) or more")
     require(args.n != 1, "n", "a win rate needs at least 2 queries")
@@ -727,15 +744,15 @@ def frontier_models(args):
 def frontier_report(report, reference, points):
     """One line per run: the reference at its KL (0 up to the estimate), then each saved iteration."""
     def point(name, iteration):
-        st = report["models"][ple.portable_path(name)]
-        return {"iteration": iteration, "model": ple.portable_path(name), "reward": st["mean_reward"],
+        st = report["models"][name]
+        return {"iteration": iteration, "model": name, "reward": st["mean_reward"],
                 "reward_stderr": st["stderr"], "kl": st["kl"], "kl_stderr": st["kl_stderr"],
                 **{k: st[k] for k in ("distinct_1", "distinct_2", "principle_copying", "mean_answer_tokens")}}
 
     runs = {}
     for run_dir, n, path in points:
-        runs.setdefault(ple.portable_path(run_dir), [point(reference, 0)]).append(point(path, n))
-    return {"reference": ple.portable_path(reference), "runs": runs}
+        runs.setdefault(run_dir, [point(reference, 0)]).append(point(path, n))
+    return {"reference": reference, "runs": runs}
 
 
 def plot_frontier(frontier, path):
@@ -773,51 +790,84 @@ def frontier_markdown(frontier):
 
 
 def run(args):
+    """One of eval.py's modes; returns the report (as written, local paths portable) or None for --plot."""
     if args.plot:
         print(f"wrote {plot_run(args.plot)}")
         return None
     if args.frontier:
-        args.reference, points = frontier_models(args)
-        args.models = [args.reference] + [path for _, _, path in points]
-    check_eval_args(args)
+        return run_frontier(args)
     if args.rescore:
-        saved, record = read_saved(args.rescore)
-        args.models = list(record["models"])
-        # describe what was generated, not this command's defaults
-        for key in ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                    "principles", "chat_template"):
-            if key in saved.get("settings", {}):
-                setattr(args, key, saved["settings"][key])
-        queries = record["queries"]
-    else:
-        check_models(args.models)
-        queries, references, excluded = held_out_queries(args)
-        print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
-    if not args.chat_template:  # prompts as the candidate's run rendered them
-        args.chat_template = (saved_run_args(args.models[0]) or {}).get("chat_template", "auto")
-    output = args.output or default_output(args)
-    check_writable(output)
-    ple.read_principles(ple.resolve_path(args.principles), args.task)  # needed for the copying metric
-    reference = None if args.rescore else pick_reference(args, args.models)
+        return run_rescore(args)
+    return write_report(*run_models(args))
+
+
+def run_models(args, win_rates=True):
+    """--models: every model answers the held-out queries; then reward, judge, KL and the rest."""
+    check_eval_args(args)
+    check_models(args.models)
+    queries, references, excluded = held_out_queries(args)
+    print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
+    args, output = resolved(args)
+    reference = pick_reference(args, args.models)
     if reference:
         check_models([reference])
         check_same_tokenizer(dict.fromkeys(args.models), reference)
     device = ple.pick_device(args.device)
-    # judges load once, before any generation, so that one that cannot load or score fails early
+    reward_fn, judge = load_judges(args, queries, device)
+    record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output, reference)
+    return evaluate(args, record, reward_fn, judge, win_rates), record, output
+
+
+def run_rescore(args):
+    """--rescore: judge the generations a JSON holds again, with the settings they were made with."""
+    check_eval_args(args)
+    saved, record = read_saved(args.rescore)
+    made_with = {k: v for k, v in saved.get("settings", {}).items() if k in GENERATION_SETTINGS}
+    args, output = resolved(replace(args, models=list(record["models"]), **made_with))
+    reward_fn, judge = load_judges(args, record["queries"], ple.pick_device(args.device))
+    return write_report(evaluate(args, record, reward_fn, judge), record, output)
+
+
+def run_frontier(args):
+    """--frontier: the reference and every run's iter-N/, reward against KL, a line per run."""
+    reference, points = frontier_models(args)
+    args = replace(args, reference=reference, models=[reference] + [path for _, _, path in points])
+    report, record, output = run_models(args, win_rates=False)
+    report["frontier"] = frontier_report(report, reference, points)
+    image = os.path.splitext(output)[0] + ".png"
+    plot_frontier(report["frontier"], image)
+    print(f"wrote {image}")
+    return write_report(report, record, output)
+
+
+# what --rescore takes from the JSON it reads: how the generations were made, not this command's defaults
+GENERATION_SETTINGS = ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
+                       "principles", "chat_template")
+
+
+def resolved(args):
+    """The settings with their defaults filled in (prompts as the candidate's run rendered them), and
+    the output path, checked to be writable; the principles read once (the copying metric needs them)."""
+    if not args.chat_template:
+        args = replace(args, chat_template=(saved_run_args(args.models[0]) or {}).get("chat_template", "auto"))
+    output = args.output or default_output(args)
+    check_writable(output)
+    ple.read_principles(ple.resolve_path(args.principles), args.task)
+    return args, output
+
+
+def load_judges(args, queries, device):
+    """The reward and the LLM judge, loaded once before any generation, so that one that cannot load or
+    score fails early."""
     reward_fn = ple.load_reward(args.reward, device) if args.reward else None
     if reward_fn is not None:
-        ple.score(reward_fn, queries[:2], ["", ""], 64)
+        ple.probe_reward(reward_fn, queries, args.reward_batch_size)
     judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device)) if args.judge else None
-    if not args.rescore:
-        record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output,
-                              reference)
-    report = evaluate(args, record, reward_fn, judge, win_rates=not args.frontier)
-    if args.frontier:
-        report["frontier"] = frontier_report(report, args.reference, points)
-        image = os.path.splitext(output)[0] + ".png"
-        plot_frontier(report["frontier"], image)
-        print(f"wrote {image}")
-    report["generations"] = record
+    return reward_fn, judge
+
+
+def write_report(report, record, output):
+    report = portable({**report, "generations": record})
     write_json(output, report)
     print(f"wrote {output}")
     return report

@@ -33,8 +33,8 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -102,7 +102,6 @@ class Args:
 class PLEError(Exception):
     """Bad input or a failed load, with a message that says what to do."""
 
-
 # ================================================================================================
 # Principle-guided query: x_p = the principles, a blank line, then x
 # ================================================================================================
@@ -152,7 +151,14 @@ def left_pad(sequences, pad_id):
     return ids, mask
 
 
-@torch.no_grad()  # not inference_mode: a sharded (--fsdp) model reuses gathered weights in training
+def eos_ids(model, tokenizer):
+    """Every token id that ends an answer (generation config first: chat models have several)."""
+    eos = model.generation_config.eos_token_id
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+@torch.no_grad()
 def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0):
     """Sample one answer per prompt in a single left-padded generate call.
 
@@ -164,8 +170,7 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
                               top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config,
-                         synced_gpus=sharded(model))  # sharded: every process steps until all are done
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
     answers = []
     for row in out[:, ids.shape[1]:].tolist():
         end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
@@ -174,7 +179,8 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
 
 
 def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, temperature, top_p):
-    """One answer per prompt, batch_size prompts per generate call."""
+    """One answer per prompt, batch_size prompts per generate call, dropout off."""
+    model.eval()
     answer_ids = []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
         answer_ids += generate_answers(model, tokenizer, prompt_ids[start:start + batch_size], max_new_tokens,
@@ -183,16 +189,16 @@ def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, tem
 
 
 def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p):
-    """Answer every query twice (x and x_p); each generate call holds both prompts of its queries."""
-    model.eval()
-    answer_ids, answer_ids_p = [], []
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
-        chunk = slice(start, start + batch_size)
-        out = generate_answers(model, tokenizer, prompt_ids[chunk] + prompt_ids_p[chunk],
-                               max_new_tokens, temperature, top_p)
-        half = len(out) // 2
-        answer_ids += out[:half]
-        answer_ids_p += out[half:]
+    """Answer every query twice (x and x_p); each generate call holds both prompts of batch_size queries."""
+    chunks = [slice(start, start + batch_size) for start in range(0, len(prompt_ids), batch_size)]
+    answers = sample_answers(model, tokenizer, [p for c in chunks for p in prompt_ids[c] + prompt_ids_p[c]],
+                             2 * batch_size, max_new_tokens, temperature, top_p)
+    answer_ids, answer_ids_p, at = [], [], 0
+    for c in chunks:  # each call's first half answered x, its second half x_p
+        n = len(prompt_ids[c])
+        answer_ids += answers[at:at + n]
+        answer_ids_p += answers[at + n:at + 2 * n]
+        at += 2 * n
     return answer_ids, answer_ids_p
 
 
@@ -201,31 +207,11 @@ def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new
 # ================================================================================================
 
 def score(reward_fn, queries, answers, batch_size):
-    """Call the reward in batches and refuse anything that is not one finite float per answer."""
-    rewards, largest = [], torch.finfo(torch.float32).max  # the losses compute in float32
+    """The reward of every answer to its original query, batch_size answers per call. Returns [N] float32."""
+    rewards = []
     for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False):
-        q, a = queries[start:start + batch_size], answers[start:start + batch_size]
-        where = f"samples {start} to {start + len(q) - 1} (first query {q[0][:60]!r}, answer {a[0][:60]!r})"
-        try:
-            values = reward_fn(q, a)
-        except Exception as e:
-            raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
-        try:
-            values = list(values)
-        except TypeError:
-            raise PLEError(f"the reward returned {values!r} for {where}; it must return one number per answer, "
-                           f"a list of {len(q)}") from None
-        if len(values) != len(q):
-            raise PLEError(f"the reward returned {len(values)} values for {len(q)} answers ({where})")
-        for i, v in enumerate(values):
-            try:
-                v = float(v)
-            except (TypeError, ValueError):
-                v = float("nan")
-            if not abs(v) <= largest:  # NaN, inf, or beyond float32 (it would become inf there)
-                raise PLEError(f"the reward returned {values[i]!r} for sample {start + i} "
-                               f"(query {q[i][:60]!r}, answer {a[i][:60]!r}); rewards must be finite float32 numbers")
-            rewards.append(v)
+        chunk = slice(start, start + batch_size)
+        rewards += checked_reward(reward_fn, queries[chunk], answers[chunk], start)  # checks: below the line
     return torch.tensor(rewards)
 
 
@@ -306,26 +292,40 @@ def ple_loss(logp_p, logp, r_p, r, tau, beta=1.0):
 
 
 # ================================================================================================
-# Training on one iteration's samples
+# Training on one iteration's samples: one loop over mini-batches, PLE's loss or SFT's plugged in
 # ================================================================================================
 
-def train_mode(model):
-    """Dropout off while training, as in the DPO reference code; gradients still flow. Layers that
-    checkpoint their activations (--gradient_checkpointing) only do so in training mode: they get it."""
+def train_without_dropout(model):
+    """Dropout off while training, as in the DPO reference code (eval mode; gradients still flow). Layers
+    that checkpoint their activations (--gradient_checkpointing) only do so in training mode: they get it."""
     model.eval()
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False):
             module.training = True
 
 
-def device_of(model):
-    return next(model.parameters()).device
+def train_epoch(model, optimizer, n, loss_on, mini_batch_size, max_grad_norm, accumulation=1, desc="training"):
+    """One pass over n examples in random mini-batches, one optimizer step each.
 
-
-def optimizer_step(model, optimizer, max_grad_norm):
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    loss_on(idx) -> (mean loss over the examples idx, tokens in their batch): the loss plugged in.
+    Each step takes the mean loss of mini_batch_size examples, computed in `accumulation`
+    forward/backward passes (less memory, the same step). Returns (mean loss, tokens trained on).
+    """
+    train_without_dropout(model)
+    losses, tokens = [], 0
+    for batch in tqdm(torch.randperm(n).split(mini_batch_size), desc=desc, leave=False):
+        batch_loss = 0.0
+        for idx in batch.chunk(accumulation):
+            loss, batch_tokens = loss_on(idx)
+            share = len(idx) / len(batch)  # the parts' weighted sum is the mini-batch's mean
+            (loss * share).backward()
+            batch_loss += loss.item() * share
+            tokens += batch_tokens
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(batch_loss)
+    return float(np.mean(losses)), tokens
 
 
 def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau, beta,
@@ -333,67 +333,55 @@ def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, r
     """One pass over the pairs with ple_loss, both answers conditioned on the ORIGINAL query x.
 
     prompt_ids: token ids of x per query; answer_ids, answer_ids_p: y and y_p; rewards, rewards_p: [N].
-    Each optimizer step takes the mean loss of mini_batch_size pairs, computed in `accumulation`
-    forward/backward passes (less memory, the same step). Returns (mean losses, tokens trained on,
-    ranked mask [N], SFT weights [N, 2]).
+    Returns (mean losses, tokens trained on, ranked mask [N], SFT weights [N, 2]).
     """
-    train_mode(model)
-    stats, tokens = {"loss": [], "rank_loss": [], "wsft_loss": []}, 0
     ranked, weights = torch.zeros(len(prompt_ids), dtype=torch.bool), torch.zeros(len(prompt_ids), 2)
-    for batch in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc="training", leave=False):
-        batch_loss = 0.0
-        for idx in batch.chunk(accumulation):
-            n = len(idx)
-            # y and y_p of the same queries, both after the original x: one forward, one backward
-            ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx] * 2,
-                                                    [answer_ids[i] for i in idx] + [answer_ids_p[i] for i in idx],
-                                                    pad_id, device_of(model))
-            logp = sequence_logprobs(model, ids, mask, answer_mask)
-            loss, info = ple_loss(logp[n:], logp[:n], rewards_p[idx].to(logp.device), rewards[idx].to(logp.device),
-                                  tau, beta)
-            (loss * (n / len(batch))).backward()  # the parts' weighted sum is the mini-batch's mean
-            batch_loss += loss.item() * (n / len(batch))
-            ranked[idx] = info["ranked"].cpu()
-            weights[idx] = info["weights"].cpu()
-            stats["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
-            stats["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
-            tokens += int(mask.sum())
-        optimizer_step(model, optimizer, max_grad_norm)
-        stats["loss"].append(batch_loss)
-    return {k: (float(np.mean(v)) if v else None) for k, v in stats.items()}, tokens, ranked, weights
+    branch_losses = {"rank_loss": [], "wsft_loss": []}
+
+    def loss_on(idx):
+        n = len(idx)  # y and y_p of the same queries, both after the original x: one forward, one backward
+        ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx] * 2,
+                                                [answer_ids[i] for i in idx] + [answer_ids_p[i] for i in idx],
+                                                pad_id, next(model.parameters()).device)
+        logp = sequence_logprobs(model, ids, mask, answer_mask)
+        loss, info = ple_loss(logp[n:], logp[:n], rewards_p[idx].to(logp.device), rewards[idx].to(logp.device),
+                              tau, beta)
+        ranked[idx], weights[idx] = info["ranked"].cpu(), info["weights"].cpu()
+        branch_losses["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
+        branch_losses["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
+        return loss, int(mask.sum())
+
+    loss, tokens = train_epoch(model, optimizer, len(prompt_ids), loss_on, mini_batch_size, max_grad_norm,
+                               accumulation)
+    losses = {"loss": loss, **{k: (float(np.mean(v)) if v else None) for k, v in branch_losses.items()}}
+    return losses, tokens, ranked, weights
 
 
 def sft_epoch(model, optimizer, prompt_ids, answer_ids, pad_id, mini_batch_size, max_grad_norm, accumulation=1,
               desc="training"):
-    """Plain SFT on (x, y) pairs, -l(y | x): the optional warm start and the cd and sft baselines."""
-    train_mode(model)
-    losses, tokens = [], 0
-    for batch in tqdm(torch.randperm(len(prompt_ids)).split(mini_batch_size), desc=desc, leave=False):
-        batch_loss = 0.0
-        for idx in batch.chunk(accumulation):
-            ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx], [answer_ids[i] for i in idx],
-                                                    pad_id, device_of(model))
-            loss = -sequence_logprobs(model, ids, mask, answer_mask).mean()
-            (loss * (len(idx) / len(batch))).backward()
-            batch_loss += loss.item() * (len(idx) / len(batch))
-            tokens += int(mask.sum())
-        optimizer_step(model, optimizer, max_grad_norm)
-        losses.append(batch_loss)
-    return {"loss": float(np.mean(losses))}, tokens
+    """Plain SFT on (x, y) pairs, -l(y | x): the optional warm start and the cd, sft and raft baselines."""
+    def loss_on(idx):
+        ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx], [answer_ids[i] for i in idx],
+                                                pad_id, next(model.parameters()).device)
+        return -sequence_logprobs(model, ids, mask, answer_mask).mean(), int(mask.sum())
+
+    loss, tokens = train_epoch(model, optimizer, len(prompt_ids), loss_on, mini_batch_size, max_grad_norm,
+                               accumulation, desc)
+    return {"loss": loss}, tokens
 
 
 def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
-                     beta, reference_ids, **step):
+                     beta, sft_targets, **step):
     """The one place where the ablations and baselines differ from PLE; all see the same samples.
 
     ple: each pair routed by tau. rank, wsft (ablations): the branch rule pinned, every pair to one
-    branch. cd (context distillation): SFT on y_p given x. sft: SFT on the dataset's answers.
-    step: pad_id, mini_batch_size, max_grad_norm, accumulation. Returns (losses, tokens, branch per pair,
-    weights or None).
+    branch. cd (context distillation): SFT on y_p given x. sft: SFT on the dataset's answers
+    (sft_targets). step: pad_id, mini_batch_size, max_grad_norm, accumulation. Returns (losses,
+    tokens, branch per pair, SFT weights [N, 2] or None).
     """
     if method in ("cd", "sft"):
-        targets = answer_ids_p if method == "cd" else reference_ids
-        losses, tokens = sft_epoch(model, optimizer, prompt_ids, targets, **step)
+        losses, tokens = sft_epoch(model, optimizer, prompt_ids, answer_ids_p if method == "cd" else sft_targets,
+                                   **step)
         return losses, tokens, [method] * len(prompt_ids), None
     branch_tau = {"ple": tau, "rank": -math.inf, "wsft": math.inf}[method]
     losses, tokens, ranked, weights = ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards,
@@ -402,47 +390,119 @@ def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_id
 
 
 # ================================================================================================
-# Algorithm 1
+# Algorithm 1: what a run holds, one record per iteration, the loop
 # ================================================================================================
 
-def ple_iteration(t, args, s):
-    """Iteration t of Algorithm 1 with the current model. s: what set_up loaded (model, queries, ...)."""
+@dataclass
+class RunState:
+    """What a run holds from one iteration to the next (set_up, below the line, builds it)."""
+    policy: Any  # the model that samples and is saved
+    model: Any  # the model that trains: the policy, or the policy wrapped for data parallel
+    tokenizer: Any
+    optimizer: torch.optim.Optimizer
+    reward_fn: Callable  # f(queries, answers) -> one number per answer
+    queries: list  # this process's share of D_query (all of it with one process)
+    prompt_ids: list  # token ids of x as the model sees it
+    prompt_ids_p: list  # token ids of x_p
+    sft_targets: Optional[list]  # token ids of the dataset's answers (--loss sft, --sft_epochs), else None
+    step: dict  # how to take an optimizer step: pad_id, mini_batch_size (per process), max_grad_norm, accumulation
+    start: int  # the first iteration to run: 0, or a resumed checkpoint's
+    procs: "Processes"  # one, or several under a launcher
+    all_queries: list  # every process's queries, in process order
+    device: torch.device
+    started: float = 0.0  # time.time() when the first iteration began
+
+
+@dataclass
+class Iteration:
+    """One iteration's samples and results; PLE, its ablations, the baselines and RAFT all fill it.
+    Lists hold one entry per query; fields a method has no use for stay None."""
+    t: int
+    tau: Optional[float]  # None for RAFT, which has no threshold
+    answers: list  # y (RAFT: the best of the query's K answers)
+    rewards: list  # R(x, y)
+    branches: list  # the loss each pair trained with: rank, wsft, cd, sft or raft
+    losses: dict  # mean training losses: loss, and for PLE rank_loss and wsft_loss
+    reward_x: float  # mean reward of every answer to x (RAFT: all K of each query)
+    answers_scored: int  # answers the reward scored
+    answer_tokens: int  # tokens sampled
+    train_tokens: int  # tokens trained on
+    seconds: dict  # sample, score, train
+    answers_p: Optional[list] = None  # y_p
+    rewards_p: Optional[list] = None  # R(x, y_p)
+    weights: Optional[list] = None  # (w_p, w) of the weighted SFT branch
+    candidates: Optional[list] = None  # RAFT: the K answers of each query
+    candidate_rewards: Optional[list] = None
+    peak_memory_mb: Optional[float] = None
+
+
+class Stopwatch(dict):
+    """clock = Stopwatch(); with clock("name"): ...  ->  clock["name"] holds the seconds."""
+
+    @contextmanager
+    def __call__(self, name):
+        start = time.time()
+        yield
+        self[name] = time.time() - start
+
+
+def ple_iteration(t, args, state):
+    """Iteration t of Algorithm 1 with the current model; returns its Iteration record."""
     tau = threshold_at(t, args.tau0, args.alpha)  # the threshold decays: tau_t = tau0 * alpha^t
     clock = Stopwatch()
     with clock("sample"):  # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model
-        answer_ids, answer_ids_p = sample_pairs(s.policy, s.tokenizer, s.prompt_ids, s.prompt_ids_p, args.batch_size,
-                                                args.max_new_tokens, args.temperature, args.top_p)
-    answers = s.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
-    answers_p = s.tokenizer.batch_decode(answer_ids_p, skip_special_tokens=True)
+        answer_ids, answer_ids_p = sample_pairs(state.policy, state.tokenizer, state.prompt_ids, state.prompt_ids_p,
+                                                args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
+    answers = state.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
+    answers_p = state.tokenizer.batch_decode(answer_ids_p, skip_special_tokens=True)
     with clock("score"):  # 2. r = R(x, y) and r_p = R(x, y_p), both on the original query x
-        rewards = score(s.reward_fn, s.queries, answers, args.reward_batch_size)
-        rewards_p = score(s.reward_fn, s.queries, answers_p, args.reward_batch_size)
+        rewards = score(state.reward_fn, state.queries, answers, args.reward_batch_size)
+        rewards_p = score(state.reward_fn, state.queries, answers_p, args.reward_batch_size)
     with clock("train"):  # 3. rank if r_p - r > tau_t, else reward-weighted SFT; trained given x only
         losses, tokens, branches, weights = train_on_samples(
-            args.loss, s.model, s.optimizer, s.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
-            args.beta, s.reference_ids, pad_id=s.tokenizer.pad_token_id, mini_batch_size=s.mini_batch_size,
-            max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps)
-    return dict(t=t, tau=tau, answers=answers, answers_p=answers_p, rewards=rewards, rewards_p=rewards_p,
-                losses=losses, branches=branches, weights=weights, seconds=clock, train_tokens=tokens,
-                answer_tokens=sum(map(len, answer_ids)) + sum(map(len, answer_ids_p)))
+            args.loss, state.model, state.optimizer, state.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
+            args.beta, state.sft_targets, **state.step)
+    return Iteration(t=t, tau=tau, answers=answers, rewards=rewards.tolist(), answers_p=answers_p,
+                     rewards_p=rewards_p.tolist(), branches=branches,
+                     weights=weights.tolist() if weights is not None else None, losses=losses,
+                     reward_x=rewards.mean().item(), answers_scored=2 * len(answers), train_tokens=tokens,
+                     answer_tokens=sum(map(len, answer_ids + answer_ids_p)), seconds=clock)
+
+
+def raft_iteration(t, args, state):
+    """The RAFT baseline (best-of-K, as the paper ran it with K = 4): K answers to x from the current
+    model, scored like PLE's, then SFT on the best one given x. No principle, no threshold; K answers
+    a query where PLE samples 2."""
+    k, clock = args.raft_k, Stopwatch()
+    with clock("sample"):  # as many prompts per generate call as PLE's
+        ids = sample_answers(state.policy, state.tokenizer, [p for p in state.prompt_ids for _ in range(k)],
+                             2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
+    texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    with clock("score"):
+        rewards = score(state.reward_fn, [q for q in state.queries for _ in range(k)], texts, args.reward_batch_size)
+    best = [i * k + j for i, j in enumerate(rewards.view(-1, k).argmax(-1).tolist())]
+    with clock("train"):
+        losses, tokens = sft_epoch(state.model, state.optimizer, state.prompt_ids, [ids[i] for i in best], **state.step)
+    return Iteration(t=t, tau=None, answers=[texts[i] for i in best], rewards=rewards[best].tolist(),
+                     branches=["raft"] * len(best), candidates=[texts[i * k:(i + 1) * k] for i in range(len(best))],
+                     candidate_rewards=rewards.view(-1, k).tolist(), losses=losses, reward_x=rewards.mean().item(),
+                     answers_scored=len(texts), train_tokens=tokens, answer_tokens=sum(map(len, ids)), seconds=clock)
 
 
 def run(args):
     """Algorithm 1: optional warm start on D_sft, then I iterations of sample, score, route, train."""
-    s = set_up(args)  # checks, model, reward, queries, resume: all below the line
-    if args.sft_epochs and s.start == 0:  # optional warm start on D_sft
+    state = set_up(args)  # checks, model, reward, queries, resume: all below the line
+    if args.sft_epochs and state.start == 0:  # optional warm start on D_sft
         for epoch in range(args.sft_epochs):
-            losses, _ = sft_epoch(s.model, s.optimizer, s.prompt_ids, s.reference_ids, s.tokenizer.pad_token_id,
-                                  s.mini_batch_size, args.max_grad_norm, args.gradient_accumulation_steps,
+            losses, _ = sft_epoch(state.model, state.optimizer, state.prompt_ids, state.sft_targets, **state.step,
                                   desc=f"warm start {epoch}")
-            s.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
-    s.started = time.time()
+            state.procs.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
+    state.started = time.time()
     iteration = raft_iteration if args.loss == "raft" else ple_iteration  # RAFT samples differently
-    for t in range(s.start, args.iterations):
-        result = iteration(t, args, s)
-        log_iteration(args, s, result)  # metrics, samples and a checkpoint to resume from
-    save_final(args, s)
-    return s
+    for t in range(state.start, args.iterations):
+        log_iteration(args, state, iteration(t, args, state))  # metrics, samples and a checkpoint to resume from
+    save_final(args, state)
+    return state
 
 
 # ================================================================================================
@@ -460,43 +520,62 @@ def main(argv=None):
         sys.exit(2)
 
 
-def raft_iteration(t, args, s):
-    """The RAFT baseline (best-of-K, as the paper ran it with K = 4): K answers to x from the current
-    model, scored like PLE's, then SFT on the best one given x. No principle, no threshold; K answers
-    a query where PLE samples 2."""
-    k, clock = args.raft_k, Stopwatch()
-    with clock("sample"):
-        s.policy.eval()
-        ids = sample_answers(s.policy, s.tokenizer, [p for p in s.prompt_ids for _ in range(k)], 2 * args.batch_size,
-                             args.max_new_tokens, args.temperature, args.top_p)  # as many per call as PLE's
-    texts = s.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    with clock("score"):
-        rewards = score(s.reward_fn, [q for q in s.queries for _ in range(k)], texts, args.reward_batch_size)
-    best = [i * k + j for i, j in enumerate(rewards.view(-1, k).argmax(-1).tolist())]
-    with clock("train"):
-        losses, tokens = sft_epoch(s.model, s.optimizer, s.prompt_ids, [ids[i] for i in best],
-                                   s.tokenizer.pad_token_id, s.mini_batch_size, args.max_grad_norm,
-                                   args.gradient_accumulation_steps)
-    return dict(t=t, tau=None, answers=[texts[i] for i in best], answers_p=[None] * len(best),
-                rewards=rewards[best], rewards_p=None, reward_mean=rewards.mean().item(),
-                candidates=[texts[i * k:(i + 1) * k] for i in range(len(best))],
-                candidate_rewards=rewards.view(-1, k).tolist(), losses=losses, branches=["raft"] * len(best),
-                weights=None, seconds=clock, train_tokens=tokens, answer_tokens=sum(map(len, ids)))
+def set_up(args):
+    """Check everything that can be checked, then load reward, queries and model, and resume if asked."""
+    check_args(args)
+    procs = start_processes(args)  # one process for a plain `python ple.py`
+    principles = read_principles(resolve_path(args.principles), args.task)
+    all_queries, dataset_answers, _ = load_queries(resolve_path(args.dataset), args.split, args.task,
+                                                   args.num_queries, args.seed, where=args.where)
+    needs_answers = args.loss == "sft" or args.sft_epochs
+    if needs_answers and any(a is None for a in dataset_answers):
+        raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
+                       f"lacks some for task '{args.task}'")
+    check_processes(len(all_queries), args.mini_batch_size, procs.world)
+    if args.fsdp and procs.world == 1:
+        raise PLEError("--fsdp shards the model across processes: launch several (accelerate launch --multi_gpu "
+                       "--num_processes N ple.py ... or torchrun --nproc_per_node N ple.py ...)")
+    share = slice(procs.rank * len(all_queries) // procs.world, (procs.rank + 1) * len(all_queries) // procs.world)
+    queries, dataset_answers = all_queries[share], dataset_answers[share]  # this process's share of D_query
+    resume_from = prepare_output_dir(args, procs)
+    device = procs.accelerator.device if procs.accelerator else pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    reward_fn = load_reward(args.reward, device)
+    probe_reward(reward_fn, queries, args.reward_batch_size)
+    procs.print(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
+                f"dtype {dtype}" + (f", {procs.world} processes" if procs.world > 1 else ""))
+
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    policy, tokenizer, optimizer, start = load_trainable(args, resume_from, device, dtype, procs.rank)
+    model = policy  # what trains: the policy itself, or wrapped for data parallel
+    if procs.accelerator:
+        if not resume_from:
+            set_seed(args.seed + procs.rank)  # the processes sample independently (a resume restores their states)
+        if not args.fsdp:  # data parallel; a sharded model already is one model across the processes
+            model, optimizer = procs.accelerator.prepare(policy, optimizer)  # weights synced from process 0
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if procs.is_main and os.path.exists(metrics_path):  # drop records after the checkpoint (a crash mid-iteration)
+        write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("iteration", math.inf) < start], "w")
+    if procs.is_main:
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    # x and x_p, rendered for the model once; training always uses x
+    prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=args.chat_template == "auto",
+                  placement=args.principle_placement)
+    return RunState(
+        policy=policy, model=model, tokenizer=tokenizer, optimizer=optimizer, reward_fn=reward_fn, queries=queries,
+        prompt_ids=encode_prompts(tokenizer, queries, **prompt),
+        prompt_ids_p=encode_prompts(tokenizer, queries, principles, **prompt),
+        sft_targets=sft_targets_for(tokenizer, dataset_answers, args.max_new_tokens) if needs_answers else None,
+        step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // procs.world,
+                  max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
+        start=start, procs=procs, all_queries=all_queries, device=device)
 
 
-class Stopwatch(dict):
-    """clock = Stopwatch(); with clock("name"): ...  ->  clock["name"] holds the seconds."""
-
-    @contextmanager
-    def __call__(self, name):
-        start = time.time()
-        yield
-        self[name] = time.time() - start
-
-
-class State:
-    """Everything a run holds between iterations (model, optimizer, reward, prompts, where to resume)."""
-
+# ------------------------------------------------------------------------------------------------
+# Checks: arguments, local paths and the reward's values, before anything long starts
+# ------------------------------------------------------------------------------------------------
 
 def check_args(args):
     """Every argument that can be wrong without loading anything: ranges, device, files that must exist."""
@@ -559,274 +638,38 @@ def check_local(name, flag):
         raise PLEError(f"{flag} {name}: no such file or folder")
 
 
-def set_up(args):
-    """Check everything that can be checked, then load reward, queries and model, and resume if asked."""
-    check_args(args)
-    s = State()
-    s.accelerator = start_processes(args)  # None for a plain `python ple.py`
-    s.rank, s.world = (s.accelerator.process_index, s.accelerator.num_processes) if s.accelerator else (0, 1)
-    s.is_main = s.rank == 0
-    s.print = print if s.is_main else (lambda *a, **k: None)
-    principles = read_principles(resolve_path(args.principles), args.task)
-    s.all_queries, references, _ = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
-                                                args.seed, where=args.where)
-    needs_references = args.loss == "sft" or args.sft_epochs
-    if needs_references and any(r is None for r in references):
-        raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
-                       f"lacks some for task '{args.task}'")
-    check_processes(len(s.all_queries), args.mini_batch_size, s.world)
-    if args.fsdp and s.world == 1:
-        raise PLEError("--fsdp shards the model across processes: launch several (accelerate launch --multi_gpu "
-                       "--num_processes N ple.py ... or torchrun --nproc_per_node N ple.py ...)")
-    shard = slice(s.rank * len(s.all_queries) // s.world, (s.rank + 1) * len(s.all_queries) // s.world)
-    s.queries, references = s.all_queries[shard], references[shard]  # this process's share of D_query
-    s.mini_batch_size = args.mini_batch_size // s.world  # pairs per process; gradients are averaged
-    resume_from = prepare_output_dir(args, s)
-    device = s.accelerator.device if s.accelerator else pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    s.reward_fn = load_reward(args.reward, device)
-    score(s.reward_fn, s.queries[:2], ["", ""], args.reward_batch_size)  # a reward that fails, fails now
-    s.print(f"{len(s.all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
-            f"dtype {dtype}" + (f", {s.world} processes" if s.world > 1 else ""))
-
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    s.model, s.tokenizer, s.optimizer, s.start = load_trainable(args, resume_from, device, dtype, s.rank,
-                                                                shard=args.fsdp, checkpointing=args.gradient_checkpointing)
-    s.policy = s.model  # samples and saves; s.model is what trains (wrapped for data parallel)
-    if s.accelerator:
-        if not resume_from:
-            set_seed(args.seed + s.rank)  # the processes sample independently (a resume restores their states)
-        if not args.fsdp:  # data parallel; a sharded model already is one model across the processes
-            s.model, s.optimizer = s.accelerator.prepare(s.model, s.optimizer)  # weights synced from process 0
-    s.metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if s.is_main and os.path.exists(s.metrics_path):  # drop records after the checkpoint (a crash mid-iteration)
-        kept = [r for r in read_jsonl(s.metrics_path) if r.get("iteration", math.inf) < s.start]
-        write_jsonl(s.metrics_path, kept, mode="w")
-    if s.is_main:
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-
-    # x and x_p, rendered for the model once; training always uses x
-    prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=args.chat_template == "auto",
-                  placement=args.principle_placement)
-    s.prompt_ids = encode_prompts(s.tokenizer, s.queries, **prompt)
-    s.prompt_ids_p = encode_prompts(s.tokenizer, s.queries, principles, **prompt)
-    s.reference_ids = reference_ids_for(s.tokenizer, references, args.max_new_tokens) if needs_references else None
-    s.device = device
-    return s
+def checked_reward(reward_fn, queries, answers, start):
+    """score's checks: the reward on one batch (samples start, start + 1, ...) must return one finite
+    float32 number per answer (the losses compute in float32)."""
+    where = f"samples {start} to {start + len(queries) - 1} (first query {queries[0][:60]!r}, answer {answers[0][:60]!r})"
+    try:
+        values = reward_fn(queries, answers)
+    except Exception as e:
+        raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
+    try:
+        values = list(values)
+    except TypeError:
+        raise PLEError(f"the reward returned {values!r} for {where}; it must return one number per answer, "
+                       f"a list of {len(queries)}") from None
+    if len(values) != len(queries):
+        raise PLEError(f"the reward returned {len(values)} values for {len(queries)} answers ({where})")
+    rewards = []
+    for i, v in enumerate(values):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not abs(v) <= torch.finfo(torch.float32).max:  # NaN, inf, or beyond float32 (it would become inf there)
+            raise PLEError(f"the reward returned {values[i]!r} for sample {start + i} (query {queries[i][:60]!r}, "
+                           f"answer {answers[i][:60]!r}); rewards must be finite float32 numbers")
+        rewards.append(v)
+    return rewards
 
 
-def load_trainable(args, resume_from, device, dtype, rank=0, shard=False, checkpointing=False):
-    """Policy (LoRA-wrapped with --lora_r; sharded across the processes with shard), tokenizer and AdamW,
-    restored from a checkpoint on --resume."""
-    full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
-    model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
-    if args.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model
-
-        if resume_from:
-            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-        else:
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
-    model.config.use_cache = True
-    if checkpointing:
-        enable_checkpointing(model)
-    if shard:
-        shard_model(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
-    start = 0
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
-        if shard:  # saved whole (gathered_state): each process takes its shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])  # one per process
-        start = state["iteration"]
-        if rank == 0:
-            print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
-    return model, tokenizer, optimizer, start
-
-
-def enable_checkpointing(model):
-    """Activations recomputed in the backward pass (train_mode keeps the layers that do it in training mode)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def log_iteration(args, s, it):
-    """metrics.jsonl first (a resume drops the records its checkpoint does not cover), samples, checkpoint.
-
-    Under several processes every figure covers all of them; process 0 writes.
-    """
-    it = gather_iteration(s, it)
-    t, seconds, n = it["t"], it["seconds"], len(s.all_queries)
-    ranked = torch.tensor([b == "rank" for b in it["branches"]])
-    record = {"iteration": t, "tau": it["tau"], "ranked_share": ranked.float().mean().item(),
-              "reward_original": it.get("reward_mean", it["rewards"].mean().item()),
-              "reward_principle": it["rewards_p"].mean().item() if it["rewards_p"] is not None else None,
-              **it["losses"], "answer_tokens": it["answer_tokens"],
-              "sample_s": seconds["sample"], "sample_tokens_per_s": it["answer_tokens"] / seconds["sample"],
-              "score_s": seconds["score"], "score_answers_per_s": len(it["answers"]) * (
-                  2 if it.get("candidates") is None else args.raft_k) / seconds["score"],
-              "train_s": seconds["train"], "train_tokens_per_s": it["train_tokens"] / seconds["train"],
-              "elapsed_s": time.time() - s.started, "peak_memory_mb": it["peak_memory_mb"]}
-    rng = gather([rng_state()]) if s.world > 1 else rng_state()
-    model_state, optimizer_state = gathered_state(s, optimizer=True)  # sharded: every process takes part
-    if not s.is_main:
-        return s.accelerator.wait_for_everyone()
-    weights = it["weights"].tolist() if it["weights"] is not None else [None] * n
-    rewards_p = it["rewards_p"].tolist() if it["rewards_p"] is not None else [None] * n
-    samples = [{"iteration": t, "query": q, "answer": a, "answer_principle": a_p, "reward": r,
-                "reward_principle": r_p, "branch": b, "weights": w}
-               for q, a, a_p, r, r_p, b, w in zip(s.all_queries, it["answers"], it["answers_p"],
-                                                  it["rewards"].tolist(), rewards_p, it["branches"], weights)]
-    for sample, answers, rewards in zip(samples, it.get("candidates") or [], it.get("candidate_rewards") or []):
-        sample.update(candidates=answers, candidate_rewards=rewards)  # RAFT: all K answers; "answer" is the best
-    write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{t:03d}.jsonl"), samples, mode="w")
-    write_jsonl(s.metrics_path, [record])
-    save_checkpoint(args, s.policy, s.tokenizer, s.optimizer, t + 1, rng, model_state, optimizer_state)
-    if args.save_every and (t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
-        save_dir_atomically(os.path.join(args.output_dir, f"iter-{t + 1}"),
-                            lambda path: save_model(s, path, model_state))
-    if s.accelerator:
-        s.accelerator.wait_for_everyone()
-    if it["tau"] is None:  # RAFT
-        head = (f"iter {t}: reward x {record['reward_original']:+.3f}, best of {args.raft_k} "
-                f"{it['rewards'].mean().item():+.3f} | ")
-    else:
-        head = (f"iter {t}: tau {it['tau']:.3f} ranked {record['ranked_share']:.2f} | "
-                f"reward x {record['reward_original']:+.3f} x_p {record['reward_principle']:+.3f} | ")
-    print(head +
-          f"loss {record['loss']:.4f} | sample {seconds['sample']:.1f}s ({record['sample_tokens_per_s']:.0f} tok/s) "
-          f"score {seconds['score']:.1f}s train {seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)",
-          flush=True)
-
-
-def save_model(s, path, weights=None):
-    """The weights (LoRA: the adapter) in the run's dtype and the tokenizer, no optimizer state.
-    weights: the gathered weights of a sharded model."""
-    s.policy.save_pretrained(path, state_dict=weights)
-    s.tokenizer.save_pretrained(path)
-
-
-def save_final(args, s):
-    weights, _ = gathered_state(s)
-
-    def write(path):
-        final = s.policy.merge_and_unload() if args.lora_r else s.policy
-        final.save_pretrained(path, state_dict=weights)
-        s.tokenizer.save_pretrained(path)
-    if s.is_main:
-        save_dir_atomically(os.path.join(args.output_dir, "final"), write)
-        print(f"saved {os.path.join(args.output_dir, 'final')}")
-    if s.accelerator:
-        s.accelerator.wait_for_everyone()
-        s.accelerator.end_training()
-
-
-# ------------------------------------------------------------------------------------------------
-# Several processes: `accelerate launch` or torchrun, data parallel
-# ------------------------------------------------------------------------------------------------
-
-def start_processes(args):
-    """Under a launcher (WORLD_SIZE > 1) each process takes a share of the queries; DDP averages gradients
-    (with --fsdp, FSDP2 does: shard_model)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
-        raise PLEError("Accelerate's FSDP and DeepSpeed configs are not used by ple.py: launch plain data parallel "
-                       "(accelerate launch --multi_gpu) and pass --fsdp to shard weights, gradients and optimizer "
-                       "state (FSDP2, as ZeRO-3)")
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available())
-
-
-def check_processes(n_queries, mini_batch_size, world):
-    """Every process gets the same number of queries and of pairs per step, so the averaged gradient is
-    the gradient of the mean over the whole mini-batch."""
-    if world == 1:
-        return
-    if n_queries < world:
-        raise PLEError(f"{world} processes for {n_queries} queries: launch at most {n_queries} processes")
-    if n_queries % world:
-        raise PLEError(f"{n_queries} queries do not divide across {world} processes: pass a --num_queries that "
-                       f"is a multiple of {world}")
-    if mini_batch_size % world:
-        raise PLEError(f"--mini_batch_size {mini_batch_size} does not divide across {world} processes: pass a "
-                       f"multiple of {world}")
-
-
-def shard_model(model):
-    """FSDP2: each decoder layer (the classes the model lists in _no_split_modules), then the rest, split
-    across the processes; a layer's weights are gathered for its forward and backward, the gradients
-    averaged across processes and scattered back as shards. Build the optimizer afterwards."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
-
-
-def sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def gathered_state(s, optimizer=False):
-    """A sharded model's whole weights (and optimizer state), on process 0; every process must call it.
-    (None, None) when the model is not sharded: then process 0 holds them already."""
-    if not sharded(s.model):
-        return None, None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on the CPU of process 0 only
-    return (get_model_state_dict(s.model, options=whole),
-            get_optimizer_state_dict(s.model, s.optimizer, options=whole) if optimizer else None)
-
-
-def gather(values):
-    """The lists of every process, concatenated in process order (each holds a contiguous shard)."""
-    from accelerate.utils import gather_object
-
-    return gather_object(list(values))
-
-
-def gather_iteration(s, it):
-    """One process's iteration results -> the whole query set's (unchanged with one process)."""
-    if s.world == 1:
-        return {**it, "peak_memory_mb": peak_memory_mb(s.device)}
-    local = {k: v.tolist() if torch.is_tensor(v) else v for k, v in it.items() if k != "seconds"}
-    everyone = gather([{**local, "peak_memory_mb": peak_memory_mb(s.device)}])
-    joined = {}
-    for key in ("answers", "answers_p", "branches", "candidates", "candidate_rewards", "rewards", "rewards_p",
-                "weights"):  # per-query lists, joined in process order
-        if it.get(key) is not None:
-            joined[key] = [x for part in everyone for x in part[key]]
-            joined[key] = torch.tensor(joined[key]) if torch.is_tensor(it[key]) else joined[key]
-    if "reward_mean" in it:  # equal shares: the mean of the means
-        joined["reward_mean"] = float(np.mean([p["reward_mean"] for p in everyone]))
-    losses = {"loss": float(np.mean([p["losses"]["loss"] for p in everyone]))}  # equal steps on every process
-    for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
-        if key in it["losses"]:  # per-pair means, weighted by how many pairs each process had in the branch
-            parts = [(p["losses"][key], p["branches"].count(branch)) for p in everyone if p["losses"][key] is not None]
-            losses[key] = sum(v * c for v, c in parts) / sum(c for _, c in parts) if parts else None
-    return {**it, **joined, "losses": losses, "train_tokens": sum(p["train_tokens"] for p in everyone),
-            "answer_tokens": sum(p["answer_tokens"] for p in everyone),
-            "peak_memory_mb": max(p["peak_memory_mb"] or 0 for p in everyone)}
+def probe_reward(reward_fn, queries, batch_size):
+    """Call the reward once on empty answers: one that cannot score fails now, not after a model loads."""
+    queries = queries[:2]
+    score(reward_fn, queries, [""] * len(queries), batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -848,9 +691,9 @@ HH_ASSISTANT = "\n\nAssistant:"
 
 
 def make_query(task, row, rng):
-    """Turn one dataset row into (query x, reference answer or None)."""
+    """Turn one dataset row into (query x, the dataset's answer to it or None)."""
     text = row[TASKS[task].field]
-    if task == "sentiment":  # the first 2 to 8 words of a review; the rest is its reference
+    if task == "sentiment":  # the first 2 to 8 words of a review; the rest is its answer
         words = text.split()
         k = rng.randint(2, 8)
         return " ".join(words[:k]), (" " + " ".join(words[k:])) if len(words) > k else None
@@ -915,7 +758,7 @@ def load_rows(dataset, split):
 def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
     """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
 
-    Returns (queries, references, sources): the reference answer of each query (None where the task
+    Returns (queries, answers, sources): the dataset's answer to each query (None where the task
     has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
     is how eval.py keeps its queries disjoint from the training ones; `where` ("FIELD=VALUE") keeps
     only the rows whose FIELD, written as text, is VALUE.
@@ -937,7 +780,7 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     rng = random.Random(seed)
-    queries, references, sources, excluded = [], [], [], 0
+    queries, answers, sources, excluded = [], [], [], 0
     for i in order:
         row = rows[i]
         if row[column] is not None and not isinstance(row[column], str):
@@ -948,10 +791,10 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
         if row[column] in exclude:
             excluded += 1
             continue
-        query, reference = make_query(task, row, rng)
+        query, answer = make_query(task, row, rng)
         if query:
             queries.append(query)
-            references.append(reference)
+            answers.append(answer)
             sources.append(row[column])
         if limit and len(queries) == limit:
             break
@@ -961,47 +804,17 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
     if not queries:
         raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}' (its {len(rows)} rows have no "
                        f"usable '{column}' text)")
-    return queries, references, sources
+    return queries, answers, sources
 
 
-def reference_ids_for(tokenizer, references, max_tokens=None):
+def sft_targets_for(tokenizer, answers, max_tokens=None):
     """The dataset's answers as training targets, each closed by the end-of-sequence token.
 
     With max_tokens, at most that many tokens: the answer length cap the sampled answers have (an
     answer cut there keeps no end-of-sequence token, as a sampled answer cut there has none).
     """
-    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in references]
+    ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in answers]
     return [i[:max_tokens] for i in ids] if max_tokens else ids
-
-
-def resolve_path(path):
-    """Defaults such as principles.txt live beside this file; let them work from any folder."""
-    if os.path.exists(path) or os.path.isabs(path):
-        return path
-    beside = os.path.join(HERE, path)
-    return beside if os.path.exists(beside) else path
-
-
-def portable_path(path, exists=True):
-    """How output files store a local path: relative to this repository, never a machine's absolute path.
-
-    Anything that is not a local path (a Hub id, 'vader', 'module:function') is stored as given;
-    exists=False takes the path as local even before it exists (a file about to be written).
-    """
-    if not path or (exists and not os.path.exists(path)):
-        return path
-    try:
-        return os.path.relpath(os.path.abspath(path), HERE)
-    except ValueError:  # another drive on Windows: no relative path exists
-        return path
-
-
-def stored_path(path):
-    """The local path an output file meant (the inverse of portable_path); other names pass through."""
-    if not path or os.path.isabs(path):
-        return path
-    beside = os.path.join(HERE, path)
-    return beside if os.path.exists(beside) else path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1082,7 +895,7 @@ def load_reward(spec, device="cpu"):
 
 
 # ------------------------------------------------------------------------------------------------
-# The policy: Hub id, folder, .gguf file or pip package; device and dtype
+# The policy: Hub id, folder, .gguf file or pip package; device, dtype, LoRA, AdamW, resume
 # ------------------------------------------------------------------------------------------------
 
 def load_hint(name, error):
@@ -1162,35 +975,249 @@ def load_policy(name, device, dtype):
     return model.to(device), tokenizer
 
 
-def eos_ids(model, tokenizer):
-    """Every token id that ends an answer (generation config first: chat models have several)."""
-    eos = model.generation_config.eos_token_id
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+def load_trainable(args, resume_from, device, dtype, rank=0):
+    """Policy (LoRA-wrapped with --lora_r; sharded across the processes with --fsdp), tokenizer and AdamW,
+    restored from a checkpoint on --resume."""
+    full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
+    model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
+    if args.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if resume_from:
+            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        else:
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.config.use_cache = True
+    if args.gradient_checkpointing:
+        enable_checkpointing(model)
+    if args.fsdp:
+        shard_model(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+                                  weight_decay=0.0)
+    start = 0
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        if args.fsdp:  # saved whole (gathered_state): each process takes its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])  # one per process
+        start = state["iteration"]
+        if rank == 0:
+            print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
+    return model, tokenizer, optimizer, start
+
+
+def enable_checkpointing(model):
+    """Activations recomputed in the backward pass (train_without_dropout keeps the layers that do it in training mode)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ------------------------------------------------------------------------------------------------
-# Output folder, checkpoints and resume
+# Several processes: `accelerate launch` or torchrun, data parallel or sharded (--fsdp)
 # ------------------------------------------------------------------------------------------------
 
-RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every"}  # may differ on --resume
-PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
+@dataclass
+class Processes:
+    """The processes of a run: one for a plain `python ple.py`, several under a launcher."""
+    accelerator: Any = None  # accelerate's Accelerator under a launcher
+
+    @property
+    def rank(self):
+        return self.accelerator.process_index if self.accelerator else 0
+
+    @property
+    def world(self):
+        return self.accelerator.num_processes if self.accelerator else 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def print(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs)
+
+    def wait(self):
+        if self.accelerator:
+            self.accelerator.wait_for_everyone()
+
+    def gather(self, values):
+        """The lists of every process, concatenated in process order (each holds a contiguous share)."""
+        from accelerate.utils import gather_object
+
+        return gather_object(list(values))
 
 
-def saved_args(args, processes=1):
-    """args.json: the resolved arguments, local paths relative to the repository, and how many
-    processes ran (their shards and random states are what a resume continues)."""
-    saved = asdict(args)
-    for key in PATHS:
-        saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
-    saved["num_processes"] = processes
-    return saved
+def start_processes(args):
+    """Under a launcher (WORLD_SIZE > 1) each process takes a share of the queries; DDP averages gradients
+    (with --fsdp, FSDP2 does: shard_model)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Processes()
+    if any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
+        raise PLEError("Accelerate's FSDP and DeepSpeed configs are not used by ple.py: launch plain data parallel "
+                       "(accelerate launch --multi_gpu) and pass --fsdp to shard weights, gradients and optimizer "
+                       "state (FSDP2, as ZeRO-3)")
+    from accelerate import Accelerator
+
+    return Processes(Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available()))
 
 
-def checkpoints(output_dir):
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
-             if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p)))]
-    return sorted(found)
+def check_processes(n_queries, mini_batch_size, world):
+    """Every process gets the same number of queries and of pairs per step, so the averaged gradient is
+    the gradient of the mean over the whole mini-batch."""
+    if world == 1:
+        return
+    if n_queries < world:
+        raise PLEError(f"{world} processes for {n_queries} queries: launch at most {n_queries} processes")
+    if n_queries % world:
+        raise PLEError(f"{n_queries} queries do not divide across {world} processes: pass a --num_queries that "
+                       f"is a multiple of {world}")
+    if mini_batch_size % world:
+        raise PLEError(f"--mini_batch_size {mini_batch_size} does not divide across {world} processes: pass a "
+                       f"multiple of {world}")
+
+
+def shard_model(model):
+    """FSDP2: each decoder layer (the classes the model lists in _no_split_modules), then the rest, split
+    across the processes; a layer's weights are gathered for its forward and backward, the gradients
+    averaged across processes and scattered back as shards. Build the optimizer afterwards."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    # transformers' generate() reads this mark (its own FSDP2 set-up sets it too) and then keeps every
+    # process stepping until all are done (synced_gpus): each step gathers weights from all of them
+    model._is_fsdp_managed_module = True
+
+
+def sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gathered_state(model, optimizer=None):
+    """A sharded model's whole weights (and optimizer state), on process 0; every process must call it.
+    (None, None) when the model is not sharded: then process 0 holds them already."""
+    if not sharded(model):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on the CPU of process 0 only
+    return (get_model_state_dict(model, options=whole),
+            get_optimizer_state_dict(model, optimizer, options=whole) if optimizer else None)
+
+
+PER_QUERY = ("answers", "rewards", "branches", "answers_p", "rewards_p", "weights", "candidates", "candidate_rewards")
+
+
+def gather_iteration(state, it):
+    """One process's Iteration -> the whole query set's (unchanged with one process)."""
+    it = replace(it, peak_memory_mb=peak_memory_mb(state.device))
+    if state.procs.world == 1:
+        return it
+    parts = state.procs.gather([it])
+    joined = {k: [x for p in parts for x in getattr(p, k)] for k in PER_QUERY if getattr(it, k) is not None}
+    losses = {"loss": float(np.mean([p.losses["loss"] for p in parts]))}  # equal steps on every process
+    for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
+        if key in it.losses:  # per-pair means, weighted by how many pairs each process had in the branch
+            counted = [(p.losses[key], p.branches.count(branch)) for p in parts if p.losses[key] is not None]
+            losses[key] = sum(v * c for v, c in counted) / sum(c for _, c in counted) if counted else None
+    totals = {k: sum(getattr(p, k) for p in parts) for k in ("answers_scored", "answer_tokens", "train_tokens")}
+    return replace(it, **joined, **totals, losses=losses,
+                   reward_x=float(np.mean([p.reward_x for p in parts])),  # equal shares: the mean of the means
+                   peak_memory_mb=max(p.peak_memory_mb or 0 for p in parts))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging and saving: samples, metrics.jsonl, checkpoints, iter-N/ and final/
+# ------------------------------------------------------------------------------------------------
+
+def log_iteration(args, state, it):
+    """samples/iter-NNN.jsonl, a metrics.jsonl record, a checkpoint (and iter-N/ with --save_every).
+
+    Under several processes every figure covers all of them; process 0 writes.
+    """
+    it = gather_iteration(state, it)
+    record = metrics_record(it, time.time() - state.started)
+    rng = state.procs.gather([rng_state()]) if state.procs.world > 1 else rng_state()
+    weights, optimizer_state = gathered_state(state.model, state.optimizer)  # sharded: every process takes part
+    if state.procs.is_main:
+        write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{it.t:03d}.jsonl"),
+                    sample_rows(state.all_queries, it), mode="w")
+        write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
+        save_checkpoint(args, state.policy, state.tokenizer, state.optimizer, it.t + 1, rng, weights, optimizer_state)
+        if args.save_every and (it.t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
+            save_model(os.path.join(args.output_dir, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
+        print(progress_line(it, record), flush=True)
+    state.procs.wait()
+
+
+def mean32(values):
+    """The mean of a list in float32, the rewards' own precision."""
+    return torch.tensor(values, dtype=torch.float32).mean().item()
+
+
+def metrics_record(it, elapsed):
+    seconds = it.seconds
+    return {"iteration": it.t, "tau": it.tau, "ranked_share": mean32([b == "rank" for b in it.branches]),
+            "reward_original": it.reward_x,
+            "reward_principle": mean32(it.rewards_p) if it.rewards_p is not None else None,
+            **it.losses, "answer_tokens": it.answer_tokens,
+            "sample_s": seconds["sample"], "sample_tokens_per_s": it.answer_tokens / seconds["sample"],
+            "score_s": seconds["score"], "score_answers_per_s": it.answers_scored / seconds["score"],
+            "train_s": seconds["train"], "train_tokens_per_s": it.train_tokens / seconds["train"],
+            "elapsed_s": elapsed, "peak_memory_mb": it.peak_memory_mb}
+
+
+def sample_rows(queries, it):
+    """One JSON record per query: both answers, their rewards, the branch and the SFT weights."""
+    absent = [None] * len(queries)
+    rows = [{"iteration": it.t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
+             "branch": b, "weights": w}
+            for q, a, a_p, r, r_p, b, w in zip(queries, it.answers, it.answers_p or absent, it.rewards,
+                                               it.rewards_p or absent, it.branches, it.weights or absent)]
+    for row, answers, rewards in zip(rows, it.candidates or [], it.candidate_rewards or []):
+        row.update(candidates=answers, candidate_rewards=rewards)  # RAFT: all K answers; "answer" is the best
+    return rows
+
+
+def progress_line(it, record):
+    line = f"iter {it.t}: "
+    if it.tau is not None:
+        line += f"tau {it.tau:.3f} ranked {record['ranked_share']:.2f} | "
+    line += f"reward x {record['reward_original']:+.3f}"
+    if it.rewards_p is not None:
+        line += f" x_p {record['reward_principle']:+.3f}"
+    if it.candidates is not None:
+        line += f", best of {len(it.candidates[0])} {mean32(it.rewards):+.3f}"
+    return (line + f" | loss {record['loss']:.4f} | sample {it.seconds['sample']:.1f}s "
+            f"({record['sample_tokens_per_s']:.0f} tok/s) score {it.seconds['score']:.1f}s "
+            f"train {it.seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)")
+
+
+def save_model(path, model, tokenizer, weights=None, trainer_state=None):
+    """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the
+    adapter) and the tokenizer, and trainer_state.pt when given; written under a temporary name and
+    renamed. weights: a sharded model's, gathered."""
+    def write(tmp):
+        model.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    save_dir_atomically(path, write)
 
 
 def save_dir_atomically(final_path, write):
@@ -1207,17 +1234,30 @@ def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None, weights=N
     """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly
     (rng: the random states, a list of one per process under a launcher; weights, optimizer_state: a
     sharded model's, gathered)."""
-    def write(path):
-        model.save_pretrained(path, state_dict=weights)
-        tokenizer.save_pretrained(path)
-        torch.save({"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha),
-                    "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-                    "rng": rng if rng is not None else rng_state()},
-                   os.path.join(path, "trainer_state.pt"))
-    save_dir_atomically(os.path.join(args.output_dir, f"checkpoint-{done}"), write)
+    state = {"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha),
+             "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+             "rng": rng if rng is not None else rng_state()}
+    save_model(os.path.join(args.output_dir, f"checkpoint-{done}"), model, tokenizer, weights, state)
     for n, path in checkpoints(args.output_dir):  # the new one is complete: older ones can go
         if n != done:
             shutil.rmtree(path)
+
+
+def save_final(args, state):
+    weights, _ = gathered_state(state.model)
+    if state.procs.is_main:
+        final = state.policy.merge_and_unload() if args.lora_r else state.policy
+        save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
+        print(f"saved {os.path.join(args.output_dir, 'final')}")
+    if state.procs.accelerator:
+        state.procs.wait()
+        state.procs.accelerator.end_training()
+
+
+def checkpoints(output_dir):
+    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+             if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p)))]
+    return sorted(found)
 
 
 def rng_state():
@@ -1235,59 +1275,15 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def prepare_output_dir(args, s):
-    """Refuse to overwrite a run; on --resume check the arguments agree and return its checkpoint.
-
-    A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
-    --resume and with any arguments, starts in its folder afresh. Writes args.json (process 0), which
-    also checks that the folder is writable before anything is loaded.
-    """
-    path = os.path.join(args.output_dir, "args.json")
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
-    found = checkpoints(args.output_dir)
-    if not found:
-        if args.resume and not os.path.exists(path):
-            raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
-        if os.path.exists(path):
-            s.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
-        write_args(args, path, s)
-        return None
-    if not args.resume:
-        raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PLEError(f"--resume: cannot read {path}: {e}") from None
-    for key in PATHS:  # paths compare as the files they name, however they are spelled
-        if isinstance(saved.get(key), str):
-            saved[key] = portable_path(stored_path(saved[key]))
-    if saved.get("num_processes", 1) != s.world:
-        raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now with "
-                       f"{s.world}; resume it with as many (each process continues its own share and random state)")
-    defaults = asdict(Args())  # a run saved before a flag existed ran with its default
-    conflicts = [f"--{k} {saved.get(k, defaults.get(k))!r} there, {v!r} now"
-                 for k, v in saved_args(args, s.world).items()
-                 if k not in RESUMABLE and saved.get(k, defaults.get(k)) != v]
-    if conflicts:
-        raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
-    write_args(args, path, s)  # the folder may have moved: record where it is now
-    return found[-1][1]
-
-
-def write_args(args, path, s):
-    if s.accelerator:
-        s.accelerator.wait_for_everyone()  # every process has decided before process 0 writes
-    if s.is_main:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(saved_args(args, s.world), f, indent=2)
-        except OSError as e:
-            raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
-    if s.accelerator:
-        s.accelerator.wait_for_everyone()
+        import resource  # POSIX only
+    except ImportError:
+        return None
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def read_jsonl(path):
@@ -1314,15 +1310,105 @@ def write_jsonl(path, records, mode="a"):
             f.write(json.dumps(record) + "\n")
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+# ------------------------------------------------------------------------------------------------
+# The output folder: portable paths, args.json and resume
+# ------------------------------------------------------------------------------------------------
+
+RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every"}  # may differ on --resume
+PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
+
+
+def resolve_path(path):
+    """Defaults such as principles.txt live beside this file; let them work from any folder."""
+    if os.path.exists(path) or os.path.isabs(path):
+        return path
+    beside = os.path.join(HERE, path)
+    return beside if os.path.exists(beside) else path
+
+
+def portable_path(path, exists=True):
+    """How output files store a local path: relative to this repository, never a machine's absolute path.
+
+    Anything that is not a local path (a Hub id, 'vader', 'module:function') is stored as given;
+    exists=False takes the path as local even before it exists (a file about to be written).
+    """
+    if not path or (exists and not os.path.exists(path)):
+        return path
     try:
-        import resource  # POSIX only
-    except ImportError:
+        return os.path.relpath(os.path.abspath(path), HERE)
+    except ValueError:  # another drive on Windows: no relative path exists
+        return path
+
+
+def stored_path(path):
+    """The local path an output file meant (the inverse of portable_path); other names pass through."""
+    if not path or os.path.isabs(path):
+        return path
+    beside = os.path.join(HERE, path)
+    return beside if os.path.exists(beside) else path
+
+
+def saved_args(args, processes=1):
+    """args.json: the resolved arguments, local paths relative to the repository, and how many
+    processes ran (their shards and random states are what a resume continues)."""
+    saved = asdict(args)
+    for key in PATHS:
+        saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
+    saved["num_processes"] = processes
+    return saved
+
+
+def prepare_output_dir(args, procs):
+    """Refuse to overwrite a run; on --resume check the arguments agree and return its checkpoint.
+
+    A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
+    --resume and with any arguments, starts in its folder afresh. Writes args.json (process 0), which
+    also checks that the folder is writable before anything is loaded.
+    """
+    path = os.path.join(args.output_dir, "args.json")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
+    found = checkpoints(args.output_dir)
+    if not found:
+        if args.resume and not os.path.exists(path):
+            raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
+        if os.path.exists(path):
+            procs.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
+        write_args(args, path, procs)
         return None
-    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    if not args.resume:
+        raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PLEError(f"--resume: cannot read {path}: {e}") from None
+    for key in PATHS:  # paths compare as the files they name, however they are spelled
+        if isinstance(saved.get(key), str):
+            saved[key] = portable_path(stored_path(saved[key]))
+    if saved.get("num_processes", 1) != procs.world:
+        raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now with "
+                       f"{procs.world}; resume it with as many (each process continues its own share and random state)")
+    defaults = asdict(Args())  # a run saved before a flag existed ran with its default
+    conflicts = [f"--{k} {saved.get(k, defaults.get(k))!r} there, {v!r} now"
+                 for k, v in saved_args(args, procs.world).items()
+                 if k not in RESUMABLE and saved.get(k, defaults.get(k)) != v]
+    if conflicts:
+        raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
+    write_args(args, path, procs)  # the folder may have moved: record where it is now
+    return found[-1][1]
+
+
+def write_args(args, path, procs):
+    procs.wait()  # every process has decided before process 0 writes
+    if procs.is_main:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(saved_args(args, procs.world), f, indent=2)
+        except OSError as e:
+            raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
+    procs.wait()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Tests for ple.py: offline, on tiny models built from a config. Run: pytest test_ple.py"""
+"""Tests for ple.py and eval.py: offline, on tiny models built from a config.
+
+    pytest test_ple.py                                     # everything, one to two minutes on 2 CPU cores
+    pytest test_ple.py -m "not slow and not multiprocess"  # without the subprocesses
+"""
+import copy
 import json
 import math
 import os
@@ -13,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import ple
+from tests import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRINCIPLE = "Write a warm and positive continuation."
@@ -32,7 +38,9 @@ REVIEWS = [
 # fixtures: a tiny tokenizer and GPT-2, a tiny dataset and principles file
 # ------------------------------------------------------------------------------------------------
 
-def tiny_tokenizer():
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE tokenizer of 400 tokens trained on REVIEWS, once per test run (copy it to change it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -53,9 +61,8 @@ def tiny_model(tokenizer, seed=0):
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
+def model_dir(tokenizer, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_gpt2"))
-    tokenizer = tiny_tokenizer()
     tiny_model(tokenizer).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -76,33 +83,11 @@ def principles_file(tmp_path_factory):
 
 
 def make_args(model_dir, data_file, principles_file, out, **changes):
-    settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     output_dir=str(out), iterations=2, num_queries=6, batch_size=4, mini_batch_size=3,
                     max_new_tokens=6, learning_rate=1e-2, device="cpu", dtype="float32")
     settings.update(changes)
     return ple.Args(**settings)
-
-
-# rewards used as 'module:function'
-SEEN_QUERIES = []
-
-
-def word_reward(queries, answers):
-    """Counts a few 'positive' letters: cheap, deterministic, varies between answers."""
-    SEEN_QUERIES.extend(queries)
-    return [sum(a.count(c) for c in "aeiou") / 5.0 - 0.5 for a in answers]
-
-
-def nan_reward(queries, answers):
-    return [float("nan")] * len(queries)
-
-
-def inf_reward(queries, answers):
-    return [0.0] * (len(queries) - 1) + [float("inf")]
-
-
-def short_reward(queries, answers):
-    return [0.0] * (len(queries) - 1)
 
 
 def read_jsonl(path):
@@ -176,8 +161,7 @@ def manual_logprob(model, prompt, answer):
     return total / len(answer)
 
 
-def test_sequence_logprobs_matches_token_loop_and_ignores_padding_side():
-    tokenizer = tiny_tokenizer()
+def test_sequence_logprobs_matches_token_loop_and_ignores_padding_side(tokenizer):
     model = tiny_model(tokenizer)
     eos = tokenizer.eos_token_id
     prompts = [tokenizer("The film was")["input_ids"], tokenizer("A quiet drama about two sisters")["input_ids"]]
@@ -217,8 +201,7 @@ def test_answer_logprobs_on_plain_tensors():
     assert mean.tolist() == pytest.approx([sums[0] / 3, sums[1] / 2], abs=1e-5)
 
 
-def test_one_forward_per_mini_batch_and_no_prompt_logits():
-    tokenizer = tiny_tokenizer()
+def test_one_forward_per_mini_batch_and_no_prompt_logits(tokenizer):
     model = tiny_model(tokenizer)
     eos = tokenizer.eos_token_id
     prompts = [tokenizer(r)["input_ids"] for r in REVIEWS[:5]]
@@ -237,8 +220,7 @@ def test_one_forward_per_mini_batch_and_no_prompt_logits():
     assert all(shape[1] <= longest + 1 for shape in shapes)  # logits only where an answer token is predicted
 
 
-def test_empty_answer_trains_without_crash():
-    tokenizer = tiny_tokenizer()
+def test_empty_answer_trains_without_crash(tokenizer):
     model = tiny_model(tokenizer)
     eos = tokenizer.eos_token_id
     prompts = [tokenizer("The film was")["input_ids"]] * 2
@@ -257,8 +239,8 @@ def test_build_principle_query_and_read_principles(tmp_path):
         assert ple.read_principles(os.path.join(HERE, "principles.txt"), task)
 
 
-def test_chat_models_get_queries_through_their_template_base_models_plain_text():
-    tokenizer = tiny_tokenizer()
+def test_chat_models_get_queries_through_their_template_base_models_plain_text(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)  # changed below: a copy
     prefix = ple.TASKS["sentiment"].chat_prefix
     plain = ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE], chat_prefix=prefix)
     assert tokenizer.decode(plain[0]) == PRINCIPLE + "\n\nThe film was"
@@ -338,11 +320,11 @@ def test_find_gguf_in_an_installed_package(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def classifier_dir(tmp_path_factory):
+def classifier_dir(tokenizer, tmp_path_factory):
     from transformers import GPT2ForSequenceClassification
 
     path = str(tmp_path_factory.mktemp("tiny_classifier"))
-    tokenizer = tiny_tokenizer()
+    tokenizer = copy.deepcopy(tokenizer)  # changed below: a copy
     tokenizer.model_max_length = 12
     torch.manual_seed(1)
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, n_positions=64, num_labels=2,
@@ -368,10 +350,9 @@ def test_classifier_reward_is_positive_logit_truncated_from_the_left(classifier_
             assert r == pytest.approx(model(torch.tensor([ids])).logits[0, 1].item(), abs=1e-5)
 
 
-def test_one_logit_reward_model_and_unknown_labels(tmp_path, classifier_dir):
+def test_one_logit_reward_model_and_unknown_labels(tokenizer, tmp_path, classifier_dir):
     from transformers import GPT2ForSequenceClassification
 
-    tokenizer = tiny_tokenizer()
     for labels, ok in [({0: "LABEL_0"}, True), ({0: "cat", 1: "dog"}, False)]:
         path = str(tmp_path / str(len(labels)))
         config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_embd=16, n_head=2, num_labels=len(labels),
@@ -406,13 +387,13 @@ def test_score_rejects_bad_reward_values():
 # ------------------------------------------------------------------------------------------------
 
 def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, principles_file, tmp_path):
-    SEEN_QUERIES.clear()
+    rewards.SEEN_QUERIES.clear()
     straight = make_args(model_dir, data_file, principles_file, tmp_path / "a", iterations=3)
     ple.run(straight)
     queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
     # the reward only ever saw the original queries, never the principle-guided ones
-    assert SEEN_QUERIES and set(SEEN_QUERIES) == set(queries)
-    assert not any(PRINCIPLE in q for q in SEEN_QUERIES)
+    assert rewards.SEEN_QUERIES and set(rewards.SEEN_QUERIES) == set(queries)
+    assert not any(PRINCIPLE in q for q in rewards.SEEN_QUERIES)
 
     out = tmp_path / "b"
     ple.run(make_args(model_dir, data_file, principles_file, out))
@@ -483,7 +464,7 @@ def sft_targets(monkeypatch):
     return targets
 
 
-def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_dir, data_file, principles_file,
+def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(tokenizer, model_dir, data_file, principles_file,
                                                                          tmp_path, sft_targets):
     out = tmp_path / "sft_positive"
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, num_queries=0, loss="sft",
@@ -491,26 +472,24 @@ def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(model_di
     queries = [s["query"] for s in read_jsonl(out / "samples" / "iter-000.jsonl")]
     labelled = [i % 2 for i, review in enumerate(REVIEWS) for q in queries if review.startswith(q + " ")]
     assert len(queries) == 4 and labelled == [1, 1, 1, 1]  # every row with label 1, no other
-    tokenizer = tiny_tokenizer()
     for query, target in zip(queries, sft_targets[0]):
         rest = next(r for r in REVIEWS if r.startswith(query + " "))[len(query):]
         assert target == (tokenizer(rest, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:4]
-    long_, short = ple.reference_ids_for(tokenizer, [REVIEWS[0], " the end"], max_tokens=5)
+    long_, short = ple.sft_targets_for(tokenizer, [REVIEWS[0], " the end"], max_tokens=5)
     assert len(long_) == 5 and tokenizer.eos_token_id not in long_  # cut at the cap: no end-of-sequence
     assert short[-1] == tokenizer.eos_token_id and len(short) < 5  # an answer within the cap keeps its end
     # eval.py holds out exactly the rows such a run trained on
     assert ple_eval.training_rows([str(out / "final")]) == {r for i, r in enumerate(REVIEWS) if i % 2 == 1}
 
 
-def test_raft_trains_on_the_best_of_k_answers(model_dir, data_file, principles_file, tmp_path, sft_targets):
+def test_raft_trains_on_the_best_of_k_answers(tokenizer, model_dir, data_file, principles_file, tmp_path, sft_targets):
     out = tmp_path / "raft"
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, loss="raft", raft_k=3))
     samples = read_jsonl(out / "samples" / "iter-000.jsonl")
-    tokenizer = tiny_tokenizer()
     assert len(samples) == 6 and len(sft_targets) == 1
     for sample, target in zip(samples, sft_targets[0]):
         assert len(sample["candidates"]) == 3
-        assert sample["candidate_rewards"] == pytest.approx([word_reward([""], [c])[0] for c in sample["candidates"]])
+        assert sample["candidate_rewards"] == pytest.approx([rewards.word_reward([""], [c])[0] for c in sample["candidates"]])
         assert sample["reward"] == max(sample["candidate_rewards"])  # the best answer ...
         assert sample["answer"] == sample["candidates"][sample["candidate_rewards"].index(sample["reward"])]
         assert tokenizer.decode(target, skip_special_tokens=True) == sample["answer"]  # ... is the SFT target
@@ -535,8 +514,7 @@ def test_lora_run_trains_adapters_and_saves_a_plain_model(model_dir, data_file, 
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
-def test_model_that_always_ends_at_once(tmp_path, data_file, principles_file):
-    tokenizer = tiny_tokenizer()
+def test_model_that_always_ends_at_once(tokenizer, tmp_path, data_file, principles_file):
     model = tiny_model(tokenizer)
     with torch.no_grad():  # every hidden state points at the end-of-sequence embedding
         direction = torch.randn(model.config.n_embd)
@@ -562,9 +540,10 @@ def cli(*argv, env=None):
                           text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "cli"
-    result = cli("--model", model_dir, "--reward", "test_ple:word_reward", "--dataset", data_file,
+    result = cli("--model", model_dir, "--reward", "tests.rewards:word_reward", "--dataset", data_file,
                  "--principles", principles_file, "--output_dir", str(out), "--iterations", "1",
                  "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -574,6 +553,7 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
 
 
+@pytest.mark.slow
 def test_help_lists_every_flag():
     for script, fields in [("ple.py", ple.Args), ("eval.py", ple_eval.EvalArgs)]:
         result = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True)
@@ -581,6 +561,7 @@ def test_help_lists_every_flag():
         assert all(f"--{name}" in result.stdout for name in fields.__dataclass_fields__)
 
 
+@pytest.mark.slow
 def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
     result = cli("--task", "poetry")
     assert result.returncode != 0 and "invalid choice: 'poetry'" in result.stderr
@@ -588,7 +569,7 @@ def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
                  "--output_dir", str(tmp_path / "x"))
     assert result.returncode == 2 and "principles file not found" in result.stderr
     # a Hub id while the Hub is unreachable: say so and what to pass instead
-    result = cli("--model", "nobody-here/no-such-model", "--reward", "test_ple:word_reward", "--dataset", data_file,
+    result = cli("--model", "nobody-here/no-such-model", "--reward", "tests.rewards:word_reward", "--dataset", data_file,
                  "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "Hub could not be reached" in result.stderr and "local folder" in result.stderr
@@ -631,29 +612,6 @@ def test_model_or_reward_that_cannot_be_loaded(model_dir, data_file, principles_
         ple.run(make_args(str(tmp_path / "not_a_model"), data_file, principles_file, tmp_path / "o4"))
 
 
-def raising_reward(queries, answers):
-    raise ValueError("the reward server is down")
-
-
-def scalar_reward(queries, answers):
-    return 3.0
-
-
-def none_reward(queries, answers):
-    return None
-
-
-def huge_reward(queries, answers):
-    return [1e39] * len(answers)  # finite in float64, inf in float32
-
-
-def late_reward(queries, answers):
-    """Fine on the empty answers of the start-up check, fails on real ones (in iteration 0)."""
-    if any(answers):
-        raise RuntimeError("fails only on real answers")
-    return [0.0] * len(answers)
-
-
 BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(num_queries=-3), r"--num_queries: must be 0 or more"),
     (dict(top_p=0.0), r"--top_p: must be in \(0, 1\]"),
@@ -670,10 +628,10 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(dataset="nope.jsonl"), r"--dataset nope.jsonl: no such file or folder"),
     (dict(model="nothere.gguf"), r"--model nothere.gguf: no such file or folder"),
     (dict(model="runs/typo/final"), r"--model runs/typo/final: no such file or folder"),
-    (dict(reward="test_ple:raising_reward"), r"the reward raised ValueError: the reward server is down on samples 0"),
-    (dict(reward="test_ple:scalar_reward"), r"returned 3.0 for samples 0 to 1 .*one number per answer"),
-    (dict(reward="test_ple:none_reward"), r"returned None for samples 0 to 1"),
-    (dict(reward="test_ple:huge_reward"), r"returned 1e\+39 for sample 0 .*finite float32"),
+    (dict(reward="tests.rewards:raising_reward"), r"the reward raised ValueError: the reward server is down on samples 0"),
+    (dict(reward="tests.rewards:scalar_reward"), r"returned 3.0 for samples 0 to 1 .*one number per answer"),
+    (dict(reward="tests.rewards:none_reward"), r"returned None for samples 0 to 1"),
+    (dict(reward="tests.rewards:huge_reward"), r"returned 1e\+39 for sample 0 .*finite float32"),
     (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
     (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
     (dict(where="label=7"), r"--where label=7: no row .* has label = 7; its values there: 0, 1"),
@@ -720,6 +678,7 @@ def test_bad_files_fail_early_and_clearly(model_dir, data_file, principles_file,
         run("o", model="models/smol")
 
 
+@pytest.mark.slow
 def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, tmp_path):
     result = cli("--model", "models/none/here", "--dataset", data_file, "--output_dir", str(tmp_path / "o"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -729,14 +688,14 @@ def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, 
 def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ple.PLEError, match="the reward raised RuntimeError"):
-        ple.run(make_args(model_dir, data_file, principles_file, out, reward="test_ple:late_reward"))
+        ple.run(make_args(model_dir, data_file, principles_file, out, reward="tests.rewards:late_reward"))
     assert (out / "args.json").exists() and not ple.checkpoints(str(out))
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))  # corrected, no --resume
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
-    assert json.loads((out / "args.json").read_text())["reward"] == "test_ple:word_reward"
+    assert json.loads((out / "args.json").read_text())["reward"] == "tests.rewards:word_reward"
     again = tmp_path / "again"
     with pytest.raises(ple.PLEError):
-        ple.run(make_args(model_dir, data_file, principles_file, again, reward="test_ple:late_reward"))
+        ple.run(make_args(model_dir, data_file, principles_file, again, reward="tests.rewards:late_reward"))
     ple.run(make_args(model_dir, data_file, principles_file, again, iterations=1, resume=True))  # --resume too
     assert [m["iteration"] for m in read_jsonl(again / "metrics.jsonl")] == [0]
 
@@ -784,9 +743,9 @@ def test_resume_drops_a_partial_last_metrics_line(model_dir, data_file, principl
         ple.read_jsonl(str(out / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("reward, message", [("test_ple:nan_reward", r"nan for sample 0"),
-                                             ("test_ple:inf_reward", r"inf for sample 1"),
-                                             ("test_ple:short_reward", r"returned 1 values for 2 answers")])
+@pytest.mark.parametrize("reward, message", [("tests.rewards:nan_reward", r"nan for sample 0"),
+                                             ("tests.rewards:inf_reward", r"inf for sample 1"),
+                                             ("tests.rewards:short_reward", r"returned 1 values for 2 answers")])
 def test_bad_reward_values_fail_before_training(model_dir, data_file, principles_file, tmp_path, reward, message):
     out = tmp_path / "o"
     with pytest.raises(ple.PLEError, match=message):
@@ -841,10 +800,6 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
 import eval as ple_eval  # noqa: E402  (the module is eval.py; the alias keeps the builtin visible)
 
 
-def length_reward(queries, answers):
-    return [float(len(a)) for a in answers]
-
-
 def test_win_rate_by_hand():
     result = ple_eval.win_rate([1, 2, 3, 4], [0, 2, 5, 1])
     assert (result["wins"], result["ties"], result["losses"]) == (2, 1, 1)
@@ -894,9 +849,8 @@ def test_judge_asks_in_both_orders_and_disagreement_is_a_tie():
 
 
 @pytest.fixture(scope="session")
-def other_model_dir(tmp_path_factory):
+def other_model_dir(tokenizer, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_gpt2_b"))
-    tokenizer = tiny_tokenizer()
     tiny_model(tokenizer, seed=1).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -905,7 +859,7 @@ def other_model_dir(tmp_path_factory):
 def eval_args(models, data_file, out, **changes):
     import tempfile
 
-    settings = dict(models=models, reward="test_ple:length_reward", dataset=data_file, max_new_tokens=6,
+    settings = dict(models=models, reward="tests.rewards:length_reward", dataset=data_file, max_new_tokens=6,
                     batch_size=4, device="cpu", dtype="float32", output=str(out), bootstrap=200,
                     cache=tempfile.mkdtemp(prefix="eval_cache"))  # a fresh cache: every test generates
     settings.update(changes)
@@ -943,7 +897,7 @@ def test_eval_holds_out_training_rows_and_warns_about_the_training_reward(model_
     run_dir = tmp_path / "run"
     ple.run(make_args(model_dir, data_file, principles_file, run_dir, iterations=1, num_queries=6))
     candidate = str(run_dir / "final")
-    report = ple_eval.run(eval_args([candidate, model_dir], data_file, "", reward="test_ple:word_reward"))
+    report = ple_eval.run(eval_args([candidate, model_dir], data_file, "", reward="tests.rewards:word_reward"))
     _, _, trained = ple.load_queries(data_file, "train", "sentiment", 6, 0)
     held_out = report["generations"]["queries"]
     assert len(held_out) == len(REVIEWS) - 6
@@ -968,12 +922,12 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
         raise AssertionError("re-scoring must not load a model")
 
     monkeypatch.setattr(ple, "load_policy", no_models)
-    report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="test_ple:word_reward", bootstrap=200))
+    report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="tests.rewards:word_reward", bootstrap=200))
     gens = report["generations"]
     model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
     for name in (model_dir, other_model_dir):
         got = [r for rs in gens["models"][name]["rewards"] for r in rs]
-        expected = [r for a in gens["models"][name]["answers"] for r in word_reward([""], a)]
+        expected = [r for a in gens["models"][name]["answers"] for r in rewards.word_reward([""], a)]
         assert got == pytest.approx(expected, abs=1e-6)
     assert (tmp_path / "gen-rescored.json").exists()
 
@@ -998,7 +952,7 @@ def test_eval_bad_input(model_dir, data_file, tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(reward="test_ple:raising_reward"), r"the reward raised ValueError"),
+    (dict(reward="tests.rewards:raising_reward"), r"the reward raised ValueError"),
     (dict(output="/nonexistent/dir/e.json"), r"--output /nonexistent/dir/e.json: the folder .* does not exist"),
     (dict(n=1), r"--n: a win rate needs at least 2 queries"),
     (dict(n=-2), r"--n: must be 0"),
@@ -1022,7 +976,7 @@ def test_eval_rescore_bad_files(tmp_path):
         if text is not None:
             (tmp_path / name).write_text(text)
         with pytest.raises(ple.PLEError, match=message):
-            ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="test_ple:length_reward"))
+            ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="tests.rewards:length_reward"))
     with pytest.raises(ple.PLEError, match="--bootstrap: must be at least 1"):
         ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "list.json"), bootstrap=0))
 
@@ -1047,7 +1001,7 @@ def test_eval_failure_after_generating_loses_nothing(model_dir, other_model_dir,
     partial = json.loads(out.read_text())
     assert partial["complete"] is False and len(partial["generations"]["models"]) == 2
     monkeypatch.setattr(ple_eval, "evaluate", real_evaluate)
-    rescored = ple_eval.run(ple_eval.EvalArgs(rescore=str(out), reward="test_ple:length_reward", bootstrap=50))
+    rescored = ple_eval.run(ple_eval.EvalArgs(rescore=str(out), reward="tests.rewards:length_reward", bootstrap=50))
     assert [m["answers"] for m in rescored["generations"]["models"].values()] == \
         [m["answers"] for m in partial["generations"]["models"].values()]
     assert set(rescored["win_rates"]) == {ple.portable_path(other_model_dir)}
@@ -1061,10 +1015,11 @@ def test_eval_failure_after_generating_loses_nothing(model_dir, other_model_dir,
         ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out, cache=cache, max_new_tokens=5))
 
 
+@pytest.mark.slow
 def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, tmp_path):
     out = tmp_path / "judged.json"
     result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--models", model_dir, other_model_dir,
-                             "--reward", "test_ple:length_reward", "--judge", model_dir, "--dataset", data_file,
+                             "--reward", "tests.rewards:length_reward", "--judge", model_dir, "--dataset", data_file,
                              "--max_new_tokens", "5", "--device", "cpu", "--output", str(out), "--bootstrap", "100"],
                             cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -1098,7 +1053,7 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
                                               "metrics.jsonl", "samples"])
     assert (lora / "iter-2" / "adapter_config.json").exists() and not (lora / "iter-2" / "trainer_state.pt").exists()
     out = tmp_path / "frontier.json"
-    report = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="test_ple:length_reward",
+    report = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="tests.rewards:length_reward",
                                             dataset=data_file, principles=principles_file, max_new_tokens=8,
                                             kl_samples=8, batch_size=16, device="cpu", dtype="float32",
                                             output=str(out), cache=str(tmp_path / "cache"), bootstrap=50))
@@ -1116,7 +1071,7 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
     # the same frontier again comes from the cache: the KL needs no model either
     with pytest.MonkeyPatch.context() as m:
         m.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("cached generations were not reused"))
-        again = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="test_ple:length_reward",
+        again = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="tests.rewards:length_reward",
                                                dataset=data_file, principles=principles_file, max_new_tokens=8,
                                                kl_samples=8, batch_size=16, device="cpu", dtype="float32",
                                                output=str(out), cache=str(tmp_path / "cache"), bootstrap=50))
@@ -1158,7 +1113,7 @@ def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
 
 # ------------------------------------------------------------------------------------------------
 # memory and several processes (accelerate launch); the multi-process tests launch 2 CPU processes
-# each: deselect them with -k "not multiprocess"
+# each (marked multiprocess: deselect them with -m "not multiprocess")
 # ------------------------------------------------------------------------------------------------
 
 def fixed_pairs(tokenizer, n=4):
@@ -1182,8 +1137,7 @@ def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_gradient_accumulation_and_checkpointing_take_the_same_step():
-    tokenizer = tiny_tokenizer()
+def test_gradient_accumulation_and_checkpointing_take_the_same_step(tokenizer):
     pairs = fixed_pairs(tokenizer)
     whole = one_step(tiny_model(tokenizer), pairs, 4)
     assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 4, accumulation=2)) < 1e-6
@@ -1217,103 +1171,60 @@ def test_processes_must_divide_the_work():
         ple.check_processes(6, 3, 2)
 
 
-WORKER = """
-import json, os, sys
-sys.path.insert(0, {here!r})
-import torch
-import ple
-
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-
-def whole_weights(model):  # a sharded model's weights gathered on every process
-    if ple.sharded(model):
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return model.state_dict()
-
-
-mode, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-rank = int(os.environ["RANK"])
-if mode == "run":
-    s = ple.run(ple.Args(**settings))
-    if not ple.sharded(s.policy):  # (a sharded run has ended its process group: its whole model is final/)
-        torch.save(s.policy.state_dict(), os.path.join(out, f"weights-rank{{rank}}.pt"))
-else:  # one training step on this process's half of fixed pairs, data parallel ("step") or sharded
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM
-
-    accelerator = Accelerator(cpu=True)
-    model = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
-    if mode == "sharded_step":
-        ple.shard_model(model)  # before the optimizer: it must hold the shards
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    if mode == "step":
-        model, optimizer = accelerator.prepare(model, optimizer)
-    n = len(settings["prompts"]) // accelerator.num_processes
-    part = slice(rank * n, (rank + 1) * n)
-    ple.ple_epoch(model, optimizer, settings["prompts"][part], settings["answers"][part],
-                  settings["answers_p"][part], torch.tensor(settings["rewards"][part]),
-                  torch.tensor(settings["rewards_p"][part]), 0.2, 1.0, pad_id=settings["pad_id"],
-                  mini_batch_size=n, max_grad_norm=settings["max_grad_norm"])
-    torch.save(whole_weights(accelerator.unwrap_model(model)), os.path.join(out, f"weights-rank{{rank}}.pt"))
-"""
-
-
-def launch(tmp_path, mode, out, settings, processes=2):
+def launch(mode, out, settings, processes=2):
     import socket
 
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER.format(here=HERE))
     with socket.socket() as sock:  # a free port for the processes to meet on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     os.makedirs(out, exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                             "no", "--main_process_port", str(port), str(worker), mode, str(out),
-                             json.dumps(settings)], cwd=HERE, capture_output=True, text=True, timeout=600)
+                             "no", "--main_process_port", str(port), os.path.join(HERE, "tests", "worker.py"),
+                             mode, str(out), json.dumps(settings)], cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = [os.path.join(out, f"weights-rank{r}.pt") for r in range(processes)]
     return [torch.load(path) for path in saved if os.path.exists(path)]
 
 
-def test_multiprocess_step_equals_one_process_on_the_whole_mini_batch(model_dir, tmp_path):
+@pytest.mark.multiprocess
+def test_multiprocess_step_equals_one_process_on_the_whole_mini_batch(tokenizer, model_dir, tmp_path):
     pytest.importorskip("accelerate")
-    tokenizer = tiny_tokenizer()
     pairs = fixed_pairs(tokenizer)
     whole = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), pairs, 4)
     half = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), [p[:2] for p in pairs], 2)
     assert max_difference(whole, half) > 1e-3  # without the all-reduce, process 0 would take this step
     keys = ("prompts", "answers", "answers_p", "rewards", "rewards_p")
     settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, "max_grad_norm": 1e6, **dict(zip(keys, pairs))}
-    rank0, rank1 = launch(tmp_path, "step", tmp_path / "step", settings)
+    rank0, rank1 = launch("step", tmp_path / "step", settings)
     assert max_difference(rank0, whole) < 1e-5 and max_difference(rank1, whole) < 1e-5
 
 
-def test_multiprocess_sharded_step_equals_one_process_on_the_whole_mini_batch(model_dir, tmp_path):
+@pytest.mark.multiprocess
+def test_multiprocess_sharded_step_equals_one_process_on_the_whole_mini_batch(tokenizer, model_dir, tmp_path):
     """--fsdp: each process holds half of every weight; the step, gradient clipping included, must be the
     one a single process takes on the whole mini-batch (a norm over one shard would clip less)."""
     pytest.importorskip("accelerate")
-    tokenizer = tiny_tokenizer()
     pairs = fixed_pairs(tokenizer)
     clip = 0.05
     whole = one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), pairs, 4, max_grad_norm=clip)
     assert max_difference(whole, one_step(AutoModelForCausalLM.from_pretrained(model_dir).eval(), pairs, 4)) > 1e-3
     keys = ("prompts", "answers", "answers_p", "rewards", "rewards_p")
     settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, "max_grad_norm": clip, **dict(zip(keys, pairs))}
-    rank0, rank1 = launch(tmp_path, "sharded_step", tmp_path / "sharded", settings)
+    rank0, rank1 = launch("sharded_step", tmp_path / "sharded", settings)
     assert sorted(rank0) == sorted(whole)
     assert max_difference(rank0, whole) < 1e-5 and max_difference(rank1, whole) < 1e-5
 
 
+@pytest.mark.multiprocess
 def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir, data_file, principles_file,
                                                                        tmp_path):
     pytest.importorskip("accelerate")
-    settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
                     device="cpu", dtype="float32")
     straight = tmp_path / "straight"
-    rank0, rank1 = launch(tmp_path, "run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
+    rank0, rank1 = launch("run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
     queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
     for t in range(2):
         assert [r["query"] for r in read_jsonl(straight / "samples" / f"iter-{t:03d}.jsonl")] == queries
@@ -1327,24 +1238,25 @@ def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir,
     assert metrics[1]["reward_original"] == pytest.approx(sum(s["reward"] for s in samples) / 6)
 
     resumed = tmp_path / "resumed"
-    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 1})
-    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
+    launch("run", resumed, {**settings, "output_dir": str(resumed), "iterations": 1})
+    launch("run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
     assert read_jsonl(resumed / "samples" / "iter-001.jsonl") == samples
     assert max_difference(state_of(str(resumed / "final")), rank0) == 0
     with pytest.raises(ple.PLEError, match="launched with 2 process"):  # one process cannot continue it
         ple.run(ple.Args(**{**settings, "output_dir": str(resumed), "iterations": 3, "resume": True}))
 
 
+@pytest.mark.multiprocess
 def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(model_dir, data_file, principles_file,
                                                                             tmp_path):
     """--fsdp run (with --gradient_checkpointing): every query once, checkpoints and final/ hold the whole
     model (gathered from the shards), and a resume (sharded AdamW state restored) continues exactly."""
     pytest.importorskip("accelerate")
-    settings = dict(model=model_dir, reward="test_ple:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
                     device="cpu", dtype="float32", fsdp=True, save_every=1, gradient_checkpointing=True)
     straight = tmp_path / "straight"
-    launch(tmp_path, "run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
+    launch("run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
     queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
     for t in range(2):
         assert [r["query"] for r in read_jsonl(straight / "samples" / f"iter-{t:03d}.jsonl")] == queries
@@ -1352,8 +1264,8 @@ def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(mode
     assert sorted(final) == sorted(state_of(model_dir)) and max_difference(final, state_of(model_dir)) > 0
     assert max_difference(final, state_of(str(straight / "iter-1"))) > 0  # iter-1 is the model after one iteration
     resumed = tmp_path / "resumed"
-    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 1})
+    launch("run", resumed, {**settings, "output_dir": str(resumed), "iterations": 1})
     assert max_difference(state_of(str(resumed / "final")), state_of(str(straight / "iter-1"))) == 0
-    launch(tmp_path, "run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
+    launch("run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
     assert read_jsonl(resumed / "samples" / "iter-001.jsonl") == read_jsonl(straight / "samples" / "iter-001.jsonl")
     assert max_difference(state_of(str(resumed / "final")), final) == 0
