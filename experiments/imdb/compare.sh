@@ -27,12 +27,7 @@ if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); el
 mkdir -p "$RUNS" "$OUT"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
         --chat_template off)
-lora=(--lora_r 8 --lora_alpha 16)
-METHODS="ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"
-
-rate() {  # the kept learning rate of a method (sweep/selected.json, made by sweep_report.py)
-  python -c "import json,sys; print(json.load(open('experiments/imdb/sweep/selected.json'))[sys.argv[1]])" "$1"
-}
+METHODS="ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"   # each one's script, flags and rate: methods.py
 sweep_rate() {  # a rate as sweep.sh names its runs (1e-4, 3e-5)
   python -c "import sys; print(f'{float(sys.argv[1]):.0e}'.replace('e-0', 'e-'))" "$1"
 }
@@ -40,7 +35,7 @@ sweep_rate() {  # a rate as sweep.sh names its runs (1e-4, 3e-5)
 train() {  # method, seed
   local method=$1 seed=$2 name=${1}_s${2} lr
   [ -d "$RUNS/$name/final" ] && { echo "$name: done already"; return; }
-  case $method in rank|wsft|fixed) lr=$(rate ple) ;; ple_full) lr=1e-5 ;; *) lr=$(rate "$method") ;; esac
+  lr=$(python experiments/imdb/methods.py rate "$method")
   local swept=$SWEEP_RUNS/${method}_lr$(sweep_rate "$lr")
   if [ "$seed" = 0 ] && [ -d "$swept/final" ] && [ -f "experiments/imdb/sweep/${method}_lr$(sweep_rate "$lr").json" ]; then
     rm -rf "${RUNS:?}/$name"; ln -s "$(realpath "$swept")" "$RUNS/$name"
@@ -51,15 +46,8 @@ train() {  # method, seed
   rm -rf "${RUNS:?}/$name"
   local start=$(date +%s) flags=("${common[@]}" --seed "$seed" --learning_rate "$lr" --output_dir "$RUNS/$name"
                                   --save_every 2)
-  case $method in
-    ple|rank|wsft|cd) python ple.py "${flags[@]}" "${lora[@]}" --loss "$method" ;;
-    fixed)    python ple.py "${flags[@]}" "${lora[@]}" --loss ple --alpha 1.0 ;;
-    sft)      python ple.py "${flags[@]}" "${lora[@]}" --loss sft --where label=1 ;;
-    raft)     python ple.py "${flags[@]}" "${lora[@]}" --loss raft --raft_k 4 ;;
-    raft2)    python ple.py "${flags[@]}" "${lora[@]}" --loss raft --raft_k 2 ;;
-    ple_full) python ple.py "${flags[@]}" --loss ple ;;
-    rloo|dpo) python experiments/imdb/trl_baselines.py "${flags[@]}" "${lora[@]}" --method "$method" ;;
-  esac 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
+  read -ra command <<< "$(python experiments/imdb/methods.py command "$method")"   # script and method flags
+  python "${command[@]}" "${flags[@]}" 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
   [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
   echo "$name $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt"
 }

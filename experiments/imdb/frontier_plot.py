@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from compare_table import NAMES, OURS, run_of  # noqa: E402
+from methods import METHODS, NAMES, run_of  # noqa: E402
 
 ZOOM_KL = 1.0  # the second panel shows KL up to this many nats
 COLORS = [f"C{i}" for i in range(10)] + ["black", "gold"]
@@ -37,7 +37,7 @@ def main(folder):
             ax.errorbar([p["kl"] for p in line], [p["reward"] for p in line],
                         xerr=[p["kl_stderr"] for p in line], yerr=[p["reward_stderr"] for p in line],
                         marker="os^vD<>ph*XP"[i % 12], capsize=2, color=COLORS[i % 12], label=NAMES[m],
-                        linewidth=2.5 if m == "ple" else 1.2, linestyle="-" if m in OURS else "--")
+                        linewidth=2.5 if m == "ple" else 1.2, linestyle="-" if METHODS[m].ours else "--")
             for p in line:
                 if p["iteration"]:
                     ax.annotate(str(p["iteration"]), (p["kl"], p["reward"]), textcoords="offset points",

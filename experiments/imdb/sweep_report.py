@@ -14,10 +14,14 @@ import glob
 import json
 import os
 
+import sys
+
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from methods import NAMES  # noqa: E402
+
 KL_CAP = 10.0
-NAMES = {"ple": "PLE", "raft": "RAFT (best of 4)", "raft2": "RAFT (best of 2)", "cd": "context distillation",
-         "rloo": "RLOO", "dpo": "online DPO", "sft": "SFT on positive reviews"}
+SWEPT = ("ple", "raft", "raft2", "cd", "rloo", "dpo", "sft")  # the methods sweep.sh sweeps, in table order
 
 
 def read_sweep(folder):
@@ -41,7 +45,7 @@ def main():
     p.add_argument("--plot", help="write reward against KL (PNG)")
     a = p.parse_args()
     sweep = read_sweep(a.sweep)
-    order = [m for m in NAMES if m in sweep] + sorted(set(sweep) - set(NAMES))
+    order = [m for m in SWEPT if m in sweep] + sorted(set(sweep) - set(SWEPT))
     chosen = {m: select(sweep[m]) for m in order}
     print("| method | learning rate | validation reward (training RM) ± s.e. | KL to untrained ± s.e. | distinct-2 "
           "| win rate vs untrained | training time | kept |")
