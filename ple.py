@@ -460,8 +460,8 @@ def ple_iteration(t, args, state):
         rewards_p = score(state.reward_fn, state.queries, answers_p, args.reward_batch_size)
     with clock("train"):  # 3. rank if r_p - r > tau_t, else reward-weighted SFT; trained given x only
         losses, tokens, branches, weights = train_on_samples(
-            args.loss, state.model, state.optimizer, state.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
-            args.beta, state.sft_targets, **state.step)
+            args.loss, state.model, state.optimizer, state.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p,
+            tau, args.beta, state.sft_targets, **state.step)
     return Iteration(t=t, tau=tau, answers=answers, rewards=rewards.tolist(), answers_p=answers_p,
                      rewards_p=rewards_p.tolist(), branches=branches,
                      weights=weights.tolist() if weights is not None else None, losses=losses,
@@ -641,7 +641,8 @@ def check_local(name, flag):
 def checked_reward(reward_fn, queries, answers, start):
     """score's checks: the reward on one batch (samples start, start + 1, ...) must return one finite
     float32 number per answer (the losses compute in float32)."""
-    where = f"samples {start} to {start + len(queries) - 1} (first query {queries[0][:60]!r}, answer {answers[0][:60]!r})"
+    where = (f"samples {start} to {start + len(queries) - 1} (first query {queries[0][:60]!r}, "
+             f"answer {answers[0][:60]!r})")
     try:
         values = reward_fn(queries, answers)
     except Exception as e:
@@ -1001,7 +1002,8 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
         if args.fsdp:  # saved whole (gathered_state): each process takes its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])  # one per process
@@ -1012,7 +1014,8 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
 
 
 def enable_checkpointing(model):
-    """Activations recomputed in the backward pass (train_without_dropout keeps the layers that do it in training mode)."""
+    """Activations recomputed in the backward pass (train_without_dropout keeps the layers that do it in
+    training mode)."""
     enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -1024,22 +1027,13 @@ def enable_checkpointing(model):
 # Several processes: `accelerate launch` or torchrun, data parallel or sharded (--fsdp)
 # ------------------------------------------------------------------------------------------------
 
-@dataclass
 class Processes:
     """The processes of a run: one for a plain `python ple.py`, several under a launcher."""
-    accelerator: Any = None  # accelerate's Accelerator under a launcher
 
-    @property
-    def rank(self):
-        return self.accelerator.process_index if self.accelerator else 0
-
-    @property
-    def world(self):
-        return self.accelerator.num_processes if self.accelerator else 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator  # accelerate's Accelerator under a launcher
+        self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        self.is_main = self.rank == 0
 
     def print(self, *args, **kwargs):
         if self.is_main:

@@ -464,8 +464,8 @@ def sft_targets(monkeypatch):
     return targets
 
 
-def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(tokenizer, model_dir, data_file, principles_file,
-                                                                         tmp_path, sft_targets):
+def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(tokenizer, model_dir, data_file,
+                                                                         principles_file, tmp_path, sft_targets):
     out = tmp_path / "sft_positive"
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, num_queries=0, loss="sft",
                       where="label=1", max_new_tokens=4, mini_batch_size=2))
@@ -489,7 +489,7 @@ def test_raft_trains_on_the_best_of_k_answers(tokenizer, model_dir, data_file, p
     assert len(samples) == 6 and len(sft_targets) == 1
     for sample, target in zip(samples, sft_targets[0]):
         assert len(sample["candidates"]) == 3
-        assert sample["candidate_rewards"] == pytest.approx([rewards.word_reward([""], [c])[0] for c in sample["candidates"]])
+        assert sample["candidate_rewards"] == pytest.approx(rewards.word_reward([""] * 3, sample["candidates"]))
         assert sample["reward"] == max(sample["candidate_rewards"])  # the best answer ...
         assert sample["answer"] == sample["candidates"][sample["candidate_rewards"].index(sample["reward"])]
         assert tokenizer.decode(target, skip_special_tokens=True) == sample["answer"]  # ... is the SFT target
@@ -569,8 +569,8 @@ def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
                  "--output_dir", str(tmp_path / "x"))
     assert result.returncode == 2 and "principles file not found" in result.stderr
     # a Hub id while the Hub is unreachable: say so and what to pass instead
-    result = cli("--model", "nobody-here/no-such-model", "--reward", "tests.rewards:word_reward", "--dataset", data_file,
-                 "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
+    result = cli("--model", "nobody-here/no-such-model", "--reward", "tests.rewards:word_reward", "--dataset",
+                 data_file, "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "Hub could not be reached" in result.stderr and "local folder" in result.stderr
     assert "Traceback" not in result.stderr
@@ -628,7 +628,8 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(dataset="nope.jsonl"), r"--dataset nope.jsonl: no such file or folder"),
     (dict(model="nothere.gguf"), r"--model nothere.gguf: no such file or folder"),
     (dict(model="runs/typo/final"), r"--model runs/typo/final: no such file or folder"),
-    (dict(reward="tests.rewards:raising_reward"), r"the reward raised ValueError: the reward server is down on samples 0"),
+    (dict(reward="tests.rewards:raising_reward"),
+     r"the reward raised ValueError: the reward server is down on samples 0"),
     (dict(reward="tests.rewards:scalar_reward"), r"returned 3.0 for samples 0 to 1 .*one number per answer"),
     (dict(reward="tests.rewards:none_reward"), r"returned None for samples 0 to 1"),
     (dict(reward="tests.rewards:huge_reward"), r"returned 1e\+39 for sample 0 .*finite float32"),
@@ -1181,7 +1182,8 @@ def launch(mode, out, settings, processes=2):
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
                              "no", "--main_process_port", str(port), os.path.join(HERE, "tests", "worker.py"),
-                             mode, str(out), json.dumps(settings)], cwd=HERE, capture_output=True, text=True, timeout=600)
+                             mode, str(out), json.dumps(settings)], cwd=HERE, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = [os.path.join(out, f"weights-rank{r}.pt") for r in range(processes)]
     return [torch.load(path) for path in saved if os.path.exists(path)]

@@ -1,7 +1,7 @@
 """The comparison's methods in one table: the name tables give each, what trains it, at which rate.
 
-    python experiments/imdb/methods.py command METHOD    # the training command's script and flags (sweep.sh, compare.sh)
-    python experiments/imdb/methods.py rate METHOD       # the learning rate compare.sh trains METHOD at
+    python experiments/imdb/methods.py command METHOD   # its training script and flags (sweep.sh, compare.sh)
+    python experiments/imdb/methods.py rate METHOD      # the learning rate compare.sh trains it at
 
 sweep.sh, compare.sh, compare_table.py, frontier_plot.py and sweep_report.py all read this table. The
 flags come on top of the shared ones each script passes (task, data, reward, budget, seed, output).

@@ -34,26 +34,16 @@ class BaselineArgs(ple.Args):
     kl_coef: float = arg(-1.0, "dpo: beta (default 0.1); rloo: KL penalty (default 0.05); -1: TRL's default")
 
 
-def reward_function(spec, device):
+def reward_function(reward, batch_size):
     """ple.py's reward as TRL calls it: on the original query (a dataset column), never the rendered prompt."""
-    reward = ple.load_reward(spec, device)
-
     def reward_func(prompts, completions, query, **kwargs):
-        return ple.score(reward, list(query), list(completions), 64).tolist()
+        return ple.score(reward, list(query), list(completions), batch_size).tolist()
 
     reward_func.__name__ = "reward"
     return reward_func
 
 
-def writer(model, tokenizer):
-    """What save_dir_atomically writes: the model (LoRA: the adapter) and the tokenizer."""
-    def write(path):
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-    return write
-
-
-def save_passes(s, args):
+def save_passes(tokenizer, args):
     """A callback that keeps the weights after every pass over the queries as iter-N/, as ple.py --save_every."""
     from transformers import TrainerCallback
 
@@ -61,7 +51,7 @@ def save_passes(s, args):
         def on_epoch_end(self, training_args, state, control, model=None, **kwargs):
             n = round(state.epoch)
             if state.is_world_process_zero and args.save_every and n % args.save_every == 0:
-                ple.save_dir_atomically(os.path.join(args.output_dir, f"iter-{n}"), writer(model, s.tokenizer))
+                ple.save_model(os.path.join(args.output_dir, f"iter-{n}"), model, tokenizer)
 
     return SavePasses()
 
@@ -83,22 +73,21 @@ def run(args):
     ple.check_args(args)
     if args.loss != "ple" or args.sft_epochs:
         raise ple.PLEError("--loss and --sft_epochs are ple.py's; here the method is --method")
-    s = ple.State()
-    s.accelerator, s.rank, s.world, s.is_main, s.print = None, 0, 1, True, print
     queries, _, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed,
                                      where=args.where)
-    if ple.prepare_output_dir(args, s):
+    if ple.prepare_output_dir(args, ple.Processes()):
         raise ple.PLEError("--resume is not supported for the TRL baselines; start a new --output_dir")
     device = ple.pick_device(args.device)
-    reward = reward_function(args.reward, device)
-    reward(prompts=queries[:2], completions=["", ""], query=queries[:2])  # a reward that fails, fails now
+    reward_fn = ple.load_reward(args.reward, device)
+    ple.probe_reward(reward_fn, queries, args.reward_batch_size)  # a reward that fails, fails now
+    reward = reward_function(reward_fn, args.reward_batch_size)
     from transformers import set_seed
 
     set_seed(args.seed)
-    model, s.tokenizer = ple.load_policy(args.model, device, ple.pick_dtype(args.dtype, device))
-    prompt_ids = ple.encode_prompts(s.tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
+    model, tokenizer = ple.load_policy(args.model, device, ple.pick_dtype(args.dtype, device))
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
                                     chat=args.chat_template == "auto")
-    prompts = [s.tokenizer.decode(ids) for ids in prompt_ids]  # rendered exactly as ple.py renders x
+    prompts = [tokenizer.decode(ids) for ids in prompt_ids]  # rendered exactly as ple.py renders x
     data = Dataset.from_dict({"prompt": prompts, "query": queries})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM") if args.lora_r else None
@@ -117,20 +106,21 @@ def run(args):
         config = RLOOConfig(**common, num_generations=2, max_completion_length=args.max_new_tokens,
                             per_device_train_batch_size=2 * args.mini_batch_size // args.gradient_accumulation_steps)
         trainer = RLOOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
-                              processing_class=s.tokenizer, peft_config=lora, callbacks=[save_passes(s, args)])
+                              processing_class=tokenizer, peft_config=lora, callbacks=[save_passes(tokenizer, args)])
     else:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
         config = OnlineDPOConfig(**common, max_new_tokens=args.max_new_tokens,
                                  per_device_train_batch_size=args.mini_batch_size // args.gradient_accumulation_steps)
         trainer = OnlineDPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=data,
-                                   processing_class=s.tokenizer, peft_config=lora, callbacks=[save_passes(s, args)])
+                                   processing_class=tokenizer, peft_config=lora,
+                                   callbacks=[save_passes(tokenizer, args)])
     start = time.time()
     trainer.train()
     history = [dict(r) for r in trainer.state.log_history]
     ple.write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), history, mode="w")
     final = trainer.model.merge_and_unload() if args.lora_r else trainer.model
-    ple.save_dir_atomically(os.path.join(args.output_dir, "final"), writer(final, s.tokenizer))
+    ple.save_model(os.path.join(args.output_dir, "final"), final, tokenizer)
     print(f"{args.method}: {trainer.state.global_step} optimizer steps, {2 * len(queries) * args.iterations} answers "
           f"sampled, {time.time() - start:.0f} s; saved {os.path.join(args.output_dir, 'final')}")
 
