@@ -404,60 +404,6 @@ def pick_reference(args, models):
     return None
 
 
-def cache_path(args, name, queries, output):
-    """Where a model's generations are cached: named by a hash of everything that shapes them."""
-    key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
-           **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                                            "perplexity", "kl_samples", "batch_size", "chat_template")}}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(output)), "eval_cache")
-    return os.path.join(folder, f"{digest}.json")
-
-
-def model_fingerprint(name):
-    """Names, sizes and modification times of a local model's files (a retrained folder gets a new key)."""
-    folder, gguf = ple.find_gguf(ple.stored_path(name))
-    path = os.path.join(folder, gguf) if gguf else folder
-    if not os.path.exists(path):
-        return None  # a Hub id: its revision is the Hub's business
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    return [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]
-
-
-def read_cache(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None  # missing, or cut short by a kill: generate again
-
-
-def write_json(path, data):
-    """Write under a temporary name, then rename: a kill mid-write leaves the old file or none."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def check_generations(record):
-    """Saved generations must pair up: the same queries, the same number of answers per query."""
-    queries = record.get("queries") if isinstance(record, dict) else None
-    models = record.get("models") if isinstance(record, dict) else None
-    if not isinstance(queries, list) or not queries or not isinstance(models, dict) or len(models) < 2:
-        raise PLEError("saved generations need 'queries' and at least two models under 'models'")
-    counts = None
-    for name, entry in models.items():
-        answers = entry.get("answers", []) if isinstance(entry, dict) else []
-        if len(answers) != len(queries):
-            raise PLEError(f"saved generations of '{name}' answer {len(answers)} queries, not {len(queries)}")
-        shape = [len(a) for a in answers]
-        if counts is not None and shape != counts:
-            raise PLEError(f"saved generations of '{name}' have a different number of answers per query "
-                           "than the first model")
-        counts = shape
-
-
 # ================================================================================================
 # Scoring and the report
 # ================================================================================================
@@ -524,33 +470,6 @@ def drift_stats(entry, principles):
     return stats
 
 
-def portable(report):
-    """A report, settings or generations record as the JSON stores it: every local path relative to the
-    repository (ple.portable_path), never a machine's absolute path; other names as given."""
-    path = ple.portable_path
-    out = dict(report)
-    if "settings" in out:
-        settings = {k: v for k, v in out["settings"].items() if k != "plot"}
-        settings["models"] = [path(m) for m in settings["models"]]
-        settings["frontier"] = [path(m) for m in settings["frontier"]]
-        for key in ("reward", "judge", "dataset", "rescore", "reference", "principles"):
-            settings[key] = path(settings[key])
-        out["settings"] = {**settings, "output": path(settings["output"], exists=False)}
-    if "candidate" in out:
-        out["candidate"], out["baselines"] = path(out["candidate"]), [path(b) for b in out["baselines"]]
-    for key in ("models", "win_rates", "judge_win_rates"):
-        if key in out:
-            out[key] = {path(name): value for name, value in out[key].items()}
-    if "generations" in out:
-        out["generations"] = portable(out["generations"])
-    if "frontier" in out:
-        frontier = out["frontier"]
-        out["frontier"] = {"reference": path(frontier["reference"]),
-                           "runs": {path(run): [{**p, "model": path(p["model"])} for p in line]
-                                    for run, line in frontier["runs"].items()}}
-    return out
-
-
 def add_bleu(report, record):
     try:
         import sacrebleu
@@ -600,122 +519,9 @@ def markdown(report):
     return "\n".join(lines)
 
 
-def plot_run(run_dir):
-    """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PLEError("--plot needs matplotlib: pip install matplotlib") from None
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise PLEError(f"--plot: no metrics.jsonl in {run_dir}")
-    records = ple.read_jsonl(path)
-    if not records:
-        raise PLEError(f"--plot: {path} holds no finished iteration yet")
-    t = [r["iteration"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
-    left.plot(t, [r["reward_principle"] for r in records], "s--", label="answer to x_p (with principle)")
-    left.set(xlabel="iteration", ylabel="mean reward", title="The principle being internalised")
-    left.legend()
-    right.plot(t, [r["ranked_share"] for r in records], "o-", label="share of pairs ranked")
-    right.plot(t, [r["tau"] for r in records], "s--", label="threshold tau")
-    right.set(xlabel="iteration", title="Ranking branch and threshold")
-    right.legend()
-    fig.tight_layout()
-    out = os.path.join(run_dir, "training_curve.png")
-    fig.savefig(out, dpi=120)
-    return out
-
-
-def default_output(args):
-    if args.rescore:
-        return os.path.splitext(args.rescore)[0] + "-rescored.json"
-    if args.frontier:  # beside the first run's folder
-        return os.path.join(os.path.dirname(os.path.abspath(args.frontier[0])), "frontier.json")
-    if saved_run_args(args.models[0]):  # beside the candidate's run
-        return os.path.join(os.path.dirname(os.path.abspath(args.models[0])), "eval.json")
-    return "eval.json"
-
-
-def main(argv=None):
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv)
-    try:
-        report = run(args)
-    except PLEError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if report is not None:
-        print(frontier_markdown(report["frontier"]) if "frontier" in report else markdown(report))
-
-
-def check_eval_args(args):
-    """Everything that can be checked before a model is loaded."""
-    if not args.reward and not args.judge:
-        raise PLEError("nothing judges: pass --reward, --judge or both")
-    for name in ("samples", "batch_size", "reward_batch_size", "max_new_tokens", "bootstrap"):
-        require(getattr(args, name) >= 1, name, "must be at least 1")
-    require(args.n >= 0, "n", "must be 0 (all held-out queries) or more")
-    require(args.n != 1, "n", "a win rate needs at least 2 queries")
-    require(0 < args.temperature < math.inf, "temperature", "must be a positive number")
-    require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
-    require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
-    require(args.chat_template in ("", "auto", "off"), "chat_template", "must be auto or off")
-    ple.check_device(args.device)
-    if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
-        ple.check_local(args.reward, "--reward")
-    if not args.rescore:
-        ple.check_local(ple.resolve_path(args.dataset), "--dataset")
-        if len(args.models) < 2:
-            raise PLEError("--models needs a candidate and at least one baseline")
-
-
-def check_models(names):
-    """Each model exists (local) or resolves (Hub id), before any of them generates."""
-    from transformers import AutoConfig
-
-    for name in names:
-        ple.check_local(name, "--models")
-        folder, gguf = ple.find_gguf(ple.stored_path(name))
-        if gguf or is_adapter(folder):
-            continue
-        try:
-            AutoConfig.from_pretrained(folder)
-        except Exception as e:
-            raise PLEError(f"could not load model '{name}': {ple.load_hint(name, e)}") from None
-
-
-def check_writable(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise PLEError(f"--output {path}: the folder {folder} does not exist")
-    try:
-        with open(path + ".tmp", "w"):
-            pass
-        os.remove(path + ".tmp")
-    except OSError as e:
-        raise PLEError(f"--output {path} cannot be written: {e}") from None
-
-
-def read_saved(path):
-    """The JSON that --rescore reads: eval.py's own output (complete or not)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except FileNotFoundError:
-        raise PLEError(f"--rescore {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PLEError(f"--rescore {path} is not a readable JSON file: {e}") from None
-    if not isinstance(saved, dict):
-        raise PLEError(f"--rescore {path} holds a JSON {type(saved).__name__}, not the object eval.py writes")
-    record = saved.get("generations", saved)
-    check_generations(record)
-    return saved, record
-
+# ================================================================================================
+# The frontier (--frontier) and the training curve (--plot)
+# ================================================================================================
 
 def frontier_models(args):
     """--frontier: the reference (the runs' untrained model), then every run's iter-N/ in order."""
@@ -787,6 +593,206 @@ def frontier_markdown(frontier):
                          f"{p['kl']:.2f} ± {p['kl_stderr']:.2f} | {p['distinct_2']:.2f} | "
                          f"{p['principle_copying']:.2f} | {p['mean_answer_tokens']:.1f} |")
     return "\n".join(lines)
+
+
+def plot_run(run_dir):
+    """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PLEError("--plot needs matplotlib: pip install matplotlib") from None
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise PLEError(f"--plot: no metrics.jsonl in {run_dir}")
+    records = ple.read_jsonl(path)
+    if not records:
+        raise PLEError(f"--plot: {path} holds no finished iteration yet")
+    t = [r["iteration"] for r in records]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
+    left.plot(t, [r["reward_principle"] for r in records], "s--", label="answer to x_p (with principle)")
+    left.set(xlabel="iteration", ylabel="mean reward", title="The principle being internalised")
+    left.legend()
+    right.plot(t, [r["ranked_share"] for r in records], "o-", label="share of pairs ranked")
+    right.plot(t, [r["tau"] for r in records], "s--", label="threshold tau")
+    right.set(xlabel="iteration", title="Ranking branch and threshold")
+    right.legend()
+    fig.tight_layout()
+    out = os.path.join(run_dir, "training_curve.png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
+# ================================================================================================
+# Files: the generations cache, the JSON eval.py writes and --rescore reads, portable paths
+# ================================================================================================
+
+def cache_path(args, name, queries, output):
+    """Where a model's generations are cached: named by a hash of everything that shapes them."""
+    key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
+           **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
+                                            "perplexity", "kl_samples", "batch_size", "chat_template")}}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(output)), "eval_cache")
+    return os.path.join(folder, f"{digest}.json")
+
+
+def model_fingerprint(name):
+    """Names, sizes and modification times of a local model's files (a retrained folder gets a new key)."""
+    folder, gguf = ple.find_gguf(ple.stored_path(name))
+    path = os.path.join(folder, gguf) if gguf else folder
+    if not os.path.exists(path):
+        return None  # a Hub id: its revision is the Hub's business
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
+    return [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]
+
+
+def read_cache(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None  # missing, or cut short by a kill: generate again
+
+
+def write_json(path, data):
+    """Write under a temporary name, then rename: a kill mid-write leaves the old file or none."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_saved(path):
+    """The JSON that --rescore reads: eval.py's own output (complete or not)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise PLEError(f"--rescore {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PLEError(f"--rescore {path} is not a readable JSON file: {e}") from None
+    if not isinstance(saved, dict):
+        raise PLEError(f"--rescore {path} holds a JSON {type(saved).__name__}, not the object eval.py writes")
+    record = saved.get("generations", saved)
+    check_generations(record)
+    return saved, record
+
+
+def check_generations(record):
+    """Saved generations must pair up: the same queries, the same number of answers per query."""
+    queries = record.get("queries") if isinstance(record, dict) else None
+    models = record.get("models") if isinstance(record, dict) else None
+    if not isinstance(queries, list) or not queries or not isinstance(models, dict) or len(models) < 2:
+        raise PLEError("saved generations need 'queries' and at least two models under 'models'")
+    counts = None
+    for name, entry in models.items():
+        answers = entry.get("answers", []) if isinstance(entry, dict) else []
+        if len(answers) != len(queries):
+            raise PLEError(f"saved generations of '{name}' answer {len(answers)} queries, not {len(queries)}")
+        shape = [len(a) for a in answers]
+        if counts is not None and shape != counts:
+            raise PLEError(f"saved generations of '{name}' have a different number of answers per query "
+                           "than the first model")
+        counts = shape
+
+
+def portable(report):
+    """A report, settings or generations record as the JSON stores it: every local path relative to the
+    repository (ple.portable_path), never a machine's absolute path; other names as given."""
+    path = ple.portable_path
+    out = dict(report)
+    if "settings" in out:
+        settings = {k: v for k, v in out["settings"].items() if k != "plot"}
+        settings["models"] = [path(m) for m in settings["models"]]
+        settings["frontier"] = [path(m) for m in settings["frontier"]]
+        for key in ("reward", "judge", "dataset", "rescore", "reference", "principles", "cache"):
+            settings[key] = path(settings[key])
+        out["settings"] = {**settings, "output": path(settings["output"], exists=False)}
+    if "candidate" in out:
+        out["candidate"], out["baselines"] = path(out["candidate"]), [path(b) for b in out["baselines"]]
+    for key in ("models", "win_rates", "judge_win_rates"):
+        if key in out:
+            out[key] = {path(name): value for name, value in out[key].items()}
+    if "generations" in out:
+        out["generations"] = portable(out["generations"])
+    if "frontier" in out:
+        frontier = out["frontier"]
+        out["frontier"] = {"reference": path(frontier["reference"]),
+                           "runs": {path(run): [{**p, "model": path(p["model"])} for p in line]
+                                    for run, line in frontier["runs"].items()}}
+    return out
+
+
+# ================================================================================================
+# Checks: everything that can be wrong, before a model loads
+# ================================================================================================
+
+def check_eval_args(args):
+    """Everything that can be checked before a model is loaded."""
+    if not args.reward and not args.judge:
+        raise PLEError("nothing judges: pass --reward, --judge or both")
+    for name in ("samples", "batch_size", "reward_batch_size", "max_new_tokens", "bootstrap"):
+        require(getattr(args, name) >= 1, name, "must be at least 1")
+    require(args.n >= 0, "n", "must be 0 (all held-out queries) or more")
+    require(args.n != 1, "n", "a win rate needs at least 2 queries")
+    require(0 < args.temperature < math.inf, "temperature", "must be a positive number")
+    require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
+    require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
+    require(args.chat_template in ("", "auto", "off"), "chat_template", "must be auto or off")
+    ple.check_device(args.device)
+    if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
+        ple.check_local(args.reward, "--reward")
+    if not args.rescore:
+        ple.check_local(ple.resolve_path(args.dataset), "--dataset")
+        if len(args.models) < 2:
+            raise PLEError("--models needs a candidate and at least one baseline")
+
+
+def check_models(names):
+    """Each model exists (local) or resolves (Hub id), before any of them generates."""
+    from transformers import AutoConfig
+
+    for name in names:
+        ple.check_local(name, "--models")
+        folder, gguf = ple.find_gguf(ple.stored_path(name))
+        if gguf or is_adapter(folder):
+            continue
+        try:
+            AutoConfig.from_pretrained(folder)
+        except Exception as e:
+            raise PLEError(f"could not load model '{name}': {ple.load_hint(name, e)}") from None
+
+
+def check_writable(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise PLEError(f"--output {path}: the folder {folder} does not exist")
+    try:
+        with open(path + ".tmp", "w"):
+            pass
+        os.remove(path + ".tmp")
+    except OSError as e:
+        raise PLEError(f"--output {path} cannot be written: {e}") from None
+
+
+# ================================================================================================
+# The command line and its modes: --models, --rescore, --frontier, --plot
+# ================================================================================================
+
+def main(argv=None):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv)
+    try:
+        report = run(args)
+    except PLEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if report is not None:
+        print(frontier_markdown(report["frontier"]) if "frontier" in report else markdown(report))
 
 
 def run(args):
@@ -871,6 +877,16 @@ def write_report(report, record, output):
     write_json(output, report)
     print(f"wrote {output}")
     return report
+
+
+def default_output(args):
+    if args.rescore:
+        return os.path.splitext(args.rescore)[0] + "-rescored.json"
+    if args.frontier:  # beside the first run's folder
+        return os.path.join(os.path.dirname(os.path.abspath(args.frontier[0])), "frontier.json")
+    if saved_run_args(args.models[0]):  # beside the candidate's run
+        return os.path.join(os.path.dirname(os.path.abspath(args.models[0])), "eval.json")
+    return "eval.json"
 
 
 if __name__ == "__main__":
