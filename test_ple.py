@@ -1126,9 +1126,9 @@ def fixed_pairs(tokenizer, n=4):
 
 
 def one_step(model, pairs, mini_batch_size, max_grad_norm=1e6, **kwargs):
-    prompts, answers, answers_p, rewards, rewards_p = pairs
+    prompts, answers, answers_p, r, r_p = pairs
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # SGD: a step is proportional to the gradient
-    ple.ple_epoch(model, optimizer, prompts, answers, answers_p, torch.tensor(rewards), torch.tensor(rewards_p),
+    ple.ple_epoch(model, optimizer, prompts, answers, answers_p, torch.tensor(r), torch.tensor(r_p),
                   0.2, 1.0, pad_id=model.config.eos_token_id, mini_batch_size=mini_batch_size,
                   max_grad_norm=max_grad_norm, **kwargs)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
