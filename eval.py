@@ -60,7 +60,8 @@ class EvalArgs:
     reference: str = arg("", "model the KL is measured against; default: the untrained model of the candidate's run")
     kl_samples: int = arg(2, "answers per query for the KL, sampled at temperature 1 without top-p; 0: no KL")
     principles: str = arg("principles.txt", "the task's principles, for the copying metric (as ple.py's --principles)")
-    chat_template: str = arg("", "auto or off, as ple.py's --chat_template; default: as the candidate's run, else auto")
+    chat_template: str = arg("", "task, auto or off, as ple.py's --chat_template; default: as the candidate's run, "
+                                 "else task")
     frontier: List[str] = field(default_factory=list, metadata={
         "help": "run folders with iter-N/ (ple.py --save_every): reward against KL for every saved iteration"})
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
@@ -239,7 +240,7 @@ def held_out_queries(args):
 def prompt_ids_for(tokenizer, queries, args):
     """The original queries x as ple.py rendered them for training (no principle)."""
     return ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                              chat=args.chat_template != "off")
+                              chat=ple.chat_prompts(args.chat_template, args.task))
 
 
 def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
@@ -358,7 +359,8 @@ def load_model(name, device, dtype):
             with open(os.path.join(folder, "adapter_config.json")) as f:
                 base = json.load(f)["base_model_name_or_path"]
         model, tokenizer = ple.load_policy(base, device, dtype)
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        with ple.quiet_peft():
+            model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     else:
         model, tokenizer = ple.load_policy(name, device, dtype)
     return model.eval(), tokenizer
@@ -741,7 +743,7 @@ def check_eval_args(args):
     require(0 < args.temperature < math.inf, "temperature", "must be a positive number")
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
     require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
-    require(args.chat_template in ("", "auto", "off"), "chat_template", "must be auto or off")
+    require(args.chat_template in ("", "task", "auto", "off"), "chat_template", "must be task, auto or off")
     ple.check_device(args.device)
     if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
         ple.check_local(args.reward, "--reward")
@@ -810,6 +812,8 @@ def run(args):
 def run_models(args, win_rates=True):
     """--models: every model answers the held-out queries; then reward, judge, KL and the rest."""
     check_eval_args(args)
+    ple.check_hub([("--models", m) for m in args.models] + [("--dataset", ple.resolve_path(args.dataset)),
+                  ("--reward", args.reward), ("--judge", args.judge or ""), ("--reference", args.reference)])
     check_models(args.models)
     queries, references, excluded = held_out_queries(args)
     print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
@@ -827,6 +831,7 @@ def run_models(args, win_rates=True):
 def run_rescore(args):
     """--rescore: judge the generations a JSON holds again, with the settings they were made with."""
     check_eval_args(args)
+    ple.check_hub([("--reward", args.reward), ("--judge", args.judge or "")])
     saved, record = read_saved(args.rescore)
     made_with = {k: v for k, v in saved.get("settings", {}).items() if k in GENERATION_SETTINGS}
     args, output = resolved(replace(args, models=list(record["models"]), **made_with))
@@ -854,8 +859,9 @@ GENERATION_SETTINGS = ("dataset", "split", "task", "samples", "seed", "max_new_t
 def resolved(args):
     """The settings with their defaults filled in (prompts as the candidate's run rendered them), and
     the output path, checked to be writable; the principles read once (the copying metric needs them)."""
-    if not args.chat_template:
-        args = replace(args, chat_template=(saved_run_args(args.models[0]) or {}).get("chat_template", "auto"))
+    if not args.chat_template:  # (a run saved before --chat_template task existed used auto)
+        run = saved_run_args(args.models[0])
+        args = replace(args, chat_template=run.get("chat_template", "auto") if run else "task")
     output = args.output or default_output(args)
     check_writable(output)
     ple.read_principles(ple.resolve_path(args.principles), args.task)

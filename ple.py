@@ -11,10 +11,10 @@ Training is always conditioned on the original query: that is how the principle 
 There is no reference model and no KL term.
 
 Run it:
-    python ple.py                                   # offline: SmolLM2-135M (GGUF), VADER, ~10 min on CPU
+    python ple.py                                   # offline: SmolLM2-135M (GGUF), VADER, LoRA, minutes on CPU
     python ple.py --model gpt2 --reward lvwerra/distilbert-imdb --dataset stanfordnlp/imdb
     python ple.py --task dialogue --dataset Anthropic/hh-rlhf --reward OpenAssistant/reward-model-deberta-v3-large-v2
-    python ple.py --lora_r 8 --lora_alpha 16        # LoRA on all linear layers, as in the paper
+    python ple.py --lora_r 0 --learning_rate 1e-5   # full fine-tuning instead of the paper's LoRA
 
 Reading order: the arguments, then the method in the order of Algorithm 1 (principle-guided query,
 sampling, reward, threshold, sequence log-probabilities, loss, one iteration, the loop), then, below
@@ -29,9 +29,12 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal, Optional
@@ -59,8 +62,10 @@ class Args:
                          "IMDb's positive reviews, the sft baseline's preferred data)")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
     principles: str = arg("principles.txt", "file with the principles of each task")
-    chat_template: Literal["auto", "off"] = arg("auto", "auto: chat models get prompts through their chat template; "
-                                                        "off: plain text for every model")
+    chat_template: Literal["task", "auto", "off"] = arg(
+        "task", "task: the task's own prompt format (sentiment: plain text, so that the model continues the "
+                "review; dialogue and summarize: as auto); auto: chat models get prompts through their chat "
+                "template; off: plain text for every model")
     principle_placement: Literal["user", "system"] = arg("user", "chat models: principles before x in the user "
                                                                  "turn, or as the system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
@@ -78,7 +83,8 @@ class Args:
         "ple", "ple; ablations: rank or wsft (every pair to one branch); baselines: cd (SFT on y_p given x), "
                "sft (SFT on the dataset's answers), raft (SFT on the best of --raft_k answers to x)")
     raft_k: int = arg(4, "--loss raft: answers sampled per query, the best one trained on (the paper's RAFT: 4)")
-    lora_r: int = arg(0, "LoRA rank on all linear layers (paper: 8); 0 = full fine-tuning")
+    lora_r: int = arg(8, "LoRA rank on all linear layers (the paper's: 8); 0 = full fine-tuning (then about "
+                         "--learning_rate 1e-5)")
     lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
     sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers (cut to --max_new_tokens) "
                              "before iteration 0")
@@ -90,7 +96,7 @@ class Args:
     batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p)")
     reward_batch_size: int = arg(64, "texts per reward call")
     # --- optimizer ---
-    learning_rate: float = arg(1e-5, "AdamW learning rate")
+    learning_rate: float = arg(1e-4, "AdamW learning rate (1e-4: the rate experiments/imdb kept for PLE with LoRA)")
     mini_batch_size: int = arg(8, "pairs per optimizer step (one forward and backward over both answers)")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     gradient_accumulation_steps: int = arg(1, "split each mini-batch into this many forward/backward passes (memory)")
@@ -209,7 +215,8 @@ def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new
 def score(reward_fn, queries, answers, batch_size):
     """The reward of every answer to its original query, batch_size answers per call. Returns [N] float32."""
     rewards = []
-    for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False):
+    for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False,
+                      disable=len(queries) <= batch_size):  # (a bar for one call would never move)
         chunk = slice(start, start + batch_size)
         rewards += checked_reward(reward_fn, queries[chunk], answers[chunk], start)  # checks: below the line
     return torch.tensor(rewards)
@@ -512,12 +519,38 @@ def run(args):
 def main(argv=None):
     from transformers import HfArgumentParser
 
+    argv = sys.argv[1:] if argv is None else argv
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    signal.signal(signal.SIGTERM, terminate)  # a scheduler's stop ends the run as Ctrl-C does
     try:
         run(args)
     except PLEError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped_message(args, argv, "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"), file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as it would on Ctrl-C."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
+def stopped_message(args, argv, how):
+    """One line: what the stopped run has saved, and the exact command that continues it."""
+    found = checkpoints(args.output_dir)
+    command = shlex.join(["python", sys.argv[0], *argv, *([] if args.resume else ["--resume"])])
+    launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    if not found:
+        return f"stopped by {how} before the first checkpoint: nothing to resume; run the same command again{launcher}"
+    n = found[-1][0]
+    return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {n - 1} (a later one that was under way is "
+            f"redone); continue with{launcher}: {command}")
 
 
 def set_up(args):
@@ -549,19 +582,18 @@ def set_up(args):
 
     set_seed(args.seed)
     policy, tokenizer, optimizer, start = load_trainable(args, resume_from, device, dtype, procs.rank)
+    if not resume_from:  # a resume restores its random states; a new run samples as its seed (and process) say,
+        set_seed(args.seed + procs.rank)  # whatever loading drew (LoRA's initialisation, a GGUF rebuild)
     model = policy  # what trains: the policy itself, or wrapped for data parallel
-    if procs.accelerator:
-        if not resume_from:
-            set_seed(args.seed + procs.rank)  # the processes sample independently (a resume restores their states)
-        if not args.fsdp:  # data parallel; a sharded model already is one model across the processes
-            model, optimizer = procs.accelerator.prepare(policy, optimizer)  # weights synced from process 0
+    if procs.accelerator and not args.fsdp:  # data parallel; a sharded model already is one across the processes
+        model, optimizer = procs.accelerator.prepare(policy, optimizer)  # weights synced from process 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     if procs.is_main and os.path.exists(metrics_path):  # drop records after the checkpoint (a crash mid-iteration)
         write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("iteration", math.inf) < start], "w")
     if procs.is_main:
         os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     # x and x_p, rendered for the model once; training always uses x
-    prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=args.chat_template == "auto",
+    prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
                   placement=args.principle_placement)
     return RunState(
         policy=policy, model=model, tokenizer=tokenizer, optimizer=optimizer, reward_fn=reward_fn, queries=queries,
@@ -591,13 +623,14 @@ def check_args(args):
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]; 1.0 samples from the full distribution")
     require(not args.where or args.where.split("=", 1)[0].strip() and "=" in args.where, "where",
             f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
-    require(not (args.fsdp and args.lora_r), "fsdp", "shards full fine-tuning; with --lora_r the base model is frozen, "
-            "so drop --fsdp (data parallel holds a copy of it on each process)")
+    require(not (args.fsdp and args.lora_r), "fsdp", "shards full fine-tuning: pass --lora_r 0 with it (under LoRA "
+            "the base model is frozen, and data parallel holds a copy of it on each process)")
     check_device(args.device)
     check_local(resolve_path(args.dataset), "--dataset")
     check_local(args.model, "--model")
     if args.reward != "vader" and not is_function_spec(args.reward):
         check_local(args.reward, "--reward")
+    check_hub([("--model", args.model), ("--reward", args.reward), ("--dataset", resolve_path(args.dataset))])
 
 
 def require(ok, name, what):
@@ -636,6 +669,70 @@ def check_local(name, flag):
     """A missing local path is reported as such at once, without asking the Hub about it."""
     if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
         raise PLEError(f"{flag} {name}: no such file or folder")
+
+
+LOCAL_INSTEAD = {"--model": "a local folder, .gguf file or installed package", "--reward": "a local folder, vader or "
+                 "module:function", "--dataset": "a local .jsonl, .json, .csv or .txt file"}
+
+
+def is_hub_id(name):
+    """A name that can only mean a Hub repository: no local file, folder or installed package, not a reward spec."""
+    if not name or name == "vader" or is_function_spec(name) or looks_local(name) or os.path.exists(name):
+        return False
+    return not (re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name))
+
+
+def check_hub(named):
+    """Every Hub id a run needs ((flag, name) pairs; --dataset names a dataset, any other flag a model),
+    checked in one pass before anything loads: with the Hub reachable (one short probe), each must exist
+    there; without it, each must be in the local cache. All missing ones are reported at once."""
+    ids = [(flag, name) for flag, name in named if is_hub_id(name)]
+    if not ids:
+        return
+    from huggingface_hub import constants, repo_exists
+
+    unreachable = hub_unreachable()
+    missing = []
+    for flag, name in ids:
+        kind = "dataset" if flag == "--dataset" else "model"
+        if unreachable:
+            cached = [os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}")]
+            if kind == "dataset":  # the datasets library's own cache of prepared data
+                from datasets import config
+                cached.append(os.path.join(config.HF_DATASETS_CACHE, name.replace("/", "___")))
+            found = any(os.path.isdir(path) for path in cached)
+        else:
+            try:
+                found = repo_exists(name, repo_type=kind)
+            except Exception:  # an answer that says neither yes nor no: let loading tell
+                found = True
+        if not found:
+            what = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model")
+            instead = LOCAL_INSTEAD.get(flag, LOCAL_INSTEAD["--model"])
+            missing.append(f"could not load {what} '{name}' ({flag}: pass {instead} instead)")
+    if missing and unreachable:
+        raise PLEError(f"the Hugging Face Hub could not be reached ({unreachable}), and there is no local file or "
+                       f"cached copy: {'; '.join(missing)}")
+    if missing:
+        raise PLEError(f"not on the Hugging Face Hub, and no local file or folder: {'; '.join(missing)}")
+
+
+def hub_unreachable():
+    """None when the Hugging Face Hub answers one request within 5 s, else why not."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5)
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        return f"{constants.ENDPOINT}: {getattr(e, 'reason', e)}"
+    return None
 
 
 def checked_reward(reward_fn, queries, answers, start):
@@ -681,14 +778,20 @@ def probe_reward(reward_fn, queries, batch_size):
 class Task:
     field: str  # the dataset column the query comes from
     chat_prefix: str = ""  # what a chat model is told before x (base models see x alone)
+    chat: bool = True  # --chat_template task: chat models get the chat template (False: plain text)
 
 
-TASKS = {
-    "sentiment": Task("text", chat_prefix="Continue this movie review:\n"),  # IMDb controlled generation
+TASKS = {  # sentiment continues a review: plain text keeps even a chat model continuing it (experiments/imdb)
+    "sentiment": Task("text", chat_prefix="Continue this movie review:\n", chat=False),  # IMDb controlled generation
     "dialogue": Task("chosen"),  # Anthropic HH transcripts
     "summarize": Task("post"),  # Reddit TL;DR posts
 }
 HH_ASSISTANT = "\n\nAssistant:"
+
+
+def chat_prompts(chat_template, task):
+    """Whether chat models get their prompts through their chat template (--chat_template)."""
+    return chat_template == "auto" or (chat_template == "task" and TASKS[task].chat)
 
 
 def make_query(task, row, rng):
@@ -733,6 +836,7 @@ def read_principles(path, task):
 
 def load_rows(dataset, split):
     """Read a Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too) with `datasets`."""
+    import datasets
     from datasets import load_dataset
 
     local = os.path.exists(dataset)
@@ -744,13 +848,19 @@ def load_rows(dataset, split):
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
             if builder is None:
                 raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
-            rows = load_dataset(builder, data_files=dataset, split=split)
+            bars = datasets.is_progress_bar_enabled()
+            datasets.disable_progress_bars()  # a local file is read in a moment: no "Generating train split" bar
+            try:
+                rows = load_dataset(builder, data_files=dataset, split=split)
+            finally:
+                if bars:
+                    datasets.enable_progress_bars()
         else:
             rows = load_dataset(dataset, split=split)
     except PLEError:
         raise
     except Exception as e:
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e)}") from e
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e, '--dataset')}") from e
     if len(rows) == 0:
         raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
     return rows
@@ -847,7 +957,7 @@ def classifier_reward(name, device):
         tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
     except Exception as e:
-        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e)}; "
+        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, '--reward')}; "
                        "or pass --reward vader, or --reward module:function") from e
     labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
     if model.config.num_labels == 1:
@@ -899,8 +1009,8 @@ def load_reward(spec, device="cpu"):
 # The policy: Hub id, folder, .gguf file or pip package; device, dtype, LoRA, AdamW, resume
 # ------------------------------------------------------------------------------------------------
 
-def load_hint(name, error):
-    """Say whether a failed load was the Hub being unreachable, and what to pass instead."""
+def load_hint(name, error, flag="--model"):
+    """Say whether a failed load was the Hub being unreachable, and what to pass instead of the flag's name."""
     chain, e = [], error
     while e is not None and len(chain) < 20:
         chain.append(e)
@@ -909,8 +1019,8 @@ def load_hint(name, error):
     if re.search(r"couldn't connect|couldn't reach|ConnectError|ConnectionError|LocalEntryNotFound|OfflineMode|offline",
                  text, re.I):
         return (f"there is no local file or folder '{name}', and the Hugging Face Hub could not be reached to look "
-                "it up as a Hub id (nor is it in the local cache); pass a local folder (or .gguf file) instead, "
-                "or connect and retry")
+                f"it up as a Hub id (nor is it in the local cache); pass {LOCAL_INSTEAD[flag]} instead, or "
+                "connect and retry")
     if os.sep in name and not os.path.exists(name):
         return f"no such file or folder: {name}"
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -983,12 +1093,16 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
     model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
     if args.lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers.pytorch_utils import Conv1D
 
-        if resume_from:
-            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-        else:
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        with quiet_peft():
+            if resume_from:
+                model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+            else:
+                conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 keeps its weights transposed
+                model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                         target_modules="all-linear", task_type="CAUSAL_LM",
+                                                         fan_in_fan_out=conv1d))
     model.config.use_cache = True
     if args.gradient_checkpointing:
         enable_checkpointing(model)
@@ -1011,6 +1125,14 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
         if rank == 0:
             print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
     return model, tokenizer, optimizer, start
+
+
+@contextmanager
+def quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        yield
 
 
 def enable_checkpointing(model):
@@ -1206,8 +1328,10 @@ def save_model(path, model, tokenizer, weights=None, trainer_state=None):
     """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the
     adapter) and the tokenizer, and trainer_state.pt when given; written under a temporary name and
     renamed. weights: a sharded model's, gathered."""
+    lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
+
     def write(tmp):
-        model.save_pretrained(tmp, state_dict=weights)
+        model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))

@@ -85,7 +85,7 @@ def principles_file(tmp_path_factory):
 def make_args(model_dir, data_file, principles_file, out, **changes):
     settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     output_dir=str(out), iterations=2, num_queries=6, batch_size=4, mini_batch_size=3,
-                    max_new_tokens=6, learning_rate=1e-2, device="cpu", dtype="float32")
+                    max_new_tokens=6, learning_rate=1e-2, lora_r=0, device="cpu", dtype="float32")
     settings.update(changes)
     return ple.Args(**settings)
 
@@ -437,6 +437,14 @@ def test_same_seed_repeats_and_other_seed_differs(model_dir, data_file, principl
     assert runs["a"] != runs["c"]
 
 
+
+def test_the_seed_fixes_the_first_samples_with_or_without_lora(model_dir, data_file, principles_file, tmp_path):
+    """LoRA's initialisation draws random numbers; the samples of iteration 0 must not depend on it."""
+    for name, r in (("full", 0), ("lora", 4)):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / name, iterations=1, lora_r=r))
+    full, lora = (read_jsonl(tmp_path / name / "samples" / "iter-000.jsonl") for name in ("full", "lora"))
+    assert full == lora
+
 @pytest.mark.parametrize("loss", ["rank", "wsft", "cd", "sft"])
 def test_ablations_run_and_train(model_dir, data_file, principles_file, tmp_path, loss):
     out = tmp_path / loss
@@ -552,6 +560,44 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
 
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exactly(model_dir, data_file,
+                                                                                      principles_file, tmp_path):
+    import shlex
+    import signal
+    import time
+
+    flags = ["--model", model_dir, "--reward", "tests.rewards:word_reward", "--dataset", data_file, "--principles",
+             principles_file, "--num_queries", "4", "--batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens",
+             "4", "--lora_r", "0", "--learning_rate", "1e-2", "--device", "cpu", "--iterations", "40"]
+    straight = tmp_path / "straight"
+    assert cli(*flags, "--output_dir", str(straight)).returncode == 0
+    for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+        out = tmp_path / name
+        run = subprocess.Popen([sys.executable, os.path.join(HERE, "ple.py"), *flags, "--output_dir", str(out)],
+                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not ple.checkpoints(str(out)) and run.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        run.send_signal(sig)  # somewhere after the first checkpoint: mid-iteration or mid-write
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == code, err
+        assert "Traceback" not in err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith(f"stopped by {name}: ") and "holds iterations 0 to" in line, line
+        command = shlex.split(line.split("continue with: ", 1)[1])
+        assert command[-1] == "--resume"
+        resumed = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True,
+                                 timeout=600)
+        assert resumed.returncode == 0, resumed.stderr
+        assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(40))
+        for t in (0, 39):
+            assert read_jsonl(out / "samples" / f"iter-{t:03d}.jsonl") == \
+                read_jsonl(straight / "samples" / f"iter-{t:03d}.jsonl")
+        after, direct = state_of(str(out / "final")), state_of(str(straight / "final"))
+        assert all(torch.equal(after[k], direct[k]) for k in direct)
 
 @pytest.mark.slow
 def test_help_lists_every_flag():
@@ -678,6 +724,28 @@ def test_bad_files_fail_early_and_clearly(model_dir, data_file, principles_file,
     with pytest.raises(ple.PLEError, match="--model models/smol: no such file or folder"):
         run("o", model="models/smol")
 
+
+
+@pytest.mark.slow
+def test_every_missing_hub_name_is_reported_at_once_when_the_hub_cannot_be_reached(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once this closes: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))  # an empty cache
+    result = subprocess.run([sys.executable, os.path.join(HERE, "ple.py"), "--model", "someone/no-model", "--reward",
+                             "someone/no-reward", "--dataset", "someone/no-data", "--output_dir", str(tmp_path / "o")],
+                            cwd=HERE, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()  # one line, naming every missing name with its local alternative
+    assert line.startswith(f"error: the Hugging Face Hub could not be reached (http://127.0.0.1:{port}")
+    for what, name, instead in [("model", "someone/no-model", "installed package"),
+                                ("reward model", "someone/no-reward", "module:function"),
+                                ("dataset", "someone/no-data", ".jsonl")]:
+        assert f"could not load {what} '{name}'" in line and instead in line
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 @pytest.mark.slow
 def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, tmp_path):
@@ -1224,7 +1292,7 @@ def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir,
     pytest.importorskip("accelerate")
     settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
-                    device="cpu", dtype="float32")
+                    lora_r=0, device="cpu", dtype="float32")
     straight = tmp_path / "straight"
     rank0, rank1 = launch("run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
     queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)
@@ -1256,7 +1324,7 @@ def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(mode
     pytest.importorskip("accelerate")
     settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
-                    device="cpu", dtype="float32", fsdp=True, save_every=1, gradient_checkpointing=True)
+                    lora_r=0, device="cpu", dtype="float32", fsdp=True, save_every=1, gradient_checkpointing=True)
     straight = tmp_path / "straight"
     launch("run", straight, {**settings, "output_dir": str(straight), "iterations": 2})
     queries, _, _ = ple.load_queries(data_file, "train", "sentiment", 6, 0)

@@ -15,12 +15,13 @@ DEVICE=${DEVICE:-cuda}   # DEVICE=cpu runs the same steps on the CPU (slowly)
 rm -rf "$OUT"; mkdir -p "$OUT"
 python experiments/gpu_check/random_policy.py "$SRC" "$OUT/policy"
 # ple.py's defaults: 48 queries from data/review_openings.txt, answers of 24 tokens, VADER reward
-common=(--model "$OUT/policy" --reward vader --device "$DEVICE" --iterations 3 --learning_rate 1e-4 --seed 0)
+common=(--model "$OUT/policy" --reward vader --device "$DEVICE" --iterations 3 --learning_rate 1e-4 --seed 0
+        --chat_template auto)
 run() { echo "== ple.py $*"; python ple.py "${common[@]}" "$@" 2>&1 | tr '\r' '\n' | grep -a "^iter\|rror\|dtype\|resum"; }
 run --lora_r 8 --output_dir "$OUT/lora_bf16"              # dtype auto: bfloat16 on cuda
 run --lora_r 8 --output_dir "$OUT/lora_fp32" --dtype float32
-run --output_dir "$OUT/full_bf16"
-run --output_dir "$OUT/full_fp32" --dtype float32
+run --lora_r 0 --output_dir "$OUT/full_bf16"
+run --lora_r 0 --output_dir "$OUT/full_fp32" --dtype float32
 run --lora_r 8 --output_dir "$OUT/lora_resumed" --iterations 2
 run --lora_r 8 --output_dir "$OUT/lora_resumed" --resume
 echo "== eval.py"

@@ -29,7 +29,7 @@ METHODS = {
     "rank": Method("PLE, ranking loss only", f"ple.py --loss rank {LORA}", "ple", ours=True),
     "wsft": Method("PLE, weighted SFT only", f"ple.py --loss wsft {LORA}", "ple", ours=True),
     "fixed": Method("PLE, fixed threshold", f"ple.py --loss ple --alpha 1.0 {LORA}", "ple", ours=True),
-    "ple_full": Method("PLE, full fine-tuning", "ple.py --loss ple", "1e-5", ours=True),
+    "ple_full": Method("PLE, full fine-tuning", "ple.py --loss ple --lora_r 0", "1e-5", ours=True),
     "cd": Method("context distillation", f"ple.py --loss cd {LORA}", "cd"),
     "sft": Method("SFT on positive reviews", f"ple.py --loss sft --where label=1 {LORA}", "sft"),
     "raft": Method("RAFT (best of 4)", f"ple.py --loss raft --raft_k 4 {LORA}", "raft"),

@@ -86,7 +86,7 @@ def run(args):
     set_seed(args.seed)
     model, tokenizer = ple.load_policy(args.model, device, ple.pick_dtype(args.dtype, device))
     prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                                    chat=args.chat_template == "auto")
+                                    chat=ple.chat_prompts(args.chat_template, args.task))
     prompts = [tokenizer.decode(ids) for ids in prompt_ids]  # rendered exactly as ple.py renders x
     data = Dataset.from_dict({"prompt": prompts, "query": queries})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
