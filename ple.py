@@ -108,6 +108,7 @@ class Args:
 class PLEError(Exception):
     """Bad input or a failed load, with a message that says what to do."""
 
+
 # ================================================================================================
 # Principle-guided query: x_p = the principles, a blank line, then x
 # ================================================================================================
@@ -1213,7 +1214,8 @@ def shard_model(model):
             fully_shard(module)
     fully_shard(model)
     # transformers' generate() reads this mark (its own FSDP2 set-up sets it too) and then keeps every
-    # process stepping until all are done (synced_gpus): each step gathers weights from all of them
+    # process stepping until all are done (synced_gpus): each step gathers weights from all of them. (It
+    # samples under no_grad, not inference_mode: the gathered weights are used again in training.)
     model._is_fsdp_managed_module = True
 
 

@@ -32,6 +32,9 @@ def one_step(mode, settings):
     model = AutoModelForCausalLM.from_pretrained(settings["model"]).eval()
     if mode == "sharded_step":
         ple.shard_model(model)  # before the optimizer: it must hold the shards
+        from transformers.generation import utils as generation  # generate() must step every process together
+
+        assert generation.is_fsdp_managed_module(model) and generation._get_torch_distributed_world_size() > 1
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     if mode == "step":
         model, optimizer = accelerator.prepare(model, optimizer)
