@@ -1113,7 +1113,7 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
                                   weight_decay=0.0)
     start = 0
     if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=False)
+        state = read_trainer_state(os.path.join(resume_from, "trainer_state.pt"))
         if args.fsdp:  # saved whole (gathered_state): each process takes its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -1134,6 +1134,20 @@ def quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
         yield
+
+
+def read_trainer_state(path):
+    """trainer_state.pt as --resume trusts it: tensors, numbers, text and lists only (weights_only), so a run
+    folder from elsewhere can hold no code that runs; anything else is refused."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a pickled object, a truncated or missing file
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+        reason = reason.split(". ")[0]  # (not torch's advice on how to allow it anyway)
+        raise PLEError(f"--resume: {path} is not a trainer state that ple.py can read ({reason}); it must "
+                       "hold only the tensors, numbers and text ple.py writes (a checkpoint of an earlier ple.py "
+                       "stored numpy's random state as an object: start that run again)") from None
 
 
 def enable_checkpointing(model):
@@ -1381,7 +1395,11 @@ def checkpoints(output_dir):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random state a run draws from, as tensors, numbers and lists: what torch.load(weights_only=True)
+    reads back without unpickling any object."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -1389,7 +1407,8 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

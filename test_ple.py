@@ -412,7 +412,7 @@ def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, prin
     assert all(s["branch"] in ("rank", "wsft") and len(s["weights"]) == 2 for s in samples)
     assert sum(s["branch"] == "rank" for s in samples) / 6 == pytest.approx(metrics[1]["ranked_share"])
     assert [c for c in os.listdir(out) if c.startswith("checkpoint")] == ["checkpoint-2"]
-    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)  # no pickled objects
     assert state["iteration"] == 2 and state["tau"] == pytest.approx(0.2 * 0.81)
 
     before, after = state_of(model_dir), state_of(str(out / "final"))
@@ -840,6 +840,31 @@ def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principle
     assert [m["iteration"] for m in read_jsonl(early / "metrics.jsonl")] == [0]
     assert (out / "final" / "model.safetensors").stat().st_mtime == saved  # nothing saved was touched
 
+
+
+class WritesAMarker:
+    """Unpickled, it creates a file: what a hostile trainer_state.pt in a downloaded run folder could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_resume_runs_no_code_from_the_run_folder(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    state_file = out / "checkpoint-1" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "payload": WritesAMarker(str(marker))}, state_file)
+    with pytest.raises(ple.PLEError, match=r"--resume: .*trainer_state.pt is not a trainer state that ple.py can read \(.*Unsupported global"):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert not marker.exists()
+    state_file.write_bytes(state_file.read_bytes()[:100])  # cut short, as by a full disk
+    with pytest.raises(ple.PLEError, match=r"is not a trainer state that ple.py can read"):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
 
 def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_file, principles_file, tmp_path,
                                                                monkeypatch):
