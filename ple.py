@@ -672,8 +672,11 @@ def check_local(name, flag):
         raise PLEError(f"{flag} {name}: no such file or folder")
 
 
-LOCAL_INSTEAD = {"--model": "a local folder, .gguf file or installed package", "--reward": "a local folder, vader or "
-                 "module:function", "--dataset": "a local .jsonl, .json, .csv or .txt file"}
+NAMED = {  # what a flag's name stands for, and what to pass instead when it cannot be loaded (other flags: models)
+    "--model": ("model", "a local folder, .gguf file or installed package"),
+    "--reward": ("reward model", "a local folder, vader or module:function"),
+    "--dataset": ("dataset", "a local .jsonl, .json, .csv or .txt file"),
+}
 
 
 def is_hub_id(name):
@@ -695,7 +698,8 @@ def check_hub(named):
     unreachable = hub_unreachable()
     missing = []
     for flag, name in ids:
-        kind = "dataset" if flag == "--dataset" else "model"
+        what, instead = NAMED.get(flag, NAMED["--model"])
+        kind = "dataset" if what == "dataset" else "model"
         if unreachable:
             cached = [os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}")]
             if kind == "dataset":  # the datasets library's own cache of prepared data
@@ -708,8 +712,6 @@ def check_hub(named):
             except Exception:  # an answer that says neither yes nor no: let loading tell
                 found = True
         if not found:
-            what = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model")
-            instead = LOCAL_INSTEAD.get(flag, LOCAL_INSTEAD["--model"])
             missing.append(f"could not load {what} '{name}' ({flag}: pass {instead} instead)")
     if missing and unreachable:
         raise PLEError(f"the Hugging Face Hub could not be reached ({unreachable}), and there is no local file or "
@@ -861,7 +863,8 @@ def load_rows(dataset, split):
     except PLEError:
         raise
     except Exception as e:
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {load_hint(dataset, e, '--dataset')}") from e
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): "
+                       f"{load_hint(dataset, e, '--dataset')}") from e
     if len(rows) == 0:
         raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
     return rows
@@ -1020,7 +1023,7 @@ def load_hint(name, error, flag="--model"):
     if re.search(r"couldn't connect|couldn't reach|ConnectError|ConnectionError|LocalEntryNotFound|OfflineMode|offline",
                  text, re.I):
         return (f"there is no local file or folder '{name}', and the Hugging Face Hub could not be reached to look "
-                f"it up as a Hub id (nor is it in the local cache); pass {LOCAL_INSTEAD[flag]} instead, or "
+                f"it up as a Hub id (nor is it in the local cache); pass {NAMED[flag][1]} instead, or "
                 "connect and retry")
     if os.sep in name and not os.path.exists(name):
         return f"no such file or folder: {name}"
@@ -1132,7 +1135,8 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
 def quiet_peft():
     """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
         yield
 
 

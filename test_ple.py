@@ -859,7 +859,8 @@ def test_resume_runs_no_code_from_the_run_folder(model_dir, data_file, principle
     state = torch.load(state_file, weights_only=True)
     marker = tmp_path / "code-ran"
     torch.save({**state, "payload": WritesAMarker(str(marker))}, state_file)
-    with pytest.raises(ple.PLEError, match=r"--resume: .*trainer_state.pt is not a trainer state that ple.py can read \(.*Unsupported global"):
+    refused = r"--resume: .*trainer_state.pt is not a trainer state that ple.py can read \(.*Unsupported global"
+    with pytest.raises(ple.PLEError, match=refused):
         ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
     assert not marker.exists()
     state_file.write_bytes(state_file.read_bytes()[:100])  # cut short, as by a full disk
