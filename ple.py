@@ -21,7 +21,9 @@ sampling, reward, threshold, sequence log-probabilities, loss, one iteration, th
 a marked line, loading, checkpoints and output files. What the paper fixes and what this file
 decides where it is silent is listed in README.md.
 """
+import errno
 import glob
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -32,6 +34,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 import warnings
@@ -522,6 +525,7 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
+    args = replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in PATHS})  # ~/x is a path, as in a shell
     signal.signal(signal.SIGTERM, terminate)  # a scheduler's stop ends the run as Ctrl-C does
     try:
         run(args)
@@ -559,8 +563,10 @@ def set_up(args):
     check_args(args)
     procs = start_processes(args)  # one process for a plain `python ple.py`
     principles = read_principles(resolve_path(args.principles), args.task)
-    all_queries, dataset_answers, _ = load_queries(resolve_path(args.dataset), args.split, args.task,
-                                                   args.num_queries, args.seed, where=args.where)
+    all_queries, dataset_answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task,
+                                                         args.num_queries, args.seed, where=args.where)
+    inputs = {"principles_sha256": content_hash(principles),  # what the run reads, kept in args.json: a resume
+              "data_sha256": content_hash([all_queries, dataset_answers, sources])}  # and eval.py see edits
     needs_answers = args.loss == "sft" or args.sft_epochs
     if needs_answers and any(a is None for a in dataset_answers):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
@@ -571,7 +577,7 @@ def set_up(args):
                        "--num_processes N ple.py ... or torchrun --nproc_per_node N ple.py ...)")
     share = slice(procs.rank * len(all_queries) // procs.world, (procs.rank + 1) * len(all_queries) // procs.world)
     queries, dataset_answers = all_queries[share], dataset_answers[share]  # this process's share of D_query
-    resume_from = prepare_output_dir(args, procs)
+    resume_from = prepare_output_dir(args, procs, inputs)
     device = procs.accelerator.device if procs.accelerator else pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     reward_fn = load_reward(args.reward, device)
@@ -596,10 +602,11 @@ def set_up(args):
     # x and x_p, rendered for the model once; training always uses x
     prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
                   placement=args.principle_placement)
+    prompt_ids_p = encode_prompts(tokenizer, queries, principles, **prompt)
+    check_lengths(policy.config, prompt_ids_p, queries, args.max_new_tokens)
     return RunState(
         policy=policy, model=model, tokenizer=tokenizer, optimizer=optimizer, reward_fn=reward_fn, queries=queries,
-        prompt_ids=encode_prompts(tokenizer, queries, **prompt),
-        prompt_ids_p=encode_prompts(tokenizer, queries, principles, **prompt),
+        prompt_ids=encode_prompts(tokenizer, queries, **prompt), prompt_ids_p=prompt_ids_p,
         sft_targets=sft_targets_for(tokenizer, dataset_answers, args.max_new_tokens) if needs_answers else None,
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // procs.world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
@@ -738,6 +745,18 @@ def hub_unreachable():
     return None
 
 
+def check_lengths(config, prompt_ids, queries, max_new_tokens):
+    """Every prompt x_p (the longer one) with its longest answer must fit in the model's positions."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    too_long = [i for i, ids in enumerate(prompt_ids) if limit and len(ids) + max_new_tokens > limit]
+    if too_long:
+        i = max(too_long, key=lambda i: len(prompt_ids[i]))
+        raise PLEError(f"{len(too_long)} of {len(queries)} queries do not fit the model's {limit} positions: the "
+                       f"longest, {queries[i][:60]!r}..., is {len(prompt_ids[i])} tokens with the principles, plus "
+                       f"--max_new_tokens {max_new_tokens}; lower --max_new_tokens, shorten the principles, or keep "
+                       "such rows out of the dataset")
+
+
 def checked_reward(reward_fn, queries, answers, start):
     """score's checks: the reward on one batch (samples start, start + 1, ...) must return one finite
     float32 number per answer (the losses compute in float32)."""
@@ -818,23 +837,50 @@ def read_principles(path, task):
     if not os.path.isfile(path):
         raise PLEError(f"principles file not found: {path} (pass --principles FILE; see principles.txt for the format)")
     sections, current = {}, None
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            header = re.fullmatch(r"\[(\w+)\]", line)
-            if header:
-                current = sections.setdefault(header.group(1), [])
-            elif current is None:
-                raise PLEError(f"{path}: principle '{line[:40]}' comes before any [task] header")
-            else:
-                current.append(line)
+    for line in read_text(path).splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        header = re.fullmatch(r"\[(\w+)\]", line)
+        if header:
+            current = sections.setdefault(header.group(1), [])
+        elif current is None:
+            raise PLEError(f"{path}: principle '{line[:40]}' comes before any [task] header")
+        else:
+            current.append(line)
     if not sections.get(task):
         found = ", ".join(k for k, v in sections.items() if v) or "none"
         raise PLEError(f"{path} has no principles for task '{task}' (tasks with principles: {found}); "
                        f"add a [{task}] section")
     return sections[task]
+
+
+def read_text(path):
+    """A local text file (gzip too) as UTF-8, a byte-order mark dropped; anything else is refused with its line."""
+    import gzip
+
+    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise PLEError(f"{path}, line {line}, is not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset "
+                       f"{e.start}): save the file as UTF-8") from None
+
+
+def check_data_file(path):
+    """A local dataset file, read before `datasets` does: a line that is not UTF-8, or a JSON Lines row that
+    is not a JSON object, is an error naming its line."""
+    text = read_text(path)
+    if re.search(r"\.jsonl(\.gz)?$", path):
+        for number, line in enumerate(text.split("\n"), 1):
+            try:
+                ok = not line.strip() or isinstance(json.loads(line), dict)
+            except json.JSONDecodeError as e:
+                raise PLEError(f"{path}, line {number}, is not JSON ({e.msg}): {line[:60]!r}") from None
+            if not ok:
+                raise PLEError(f"{path}, line {number}, is not a JSON object: {line[:60]!r}")
 
 
 def load_rows(dataset, split):
@@ -851,6 +897,8 @@ def load_rows(dataset, split):
             builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
             if builder is None:
                 raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
+            if os.path.isfile(dataset):
+                check_data_file(dataset)
             bars = datasets.is_progress_bar_enabled()
             datasets.disable_progress_bars()  # a local file is read in a moment: no "Generating train split" bar
             try:
@@ -996,13 +1044,21 @@ def load_reward(spec, device="cpu"):
         return vader_reward()
     if is_function_spec(spec):
         module_name, function_name = spec.split(":")
-        sys.path.insert(0, os.getcwd())
+        added = os.getcwd() not in sys.path
+        if added:  # after the installed modules, never before: a file here named like one must not replace it
+            sys.path.append(os.getcwd())
+        module = None
         try:
-            function = getattr(importlib.import_module(module_name), function_name)
+            module = importlib.import_module(module_name)
+            function = getattr(module, function_name)
         except Exception as e:  # ImportError, AttributeError, or the module's own SyntaxError or crash
-            raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}") from e
+            here = os.path.join(os.getcwd(), module_name.split(".")[0] + ".py")
+            clash = module is not None and os.path.isfile(here) and getattr(module, "__file__", None) != here
+            hint = f" ({module_name} is an installed module, found before {here}: rename that file)" if clash else ""
+            raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}{hint}") from e
         finally:
-            sys.path.pop(0)
+            if added:
+                sys.path.remove(os.getcwd())
         if not callable(function):
             raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
         return function
@@ -1107,6 +1163,11 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
                 model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                                                          target_modules="all-linear", task_type="CAUSAL_LM",
                                                          fan_in_fan_out=conv1d))
+    damaged = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if damaged:
+        raise PLEError(f"the weights loaded from {resume_from or args.model} hold NaN or infinite values (first: "
+                       f"{damaged}): the files are damaged, or the run diverged before they were saved (then start "
+                       "it again with a lower --learning_rate)")
     model.config.use_cache = True
     if args.gradient_checkpointing:
         enable_checkpointing(model)
@@ -1149,7 +1210,7 @@ def read_trainer_state(path):
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
         reason = reason.split(". ")[0]  # (not torch's advice on how to allow it anyway)
-        raise PLEError(f"--resume: {path} is not a trainer state that ple.py can read ({reason}); it must "
+        raise PLEError(f"{path} is not a trainer state that ple.py can read ({reason}); it must "
                        "hold only the tensors, numbers and text ple.py writes (a checkpoint of an earlier ple.py "
                        "stored numpy's random state as an object: start that run again)") from None
 
@@ -1294,9 +1355,10 @@ def log_iteration(args, state, it):
         write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{it.t:03d}.jsonl"),
                     sample_rows(state.all_queries, it), mode="w")
         write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
-        save_checkpoint(args, state.policy, state.tokenizer, state.optimizer, it.t + 1, rng, weights, optimizer_state)
-        if args.save_every and (it.t + 1) % args.save_every == 0:  # the run's path, for eval.py --frontier
+        # iter-N/ (the run's path, for eval.py --frontier) before the checkpoint: a kill while it is written
+        if args.save_every and (it.t + 1) % args.save_every == 0:  # leaves the iteration for --resume to redo
             save_model(os.path.join(args.output_dir, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
+        save_checkpoint(args, state.policy, state.tokenizer, state.optimizer, it.t + 1, rng, weights, optimizer_state)
         print(progress_line(it, record), flush=True)
     state.procs.wait()
 
@@ -1359,11 +1421,22 @@ def save_model(path, model, tokenizer, weights=None, trainer_state=None):
 
 
 def save_dir_atomically(final_path, write):
-    """Write a folder under a temporary name, then rename it: a kill mid-write leaves no broken one."""
+    """Write a folder under a temporary name, then rename it: a kill mid-write leaves no broken one, and a
+    failed write (a full disk) removes its part and ends the run with one line."""
     tmp = final_path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write(tmp)
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(final_path))).free
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**26:
+            raise PLEError(f"could not write {final_path}: the disk is full ({free / 2**20:.0f} MB free); what was "
+                           "saved before is intact: free some space, then continue with --resume") from e
+        if isinstance(e, RuntimeError):
+            raise
+        raise PLEError(f"could not write {final_path}: {e}") from e
     shutil.rmtree(final_path, ignore_errors=True)
     os.replace(tmp, final_path)
 
@@ -1375,10 +1448,35 @@ def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None, weights=N
     state = {"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha),
              "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
              "rng": rng if rng is not None else rng_state()}
-    save_model(os.path.join(args.output_dir, f"checkpoint-{done}"), model, tokenizer, weights, state)
-    for n, path in checkpoints(args.output_dir):  # the new one is complete: older ones can go
+    path = os.path.join(args.output_dir, f"checkpoint-{done}")
+    save_model(path, model, tokenizer, weights, state)
+    problem = checkpoint_problem(path)
+    if problem:  # keep the older one: it is what --resume can use
+        raise PLEError(f"{path} could not be read back ({problem}); the checkpoint before it is kept: check the "
+                       "disk, then continue with --resume")
+    for n, older in checkpoints(args.output_dir):  # the new one is complete and readable: older ones can go
         if n != done:
-            shutil.rmtree(path)
+            shutil.rmtree(older)
+
+
+def checkpoint_problem(path):
+    """Why --resume cannot go on from a checkpoint folder (None if it can): its trainer state must load as
+    read_trainer_state trusts it, and each weights file must be whole."""
+    from safetensors import safe_open
+
+    try:
+        read_trainer_state(os.path.join(path, "trainer_state.pt"))
+        weights = glob.glob(os.path.join(path, "*.safetensors"))
+        if not weights:
+            return "it holds no .safetensors weights"
+        for file in weights:
+            with safe_open(file, "pt"):  # reads the header, checks the file covers every tensor
+                pass
+    except PLEError as e:
+        return str(e)
+    except Exception as e:
+        return f"{os.path.basename(file)}: {str(e).splitlines()[0]}"
+    return None
 
 
 def save_final(args, state):
@@ -1387,6 +1485,7 @@ def save_final(args, state):
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
         print(f"saved {os.path.join(args.output_dir, 'final')}")
+        release_run(args.output_dir)
     if state.procs.accelerator:
         state.procs.wait()
         state.procs.accelerator.end_training()
@@ -1491,18 +1590,23 @@ def stored_path(path):
     return beside if os.path.exists(beside) else path
 
 
-def saved_args(args, processes=1):
-    """args.json: the resolved arguments, local paths relative to the repository, and how many
-    processes ran (their shards and random states are what a resume continues)."""
+def saved_args(args, processes=1, inputs=None):
+    """args.json: the resolved arguments, local paths relative to the repository, how many processes ran
+    (their shards and random states are what a resume continues), the hashes of what the run read
+    (inputs), and the mark that says ple.py wrote the folder."""
     saved = asdict(args)
     for key in PATHS:
         saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
-    saved["num_processes"] = processes
-    return saved
+    return {**saved, "num_processes": processes, **(inputs or {}), "written_by": "ple.py"}
 
 
-def prepare_output_dir(args, procs):
-    """Refuse to overwrite a run; on --resume check the arguments agree and return its checkpoint.
+def content_hash(value):
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def prepare_output_dir(args, procs, inputs):
+    """Claim the folder, refuse to overwrite a run; on --resume check that the arguments and what the run
+    read (inputs: hashes) agree, and return its newest readable checkpoint.
 
     A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
     --resume and with any arguments, starts in its folder afresh. Writes args.json (process 0), which
@@ -1511,13 +1615,15 @@ def prepare_output_dir(args, procs):
     path = os.path.join(args.output_dir, "args.json")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
+    if procs.is_main:
+        claim_output_dir(args.output_dir)
     found = checkpoints(args.output_dir)
     if not found:
         if args.resume and not os.path.exists(path):
             raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
         if os.path.exists(path):
             procs.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
-        write_args(args, path, procs)
+        write_args(args, path, procs, inputs)
         return None
     if not args.resume:
         raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
@@ -1532,26 +1638,101 @@ def prepare_output_dir(args, procs):
     if saved.get("num_processes", 1) != procs.world:
         raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now with "
                        f"{procs.world}; resume it with as many (each process continues its own share and random state)")
-    defaults = asdict(Args())  # a run saved before a flag existed ran with its default
-    conflicts = [f"--{k} {saved.get(k, defaults.get(k))!r} there, {v!r} now"
-                 for k, v in saved_args(args, procs.world).items()
-                 if k not in RESUMABLE and saved.get(k, defaults.get(k)) != v]
+    now, defaults = saved_args(args, procs.world, inputs), asdict(Args())  # a flag added later: its default ran
+    conflicts = [f"--{k} {saved.get(k, defaults[k])!r} there, {now[k]!r} now"
+                 for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
+    read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
+            "data_sha256": f"the rows of {args.dataset} that the queries come from"}
+    conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k, now[k]) != now[k]]
     if conflicts:
         raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
-    write_args(args, path, procs)  # the folder may have moved: record where it is now
-    return found[-1][1]
+    problems = [checkpoint_problem(checkpoint) for _, checkpoint in found]  # an older one is left only if the
+    readable = [checkpoint for (_, checkpoint), problem in zip(found, problems) if not problem]  # newer failed
+    if not readable:
+        raise PLEError(f"--resume: {problems[-1]}; no earlier checkpoint is left: start the run again (remove "
+                       f"{found[-1][1]}, or pass another --output_dir)")
+    if readable[-1] != found[-1][1]:
+        procs.print(f"warning: {problems[-1]}; resuming from {readable[-1]}", file=sys.stderr)
+    write_args(args, path, procs, inputs)  # the folder may have moved: record where it is now
+    return readable[-1]
 
 
-def write_args(args, path, procs):
+def write_args(args, path, procs, inputs):
     procs.wait()  # every process has decided before process 0 writes
     if procs.is_main:
         try:
-            os.makedirs(args.output_dir, exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
-                json.dump(saved_args(args, procs.world), f, indent=2)
+                json.dump(saved_args(args, procs.world, inputs), f, indent=2)
         except OSError as e:
             raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
     procs.wait()
+
+
+LOCK = ".ple.lock"  # in the run folder; held (flock) while a process runs in it
+held = {}  # the run folders this process holds: real path -> the open lock file
+
+
+def claim_output_dir(folder):
+    """Make the folder this run's, or refuse before a byte is written: a new run goes only into a missing
+    or empty folder or one of ple.py's own (args.json says so). Then take its lock for the life of the run
+    (a second run on the folder is refused, naming the holder; a killed run's lock goes with it) and
+    remove what a kill left half-written."""
+    if os.path.isdir(folder) and not is_run_folder(folder):
+        names = sorted(set(os.listdir(folder)) - {LOCK})
+        raise PLEError(f"--output_dir {folder} holds files that are not a ple.py run ({', '.join(names[:4])}"
+                       f"{', ...' if len(names) > 4 else ''}); ple.py writes only into a new or empty folder or one "
+                       "of its own runs: pass another --output_dir")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        lock_run(folder)
+    except OSError as e:
+        raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
+    for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # save_dir_atomically's, cut short
+        if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final)\.tmp", os.path.basename(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_run_folder(folder):
+    names = set(os.listdir(folder)) - {LOCK}
+    if not names:
+        return True
+    try:
+        with open(os.path.join(folder, "args.json"), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return False
+    legacy = set(saved) <= set(asdict(Args())) | {"num_processes"} and "tau0" in saved  # before the mark
+    return isinstance(saved, dict) and (saved.get("written_by") == "ple.py" or legacy)
+
+
+def lock_run(folder):
+    """Hold the folder's lock until release_run (or the process ends). POSIX flock; none on Windows."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    key = os.path.realpath(folder)
+    if key in held:  # this process ran here before (a run that failed): it still holds the lock
+        return
+    f = open(os.path.join(folder, LOCK), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise PLEError(f"--output_dir {folder} is in use by {holder}; wait until that run ends, or pass another "
+                       "--output_dir") from None
+    f.truncate(0)
+    f.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    held[key] = f
+
+
+def release_run(folder):
+    lock = held.pop(os.path.realpath(folder), None)
+    if lock:
+        lock.close()  # closing the file drops the flock
 
 
 if __name__ == "__main__":

@@ -1144,8 +1144,8 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
     lora = tmp_path / "lora"
     ple.run(make_args(model_dir, data_file, principles_file, lora, iterations=2, num_queries=4, lora_r=4,
                       lora_alpha=8, save_every=1))
-    assert sorted(os.listdir(sft)) == sorted(["args.json", "checkpoint-3", "final", "iter-1", "iter-2", "iter-3",
-                                              "metrics.jsonl", "samples"])
+    assert sorted(os.listdir(sft)) == sorted([".ple.lock", "args.json", "checkpoint-3", "final", "iter-1", "iter-2",
+                                              "iter-3", "metrics.jsonl", "samples"])
     assert (lora / "iter-2" / "adapter_config.json").exists() and not (lora / "iter-2" / "trainer_state.pt").exists()
     out = tmp_path / "frontier.json"
     report = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="tests.rewards:length_reward",
