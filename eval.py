@@ -13,6 +13,7 @@ settings and seed. Per model: mean reward, KL to the reference (the untrained mo
 principle copying and answer length; per baseline, the candidate's win rate. Models, rewards, data
 and sampling come from ple.py: one implementation of each.
 """
+import functools
 import glob
 import hashlib
 import json
@@ -217,9 +218,13 @@ def training_rows(models):
     for model in models:
         run = saved_run_args(model)
         if run:
-            _, _, sources = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
-                                             run["num_queries"], run["seed"], where=run.get("where", ""))
-            rows.update(sources)
+            trained = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
+                                       run["num_queries"], run["seed"], where=run.get("where", ""))
+            if run.get("data_sha256", ple.content_hash(trained)) != ple.content_hash(trained):
+                raise PLEError(f"'{model}' trained on rows of {run['dataset']} that are no longer there as they were "
+                               "(the file changed since training), so the held-out rows cannot be told apart: "
+                               "evaluate with the file as it was then")
+            rows.update(trained[2])  # the dataset texts the queries came from
     return rows
 
 
@@ -301,12 +306,12 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
     paths = {}
     for name in args.models:
         paths[name] = path = cache_path(args, name, queries, output)
-        entry = read_cache(path)
+        entry = read_cache(path, args, queries, reference)
         if entry is None:
             print(f"generating with {name}", flush=True)
             model, tokenizer = load_model(name, device, dtype)
             answers, lengths = generate_for(model, tokenizer, queries, args)
-            entry = {"answers": answers, "answer_tokens": lengths}
+            entry = {"cache_key": os.path.basename(path), "answers": answers, "answer_tokens": lengths}
             if args.perplexity:
                 entry["perplexity"] = perplexity_on(model, tokenizer, queries, references, args)
             if reference:
@@ -326,9 +331,10 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
 def add_kl(args, record, paths, reference, device, dtype):
     """The second half of the KL estimate: the reference scores every model's KL samples, one forward
     per batch, the reference loaded once. Stored (and cached) in each model's entry under 'kl'."""
-    files = model_fingerprint(reference)
-    todo = [name for name in args.models
-            if (record["models"][name].get("kl") or {}).get("reference_files") != files]
+    files, named = model_fingerprint(reference), ple.portable_path(reference)
+    todo = [name for name in args.models  # a KL against another reference (or other weights of it) is redone
+            if [(record["models"][name].get("kl") or {}).get(k) for k in ("reference", "reference_files")]
+            != [named, files]]
     if not todo:
         return
     print(f"scoring KL samples with the reference {reference}", flush=True)
@@ -339,7 +345,7 @@ def add_kl(args, record, paths, reference, device, dtype):
         prompts = [p for p in samples["prompt_ids"] for _ in range(k)]
         logp_ref = logprob_sums(model, tokenizer.pad_token_id, prompts, samples["answer_ids"], args.batch_size)
         mean, stderr = kl_estimate(samples["logp"], logp_ref)
-        entry["kl"] = {"reference": ple.portable_path(reference), "reference_files": files, "mean": mean,
+        entry["kl"] = {"reference": named, "reference_files": files, "mean": mean,
                        "stderr": stderr, "answers": len(logp_ref), "logp_ref": logp_ref}
         write_json(paths[name], entry)
     del model
@@ -352,18 +358,21 @@ def load_model(name, device, dtype):
     if is_adapter(folder):
         from peft import PeftModel
 
-        run = saved_run_args(folder)
-        if run:
-            base = ple.stored_path(run["model"])
-        else:
-            with open(os.path.join(folder, "adapter_config.json")) as f:
-                base = json.load(f)["base_model_name_or_path"]
-        model, tokenizer = ple.load_policy(base, device, dtype)
+        model, tokenizer = ple.load_policy(adapter_base(folder), device, dtype)
         with ple.quiet_peft():
             model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     else:
         model, tokenizer = ple.load_policy(name, device, dtype)
     return model.eval(), tokenizer
+
+
+def adapter_base(folder):
+    """The model a LoRA adapter folder goes on: its run's --model, else what its adapter_config.json names."""
+    run = saved_run_args(folder)
+    if run:
+        return ple.stored_path(run["model"])
+    with open(os.path.join(folder, "adapter_config.json")) as f:
+        return json.load(f)["base_model_name_or_path"]
 
 
 def is_adapter(folder):
@@ -542,6 +551,11 @@ def frontier_models(args):
         if not found:
             raise PLEError(f"--frontier {run_dir} holds no saved iterations (iter-N/): train it with "
                            "ple.py --save_every K")
+        every, done = run.get("save_every") or 0, max(n for n, _ in found + ple.checkpoints(run_dir))
+        missing = [n for n in range(every, done + 1, every or 1) if every and n not in dict(found)]
+        if missing:
+            print(f"warning: --frontier {run_dir} lacks iter-{', iter-'.join(map(str, missing))}/ (saved every "
+                  f"{every}): those points are left out", file=sys.stderr)
         bases[ple.portable_path(ple.stored_path(run["model"]))] = ple.stored_path(run["model"])
         points += [(run_dir, n, path) for n, path in found]
     if not args.reference and len(bases) > 1:
@@ -642,21 +656,50 @@ def cache_path(args, name, queries, output):
 
 
 def model_fingerprint(name):
-    """Names, sizes and modification times of a local model's files (a retrained folder gets a new key)."""
+    """A local model as its files' names and contents (hashed; a LoRA adapter's base model too): what a
+    cached generation must match. None for a Hub id: its revision is the Hub's business."""
     folder, gguf = ple.find_gguf(ple.stored_path(name))
     path = os.path.join(folder, gguf) if gguf else folder
     if not os.path.exists(path):
-        return None  # a Hub id: its revision is the Hub's business
+        return None
     files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    return [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]
+    found = [[os.path.basename(f), file_hash(f, os.stat(f).st_size, os.stat(f).st_mtime_ns)]
+             for f in files if os.path.isfile(f)]
+    return found + ([["base", model_fingerprint(adapter_base(folder))]] if is_adapter(folder) else [])
 
 
-def read_cache(path):
+@functools.lru_cache(maxsize=None)
+def file_hash(path, size, mtime_ns):
+    """sha256 of a file, once per version of it in a process (size and mtime are part of the cache key)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_cache(path, args, queries, reference):
+    """A model's cached generations, or None when there are none or they do not fit this evaluation (a
+    file cut short, not eval.py's, or of another shape): then the model generates again."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None  # missing, or cut short by a kill: generate again
+            entry = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # cut short by a kill, or not ours
+        entry = None
+    answers = entry.get("answers") if isinstance(entry, dict) else None
+    fits = (isinstance(answers, list) and entry.get("cache_key") == os.path.basename(path)
+            and len(answers) == len(queries) == len(entry.get("answer_tokens") or [])
+            and all(isinstance(a, list) and len(a) == args.samples and all(isinstance(t, str) for t in a)
+                    for a in answers)
+            and (not args.perplexity or isinstance(entry.get("perplexity"), float))
+            and (not reference or len((entry.get("kl_samples") or {}).get("logp") or []) ==
+                 len(queries) * args.kl_samples))
+    if not fits:
+        print(f"note: the cached {path} does not fit this evaluation; generating again", file=sys.stderr)
+        return None
+    return entry
 
 
 def write_json(path, data):
@@ -751,6 +794,12 @@ def check_eval_args(args):
         ple.check_local(ple.resolve_path(args.dataset), "--dataset")
         if len(args.models) < 2:
             raise PLEError("--models needs a candidate and at least one baseline")
+        named = {}
+        for name in args.models:  # a local model by the folder or file it is, however the path is spelled
+            same = os.path.realpath(ple.stored_path(name)) if os.path.exists(ple.stored_path(name)) else name
+            if same in named:
+                raise PLEError(f"--models names one model twice ('{named[same]}' and '{name}'); name each once")
+            named[same] = name
 
 
 def check_models(names):
@@ -788,6 +837,9 @@ def main(argv=None):
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv)
+    home = os.path.expanduser  # ~/x is a path, as in a shell
+    args = replace(args, models=[home(m) for m in args.models], frontier=[home(r) for r in args.frontier],
+                   **{k: home(v) for k in PATHS if isinstance(v := getattr(args, k), str)})
     try:
         report = run(args)
     except PLEError as e:
@@ -851,6 +903,7 @@ def run_frontier(args):
     return write_report(report, record, output)
 
 
+PATHS = ("reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "plot")
 # what --rescore takes from the JSON it reads: how the generations were made, not this command's defaults
 GENERATION_SETTINGS = ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
                        "principles", "chat_template")

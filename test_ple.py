@@ -889,6 +889,219 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
 
 
 # ------------------------------------------------------------------------------------------------
+# the run folder is the user's data: what ple.py writes, locks, verifies and refuses
+# ------------------------------------------------------------------------------------------------
+
+def listing(folder):
+    """Every file under a folder, with its bytes."""
+    found = {}
+    for top, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(top, name), "rb") as f:
+                found[os.path.relpath(os.path.join(top, name), folder)] = f.read()
+    return found
+
+
+def test_a_folder_that_is_not_a_run_is_refused_before_a_byte_is_written(model_dir, data_file, principles_file,
+                                                                        tmp_path, monkeypatch):
+    mine = tmp_path / "mine"
+    for name, text in [("final/notes.txt", "my notes"), ("iter-3/plan.md", "plan"), ("args.json", '{"my": 1}'),
+                       ("metrics.jsonl", "{}\n"), ("samples/iter-000.jsonl", "{}\n")]:
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_text(text)
+    before = listing(mine)
+    for resume in (False, True):
+        with pytest.raises(ple.PLEError, match=r"--output_dir .*mine holds files that are not a ple.py run "
+                                               r"\(args.json, final, iter-3, metrics.jsonl, \.\.\.\)"):
+            ple.run(make_args(model_dir, data_file, principles_file, mine, resume=resume))
+        assert listing(mine) == before  # nothing removed, overwritten or added (not even a lock)
+    monkeypatch.chdir(HERE)  # --output_dir . in the repository
+    with pytest.raises(ple.PLEError, match=r"--output_dir \. holds files that are not a ple.py run"):
+        ple.run(make_args(model_dir, data_file, principles_file, "."))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ple.run(make_args(model_dir, data_file, principles_file, empty, iterations=1))  # an empty folder is fine
+    assert json.loads((empty / "args.json").read_text())["written_by"] == "ple.py"
+
+
+HOLD_LOCK = "import sys, time, ple; ple.lock_run(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+
+
+def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_does_not_block(
+        model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for resume in (False, True):
+            with pytest.raises(ple.PLEError, match=rf"--output_dir .*run is in use by process {holder.pid} on "):
+                ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=resume))
+        assert os.listdir(out) == [".ple.lock"]  # the refused runs wrote nothing
+    finally:
+        holder.kill()  # as SIGKILL would: the lock file stays, the lock goes with the process
+        holder.wait()
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
+
+
+def test_resume_and_eval_refuse_inputs_that_changed_since_training(model_dir, data_file, principles_file, tmp_path):
+    principles, data = tmp_path / "principles.txt", tmp_path / "reviews.jsonl"
+    principles.write_text(open(principles_file).read())
+    data.write_text(open(data_file).read())
+    out = tmp_path / "run"
+
+    def run(iterations):
+        ple.run(make_args(model_dir, str(data), str(principles), out, iterations=iterations, resume=iterations > 1))
+    run(1)
+    saved = json.loads((out / "args.json").read_text())
+    assert len(saved["principles_sha256"]) == len(saved["data_sha256"]) == 64
+    principles.write_text(open(principles_file).read() + "# a comment: nothing the run reads\n")
+    run(2)
+    principles.write_text(principles.read_text().replace(PRINCIPLE, "Write a cold continuation."))
+    with pytest.raises(ple.PLEError, match=r"--resume: .*the \[sentiment\] principles in .*principles.txt changed "
+                                           r"since the run started"):
+        run(3)
+    principles.write_text(open(principles_file).read())
+    data.write_text(json.dumps({"text": "A new first row, put at the top of the file"}) + "\n" + data.read_text())
+    with pytest.raises(ple.PLEError, match=r"--resume: .*the rows of .*reviews.jsonl that the queries come from "
+                                           r"changed since the run started"):
+        run(3)
+    # eval.py would now take rows the model trained on for held-out ones: it refuses
+    with pytest.raises(ple.PLEError, match=r"trained on rows of .*reviews.jsonl that are no longer there as they were"):
+        ple_eval.run(eval_args([str(out / "final"), model_dir], str(data), tmp_path / "e.json"))
+
+
+def test_a_kill_while_iter_n_is_written_is_redone_on_resume(model_dir, data_file, principles_file, tmp_path,
+                                                           monkeypatch, capsys):
+    straight = tmp_path / "straight"
+    ple.run(make_args(model_dir, data_file, principles_file, straight, iterations=2, save_every=1))
+    out = tmp_path / "run"
+    real = ple.save_model
+
+    def killed_in_iter_2(path, *rest):
+        if os.path.basename(path) != "iter-2":
+            return real(path, *rest)
+        os.makedirs(path + ".tmp")
+        open(os.path.join(path + ".tmp", "model.safetensors"), "wb").close()
+        raise KeyboardInterrupt  # a SIGKILL mid-write leaves the same: a partial iter-2.tmp and no iter-2
+
+    monkeypatch.setattr(ple, "save_model", killed_in_iter_2)
+    with pytest.raises(KeyboardInterrupt):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1))
+    assert (out / "iter-2.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
+    monkeypatch.setattr(ple, "save_model", real)
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1, resume=True))
+    assert not (out / "iter-2.tmp").exists()
+    assert max_difference(state_of(str(out / "iter-2")), state_of(str(straight / "iter-2"))) == 0
+    # a saved iteration that is missing is named, not silently left out of the frontier
+    (out / "iter-1").rename(tmp_path / "iter-1-elsewhere")
+    _, points = ple_eval.frontier_models(ple_eval.EvalArgs(frontier=[str(out)], reward="vader"))
+    assert [n for _, n, _ in points] == [2]
+    assert "--frontier " + str(out) + " lacks iter-1/ (saved every 1)" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_falls_back_to_an_older_one_and_a_full_disk_is_named(model_dir, data_file,
+                                                                                  principles_file, tmp_path,
+                                                                                  monkeypatch, capsys):
+    import errno
+    import shutil
+
+    straight = tmp_path / "straight"
+    ple.run(make_args(model_dir, data_file, principles_file, straight, iterations=3))
+    out = tmp_path / "run"
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    shutil.copytree(out / "checkpoint-1", tmp_path / "checkpoint-1")
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    shutil.copytree(tmp_path / "checkpoint-1", out / "checkpoint-1")  # an older one, as a failed write leaves
+    state = out / "checkpoint-2" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:200])  # damaged after it was written
+    ple.run(make_args(model_dir, data_file, principles_file, out, iterations=3, resume=True))
+    assert "checkpoint-2/trainer_state.pt is not a trainer state that ple.py can read" in capsys.readouterr().err
+    assert read_jsonl(out / "samples" / "iter-002.jsonl") == read_jsonl(straight / "samples" / "iter-002.jsonl")
+    assert max_difference(state_of(str(out / "final")), state_of(str(straight / "final"))) == 0
+    # the only checkpoint unreadable: one line, what to do
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ple.PLEError, match=r"--resume: .*model.safetensors: .*no earlier checkpoint is left: start "
+                                           r"the run again \(remove .*checkpoint-3, or pass another --output_dir\)"):
+        ple.run(make_args(model_dir, data_file, principles_file, out, iterations=4, resume=True))
+    # a full disk while a checkpoint is written: named, the part removed, the last good checkpoint kept
+    again = tmp_path / "again"
+    ple.run(make_args(model_dir, data_file, principles_file, again, iterations=1))
+    for failure in (OSError(errno.ENOSPC, "No space left on device"),
+                    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 2018")):
+        def full(*args, **kwargs):
+            raise failure
+        monkeypatch.setattr(torch, "save", full)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+        with pytest.raises(ple.PLEError, match=r"could not write .*checkpoint-2: the disk is full \(0 MB free\); "
+                                               r"what was saved before is intact"):
+            ple.run(make_args(model_dir, data_file, principles_file, again, iterations=2, resume=True))
+        assert [n for n, _ in ple.checkpoints(str(again))] == [1] and not (again / "checkpoint-2.tmp").exists()
+
+
+def test_weights_that_hold_nan_and_prompts_too_long_for_the_model_fail_before_sampling(
+        tokenizer, model_dir, data_file, principles_file, tmp_path, monkeypatch):
+    damaged = tmp_path / "damaged"
+    model = tiny_model(tokenizer)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
+    model.save_pretrained(damaged)
+    tokenizer.save_pretrained(damaged)
+    monkeypatch.setattr(ple, "sample_answers", lambda *a, **k: pytest.fail("sampling started"))
+    with pytest.raises(ple.PLEError, match=r"the weights loaded from .*damaged hold NaN or infinite values \(first: "
+                                           r"transformer.h.1.mlp.c_fc.weight\)"):
+        ple.run(make_args(str(damaged), data_file, principles_file, tmp_path / "o"))
+    with pytest.raises(ple.PLEError, match=r"6 of 6 queries do not fit the model's 256 positions: the longest, .* "
+                                           r"tokens with the principles, plus --max_new_tokens 250"):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "o", max_new_tokens=250))
+
+
+def test_bad_data_and_principles_files_are_named_by_line(model_dir, data_file, principles_file, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    cases = [("latin1.csv", b"text\nun caf\xe9 froid\n", r"latin1.csv, line 2, is not UTF-8 text"),
+             ("broken.jsonl", b'{"text": "one"}\n{"text": "two\n{"text": "three"}\n', r"broken.jsonl, line 2, is not JSON"),
+             ("list.jsonl", b'{"text": "one"}\n["two"]\n', r"list.jsonl, line 2, is not a JSON object")]
+    for name, data, message in cases:
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ple.PLEError, match=message):
+            ple.run(make_args(model_dir, str(tmp_path / name), principles_file, tmp_path / "o"))
+    bom = tmp_path / "bom.txt"  # as some editors save it
+    bom.write_bytes(b"\xef\xbb\xbf[sentiment]\n" + PRINCIPLE.encode() + b"\n")
+    assert ple.read_principles(str(bom), "sentiment") == [PRINCIPLE]
+
+
+def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file, tmp_path, monkeypatch):
+    import shutil
+
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(data_file, home / "reviews.jsonl")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    ple.main(["--model", model_dir, "--reward", "tests.rewards:word_reward", "--dataset", "~/reviews.jsonl",
+              "--principles", principles_file, "--output_dir", "~/run", "--iterations", "1", "--num_queries", "1",
+              "--mini_batch_size", "1", "--max_new_tokens", "4", "--lora_r", "0", "--device", "cpu"])
+    assert len(read_jsonl(home / "run" / "samples" / "iter-000.jsonl")) == 1  # one query, one row
+    assert (home / "run" / "final").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch):
+    (tmp_path / "json.py").write_text("def f(queries, answers):\n    return [0.0] * len(answers)\n")
+    (tmp_path / "my_reward.py").write_text("import json\n\ndef score(queries, answers):\n"
+                                           "    return [float(len(json.dumps(a))) for a in answers]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_reward", raising=False)
+    assert ple.load_reward("my_reward:score")(["q"], ["ab"]) == [4.0]
+    assert json.__file__ != str(tmp_path / "json.py") and str(tmp_path) not in sys.path
+    with pytest.raises(ple.PLEError, match=r"json is an installed module, found before .*json.py: rename that file"):
+        ple.load_reward("json:f")
+
+
+# ------------------------------------------------------------------------------------------------
 # eval.py
 # ------------------------------------------------------------------------------------------------
 
@@ -1033,17 +1246,17 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
         ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "broken.json")))
 
 
-def test_eval_bad_input(model_dir, data_file, tmp_path):
+def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
     with pytest.raises(ple.PLEError, match="no such file or folder"):
         ple_eval.run(eval_args([model_dir, str(tmp_path / "missing")], data_file, tmp_path / "x.json"))
     with pytest.raises(ple.PLEError, match="candidate and at least one baseline"):
         ple_eval.run(eval_args([model_dir], data_file, tmp_path / "x.json"))
     with pytest.raises(ple.PLEError, match=r"only 8 held-out queries"):
-        ple_eval.run(eval_args([model_dir, model_dir], data_file, tmp_path / "x.json", n=200))
+        ple_eval.run(eval_args([model_dir, other_model_dir], data_file, tmp_path / "x.json", n=200))
     one_row = tmp_path / "one.jsonl"
     one_row.write_text(json.dumps({"text": "just one review here"}) + "\n")
     with pytest.raises(ple.PLEError, match=r"too few held-out queries \(1\)"):
-        ple_eval.run(eval_args([model_dir, model_dir], str(one_row), tmp_path / "x.json"))
+        ple_eval.run(eval_args([model_dir, other_model_dir], str(one_row), tmp_path / "x.json"))
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -1053,12 +1266,15 @@ def test_eval_bad_input(model_dir, data_file, tmp_path):
     (dict(n=-2), r"--n: must be 0"),
     (dict(second="runs/typo/final"), r"--models runs/typo/final: no such file or folder"),
     (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
+    (dict(second=lambda first: first + "/."), r"--models names one model twice \('.*' and '.*/\.'\)"),
     (dict(top_p=0.0), r"--top_p"),
     (dict(device="cuda:99"), r"--device cuda:99"),
 ])
-def test_eval_checks_everything_before_generating(model_dir, data_file, tmp_path, monkeypatch, changes, message):
+def test_eval_checks_everything_before_generating(model_dir, other_model_dir, data_file, tmp_path, monkeypatch,
+                                                  changes, message):
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
-    second = changes.pop("second", model_dir)
+    second = changes.pop("second", other_model_dir)
+    second = second(model_dir) if callable(second) else second
     out = changes.pop("output", str(tmp_path / "e.json"))
     with pytest.raises(ple.PLEError, match=message):
         ple_eval.run(eval_args([model_dir, second], data_file, out, **changes))
@@ -1180,7 +1396,7 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
         ple_eval.run(ple_eval.EvalArgs(frontier=[model_dir], dataset=data_file))
 
 
-def test_kl_needs_the_same_tokenizer(model_dir, data_file, tmp_path, monkeypatch):
+def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -1193,7 +1409,7 @@ def test_kl_needs_the_same_tokenizer(model_dir, data_file, tmp_path, monkeypatch
     other.save_pretrained(path)
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     with pytest.raises(ple.PLEError, match="different tokenizers .* the KL between them is undefined"):
-        ple_eval.run(eval_args([model_dir, model_dir], data_file, tmp_path / "e.json", reference=path))
+        ple_eval.run(eval_args([model_dir, other_model_dir], data_file, tmp_path / "e.json", reference=path))
 
 
 def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
