@@ -991,8 +991,11 @@ def test_a_kill_while_iter_n_is_written_is_redone_on_resume(model_dir, data_file
         ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1))
     assert (out / "iter-2.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
     monkeypatch.setattr(ple, "save_model", real)
+    (out / "iter-7.tmp").mkdir()  # left by another kill (the run no longer writes it)
+    (out / "samples" / "notes.tmp").write_text("not ple.py's: stays")
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1, resume=True))
-    assert not (out / "iter-2.tmp").exists()
+    assert not (out / "iter-2.tmp").exists() and not (out / "iter-7.tmp").exists()
+    assert (out / "samples" / "notes.tmp").exists()
     assert max_difference(state_of(str(out / "iter-2")), state_of(str(straight / "iter-2"))) == 0
     # a saved iteration that is missing is named, not silently left out of the frontier
     (out / "iter-1").rename(tmp_path / "iter-1-elsewhere")
@@ -1089,16 +1092,18 @@ def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file,
 
 
 def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch):
-    (tmp_path / "json.py").write_text("def f(queries, answers):\n    return [0.0] * len(answers)\n")
-    (tmp_path / "my_reward.py").write_text("import json\n\ndef score(queries, answers):\n"
-                                           "    return [float(len(json.dumps(a))) for a in answers]\n")
+    (tmp_path / "colorsys.py").write_text("def f(queries, answers):\n    return [0.0] * len(answers)\n")
+    (tmp_path / "my_reward.py").write_text("import colorsys\n\ndef score(queries, answers):\n"
+                                           "    return [colorsys.rgb_to_hsv(0.0, 0.0, 1.0)[0] for a in answers]\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
-    monkeypatch.delitem(sys.modules, "my_reward", raising=False)
-    assert ple.load_reward("my_reward:score")(["q"], ["ab"]) == [4.0]
-    assert json.__file__ != str(tmp_path / "json.py") and str(tmp_path) not in sys.path
-    with pytest.raises(ple.PLEError, match=r"json is an installed module, found before .*json.py: rename that file"):
-        ple.load_reward("json:f")
+    for name in ("my_reward", "colorsys"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert ple.load_reward("my_reward:score")(["q"], ["ab"]) == [2 / 3]  # the standard colorsys, not the file
+    assert sys.modules["colorsys"].__file__ != str(tmp_path / "colorsys.py") and str(tmp_path) not in sys.path
+    with pytest.raises(ple.PLEError, match=r"colorsys is an installed module, found before .*colorsys.py: rename "
+                                           r"that file"):
+        ple.load_reward("colorsys:f")
 
 
 # ------------------------------------------------------------------------------------------------
