@@ -13,7 +13,6 @@ settings and seed. Per model: mean reward, KL to the reference (the untrained mo
 principle copying and answer length; per baseline, the candidate's win rate. Models, rewards, data
 and sampling come from ple.py: one implementation of each.
 """
-import functools
 import glob
 import hashlib
 import json
@@ -663,14 +662,11 @@ def model_fingerprint(name):
     if not os.path.exists(path):
         return None
     files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    found = [[os.path.basename(f), file_hash(f, os.stat(f).st_size, os.stat(f).st_mtime_ns)]
-             for f in files if os.path.isfile(f)]
+    found = [[os.path.basename(f), file_hash(f)] for f in files if os.path.isfile(f)]
     return found + ([["base", model_fingerprint(adapter_base(folder))]] if is_adapter(folder) else [])
 
 
-@functools.lru_cache(maxsize=None)
-def file_hash(path, size, mtime_ns):
-    """sha256 of a file, once per version of it in a process (size and mtime are part of the cache key)."""
+def file_hash(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(2**24):

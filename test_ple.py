@@ -1331,6 +1331,36 @@ def test_eval_failure_after_generating_loses_nothing(model_dir, other_model_dir,
         ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out, cache=cache, max_new_tokens=5))
 
 
+def test_eval_cache_never_serves_generations_that_do_not_fit(tokenizer, model_dir, other_model_dir, data_file,
+                                                             tmp_path, monkeypatch, capsys):
+    import shutil
+
+    b, cache, out = tmp_path / "b", tmp_path / "cache", tmp_path / "e.json"
+    shutil.copytree(other_model_dir, b)
+    loads, real_load = [], ple.load_policy
+    monkeypatch.setattr(ple, "load_policy", lambda name, *a: loads.append(name) or real_load(name, *a))
+
+    def evaluate():
+        loads.clear()
+        report = ple_eval.run(eval_args([model_dir, str(b)], data_file, out, cache=str(cache)))
+        return report["generations"]["models"][ple.portable_path(str(b))]["answers"]
+    first = evaluate()
+    entry = next(p for p in cache.iterdir() if json.loads(p.read_text())["answers"] == first)
+    good = entry.read_bytes()
+    other = next(p for p in cache.iterdir() if p != entry)
+    for damage in (b"\xff\xfe not UTF-8", b'{"answers": 3}', good.replace(b'"answers": [', b'"answers": [[], ', 1),
+                   other.read_bytes()):  # unreadable, not eval.py's, another shape, another model's (renamed)
+        entry.write_bytes(damage)
+        assert evaluate() == first and loads == [str(b)]  # b generates again, the other model is reused
+        assert "does not fit this evaluation; generating again" in capsys.readouterr().err
+    # other weights of the same size, with the old modification time: not the same model
+    stat = (b / "model.safetensors").stat()
+    tiny_model(tokenizer, seed=5).save_pretrained(b)
+    os.utime(b / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (b / "model.safetensors").stat().st_size == stat.st_size
+    assert evaluate() != first and loads == [str(b)]
+
+
 @pytest.mark.slow
 def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, tmp_path):
     out = tmp_path / "judged.json"
