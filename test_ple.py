@@ -1353,11 +1353,12 @@ def test_eval_cache_never_serves_generations_that_do_not_fit(tokenizer, model_di
         entry.write_bytes(damage)
         assert evaluate() == first and loads == [str(b)]  # b generates again, the other model is reused
         assert "does not fit this evaluation; generating again" in capsys.readouterr().err
-    # other weights of the same size, with the old modification time: not the same model
-    stat = (b / "model.safetensors").stat()
+    # other weights of the same size, every file with its old modification time: still not the same model
+    stats = {p: p.stat() for p in b.iterdir()}
     tiny_model(tokenizer, seed=5).save_pretrained(b)
-    os.utime(b / "model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert (b / "model.safetensors").stat().st_size == stat.st_size
+    for path, stat in stats.items():
+        assert path.stat().st_size == stat.st_size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert evaluate() != first and loads == [str(b)]
 
 
