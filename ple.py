@@ -1430,15 +1430,21 @@ def save_dir_atomically(final_path, write):
         write(tmp)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(final_path))).free
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**26:
-            raise PLEError(f"could not write {final_path}: the disk is full ({free / 2**20:.0f} MB free); what was "
-                           "saved before is intact: free some space, then continue with --resume") from e
-        if isinstance(e, RuntimeError):
+        failure = write_failure(final_path, e)
+        if isinstance(e, RuntimeError) and "disk is full" not in str(failure):
             raise
-        raise PLEError(f"could not write {final_path}: {e}") from e
+        raise failure from e
     shutil.rmtree(final_path, ignore_errors=True)
     os.replace(tmp, final_path)
+
+
+def write_failure(path, error):
+    """The one line for a write that failed: a full disk by name, and what is safe."""
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**26:
+        return PLEError(f"could not write {path}: the disk is full ({free / 2**20:.0f} MB free); what was saved "
+                        "before is intact: free some space, then continue with --resume")
+    return PLEError(f"could not write {path}: {error}")
 
 
 def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None, weights=None, optimizer_state=None):
@@ -1547,9 +1553,16 @@ def read_jsonl(path):
 
 
 def write_jsonl(path, records, mode="a"):
-    with open(path, mode, encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    """Append records, or (mode "w") replace the file through a temporary one: a failed write never
+    leaves an old file cut short."""
+    target = path + ".tmp" if mode == "w" else path
+    try:
+        with open(target, mode, encoding="utf-8") as f:
+            f.write("".join(json.dumps(record) + "\n" for record in records))
+        if mode == "w":
+            os.replace(target, path)
+    except OSError as e:
+        raise write_failure(path, e) from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1645,7 +1658,7 @@ def prepare_output_dir(args, procs, inputs):
             "data_sha256": f"the rows of {args.dataset} that the queries come from"}
     conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k, now[k]) != now[k]]
     if conflicts:
-        raise PLEError("--resume: these arguments differ from the saved run: " + "; ".join(conflicts))
+        raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
     problems = [checkpoint_problem(checkpoint) for _, checkpoint in found]  # an older one is left only if the
     readable = [checkpoint for (_, checkpoint), problem in zip(found, problems) if not problem]  # newer failed
     if not readable:
@@ -1669,7 +1682,7 @@ def write_args(args, path, procs, inputs):
 
 
 LOCK = ".ple.lock"  # in the run folder; held (flock) while a process runs in it
-held = {}  # the run folders this process holds: real path -> the open lock file
+LOCKS_HELD = {}  # the run folders this process holds: real path -> the open lock file
 
 
 def claim_output_dir(folder):
@@ -1687,9 +1700,10 @@ def claim_output_dir(folder):
         lock_run(folder)
     except OSError as e:
         raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
-    for tmp in glob.glob(os.path.join(folder, "*.tmp")):  # save_dir_atomically's, cut short
-        if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final)\.tmp", os.path.basename(tmp)):
-            shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "samples", "*.tmp")):
+        name = os.path.relpath(tmp, folder).replace(os.sep, "/")  # ple.py's own, cut short by a kill
+        if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
 
 
 def is_run_folder(folder):
@@ -1701,8 +1715,10 @@ def is_run_folder(folder):
             saved = json.load(f)
     except (OSError, ValueError):
         return False
+    if not isinstance(saved, dict):
+        return False
     legacy = set(saved) <= set(asdict(Args())) | {"num_processes"} and "tau0" in saved  # before the mark
-    return isinstance(saved, dict) and (saved.get("written_by") == "ple.py" or legacy)
+    return saved.get("written_by") == "ple.py" or legacy
 
 
 def lock_run(folder):
@@ -1712,7 +1728,7 @@ def lock_run(folder):
     except ImportError:
         return
     key = os.path.realpath(folder)
-    if key in held:  # this process ran here before (a run that failed): it still holds the lock
+    if key in LOCKS_HELD:  # this process ran here before (a run that failed): it still holds the lock
         return
     f = open(os.path.join(folder, LOCK), "a+", encoding="utf-8")
     try:
@@ -1726,11 +1742,11 @@ def lock_run(folder):
     f.truncate(0)
     f.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
-    held[key] = f
+    LOCKS_HELD[key] = f
 
 
 def release_run(folder):
-    lock = held.pop(os.path.realpath(folder), None)
+    lock = LOCKS_HELD.pop(os.path.realpath(folder), None)
     if lock:
         lock.close()  # closing the file drops the flock
 

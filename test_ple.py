@@ -991,10 +991,11 @@ def test_a_kill_while_iter_n_is_written_is_redone_on_resume(model_dir, data_file
         ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1))
     assert (out / "iter-2.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
     monkeypatch.setattr(ple, "save_model", real)
-    (out / "iter-7.tmp").mkdir()  # left by another kill (the run no longer writes it)
+    (out / "iter-7.tmp").mkdir()  # left by other kills (the run no longer writes them)
+    (out / "metrics.jsonl.tmp").write_text("")
     (out / "samples" / "notes.tmp").write_text("not ple.py's: stays")
     ple.run(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1, resume=True))
-    assert not (out / "iter-2.tmp").exists() and not (out / "iter-7.tmp").exists()
+    assert not any((out / name).exists() for name in ("iter-2.tmp", "iter-7.tmp", "metrics.jsonl.tmp"))
     assert (out / "samples" / "notes.tmp").exists()
     assert max_difference(state_of(str(out / "iter-2")), state_of(str(straight / "iter-2"))) == 0
     # a saved iteration that is missing is named, not silently left out of the frontier
