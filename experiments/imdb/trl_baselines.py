@@ -73,9 +73,9 @@ def run(args):
     ple.check_args(args)
     if args.loss != "ple" or args.sft_epochs:
         raise ple.PLEError("--loss and --sft_epochs are ple.py's; here the method is --method")
-    queries, _, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, args.num_queries, args.seed,
-                                     where=args.where)
-    if ple.prepare_output_dir(args, ple.Processes()):
+    queries, answers, sources = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task,
+                                                 args.num_queries, args.seed, where=args.where)
+    if ple.prepare_output_dir(args, ple.Processes(), {"data_sha256": ple.content_hash([queries, answers, sources])}):
         raise ple.PLEError("--resume is not supported for the TRL baselines; start a new --output_dir")
     device = ple.pick_device(args.device)
     reward_fn = ple.load_reward(args.reward, device)
