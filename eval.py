@@ -188,7 +188,7 @@ def llm_judge(name, device, dtype):
     @torch.inference_mode()
     def judge(query, a, b):
         text = JUDGE_PROMPT.format(query=query, a=a, b=b)
-        text = ple.render_prompt(tokenizer, text) if tokenizer.chat_template else text
+        text = ple.render_prompt(tokenizer, [{"role": "user", "content": text}]) if tokenizer.chat_template else text
         ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
         ids = ids.to(device)
         logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]

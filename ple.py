@@ -64,6 +64,8 @@ class Args:
     where: str = arg("", "keep only the dataset rows whose FIELD equals VALUE, given as FIELD=VALUE (e.g. label=1: "
                          "IMDb's positive reviews, the sft baseline's preferred data)")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
+    query_field: str = arg("", "dataset field the queries come from; default: the task's (sentiment: text; "
+                               "dialogue: chosen; summarize: post, else prompt)")
     principles: str = arg("principles.txt", "file with the principles of each task")
     chat_template: Literal["task", "auto", "off"] = arg(
         "task", "task: the task's own prompt format (sentiment: plain text, so that the model continues the "
@@ -121,28 +123,47 @@ def build_principle_query(query, principles):
     return "\n".join(principles) + "\n\n" + query
 
 
-def render_prompt(tokenizer, text, system=None):
-    """What a chat model is given: the text as the user turn of its chat template (and a system turn)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"  # the turns of an Anthropic HH transcript
+
+
+def conversation(query):
+    """A query as chat messages: an Anthropic HH transcript ("\\n\\nHuman: ... \\n\\nAssistant: ... \\n\\nHuman:
+    ... \\n\\nAssistant:") as its turns, alternating from a user turn to the last one; any other text as one
+    user turn. None for a transcript whose turns do not alternate or that does not end in "Assistant:"."""
+    if not query.startswith(HH_HUMAN):
+        return [{"role": "user", "content": query}]
+    parts = re.split(r"\n\n(Human|Assistant):", query)  # "", role, text, role, text, ...
+    roles, texts = parts[1::2], [t.strip() for t in parts[2::2]]
+    if roles[-1] != "Assistant" or texts[-1] or any(a == b for a, b in zip(roles, roles[1:])):
+        return None
+    return [{"role": "user" if r == "Human" else "assistant", "content": t} for r, t in zip(roles[:-1], texts)]
+
+
+def render_prompt(tokenizer, messages, system=None):
+    """What a chat model is given: the conversation in its chat template (after a system turn, if any),
+    ready for the assistant's answer."""
+    system = [{"role": "system", "content": system}] if system else []
+    return tokenizer.apply_chat_template(system + messages, tokenize=False, add_generation_prompt=True)
 
 
 def encode_prompts(tokenizer, queries, principles=None, chat_prefix="", chat=True, placement="user"):
     """Token ids of x as the model sees it, or of x_p when principles are given.
 
-    Chat models (chat=True and a chat template) get chat_prefix + x as the user turn (e.g. "Continue
-    this movie review:\\n" first) and the principles before it (placement "user") or as the system
-    turn ("system"); otherwise the plain text x, or x_p = principles, a blank line, x.
+    Chat models (chat=True and a chat template) get chat_prefix + x as a conversation (an HH transcript
+    as its turns, other text as one user turn, e.g. "Continue this movie review:\\n" first) and the
+    principles before the last user turn (placement "user") or as the system turn ("system"); other
+    models get the plain text x, or x_p = principles, a blank line, x.
     """
     texts, use_chat = [], bool(chat and tokenizer.chat_template)
     for query in queries:
         if not use_chat:
             texts.append(build_principle_query(query, principles) if principles else query)
-        elif principles and placement == "system":
-            texts.append(render_prompt(tokenizer, chat_prefix + query, system="\n".join(principles)))
-        else:
-            shown = chat_prefix + query
-            texts.append(render_prompt(tokenizer, build_principle_query(shown, principles) if principles else shown))
+            continue
+        messages = conversation(chat_prefix + query)
+        if principles and placement == "user":
+            messages[-1] = {"role": "user", "content": build_principle_query(messages[-1]["content"], principles)}
+        system = "\n".join(principles) if principles and placement == "system" else None
+        texts.append(render_prompt(tokenizer, messages, system))
     # A chat template already holds its special tokens; plain text gets the tokenizer's own (e.g. BOS).
     return [tokenizer(t, add_special_tokens=not use_chat)["input_ids"] for t in texts]
 
@@ -564,7 +585,8 @@ def set_up(args):
     procs = start_processes(args)  # one process for a plain `python ple.py`
     principles = read_principles(resolve_path(args.principles), args.task)
     all_queries, dataset_answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task,
-                                                         args.num_queries, args.seed, where=args.where)
+                                                         args.num_queries, args.seed, where=args.where,
+                                                         field=args.query_field)
     inputs = {"principles_sha256": content_hash(principles),  # what the run reads, kept in args.json: a resume
               "data_sha256": content_hash([all_queries, dataset_answers, sources])}  # and eval.py see edits
     needs_answers = args.loss == "sft" or args.sft_epochs
@@ -798,17 +820,20 @@ def probe_reward(reward_fn, queries, batch_size):
 
 @dataclass
 class Task:
-    field: str  # the dataset column the query comes from
+    fields: tuple  # the dataset columns a query can come from: the first the dataset has (--query_field: another)
+    usable: str  # what a row must hold to give a query (said when rows are skipped)
+    answers: tuple = ()  # columns holding the dataset's answer (summarize); the other tasks cut it from the text
     chat_prefix: str = ""  # what a chat model is told before x (base models see x alone)
     chat: bool = True  # --chat_template task: chat models get the chat template (False: plain text)
 
 
 TASKS = {  # sentiment continues a review: plain text keeps even a chat model continuing it (experiments/imdb)
-    "sentiment": Task("text", chat_prefix="Continue this movie review:\n", chat=False),  # IMDb controlled generation
-    "dialogue": Task("chosen"),  # Anthropic HH transcripts
-    "summarize": Task("post"),  # Reddit TL;DR posts
-}
-HH_ASSISTANT = "\n\nAssistant:"
+    "sentiment": Task(("text",), "text", chat_prefix="Continue this movie review:\n", chat=False),  # IMDb
+    "dialogue": Task(("chosen",), "an Anthropic HH transcript whose Human and Assistant turns alternate, up to a "
+                                  "last Assistant turn"),  # Anthropic/hh-rlhf
+    "summarize": Task(("post", "prompt"), "a post (or a prompt that ends in TL;DR:)",  # Reddit TL;DR: the posts
+                      answers=("summary", "label", "completion")),  # of openai/summarize_from_feedback or prompts
+}                                                                   # of CarperAI/openai_summarize_tldr, trl-lib/tldr
 
 
 def chat_prompts(chat_template, task):
@@ -816,20 +841,22 @@ def chat_prompts(chat_template, task):
     return chat_template == "auto" or (chat_template == "task" and TASKS[task].chat)
 
 
-def make_query(task, row, rng):
-    """Turn one dataset row into (query x, the dataset's answer to it or None)."""
-    text = row[TASKS[task].field]
+def make_query(task, row, rng, column=None):
+    """Turn one dataset row into (query x, the dataset's answer to it or None); (None, None) when the row
+    gives no query. column: the field x comes from (default: the task's first)."""
+    text = row[column or TASKS[task].fields[0]]
     if task == "sentiment":  # the first 2 to 8 words of a review; the rest is its answer
         words = text.split()
         k = rng.randint(2, 8)
         return " ".join(words[:k]), (" " + " ".join(words[k:])) if len(words) > k else None
-    if task == "dialogue":  # everything up to the last "Assistant:" turn; the chosen answer is after it
-        cut = text.rfind(HH_ASSISTANT)
-        if cut < 0:
+    if task == "dialogue":  # the conversation up to the last "Assistant:" turn; the chosen answer is after it
+        cut = text.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
+        if cut < len(HH_ASSISTANT) or conversation(text[:cut]) is None:
             return None, None
-        cut += len(HH_ASSISTANT)
         return text[:cut], text[cut:]
-    return text.strip() + "\n\nTL;DR:", row.get("summary")
+    answer = next((row[k] for k in TASKS[task].answers if isinstance(row.get(k), str)), None)
+    text = text.strip()
+    return (text if text.endswith("TL;DR:") else text + "\n\nTL;DR:"), answer
 
 
 def read_principles(path, task):
@@ -918,32 +945,38 @@ def load_rows(dataset, split):
     return rows
 
 
-def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
+def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=""):
     """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
 
     Returns (queries, answers, sources): the dataset's answer to each query (None where the task
     has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
     is how eval.py keeps its queries disjoint from the training ones; `where` ("FIELD=VALUE") keeps
-    only the rows whose FIELD, written as text, is VALUE.
+    only the rows whose FIELD, written as text, is VALUE; `field` names the column x comes from
+    (default: the first of the task's that the dataset has). Rows that give no query (an HH transcript
+    whose turns do not alternate) are skipped and counted; more of them than of queries is an error.
     """
     rows = load_rows(dataset, split)
-    column = TASKS[task].field
-    for field in (column, where.split("=", 1)[0].strip()):
-        if field and field not in rows.column_names:
-            reader = f"which task '{task}' reads" if field == column else "which --where names"
-            raise PLEError(f"dataset '{dataset}' has no '{field}' field, {reader}; "
-                           f"its fields are: {', '.join(rows.column_names)}")
+    fields = [field] if field else list(TASKS[task].fields)
+    column = next((f for f in fields if f in rows.column_names), None)
+    if column is None:
+        reader = "which --query_field names" if field else f"which task '{task}' reads"
+        raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, fields))} field, {reader}; its fields "
+                       f"are: {', '.join(rows.column_names)} (--query_field FIELD takes the queries from another)")
+    name = where.split("=", 1)[0].strip()
+    if name and name not in rows.column_names:
+        raise PLEError(f"dataset '{dataset}' has no '{name}' field, which --where names; "
+                       f"its fields are: {', '.join(rows.column_names)}")
     if where:
-        field, value = (part.strip() for part in where.split("=", 1))
-        values = [str(v) for v in rows[field]]
+        value = where.split("=", 1)[1].strip()
+        values = [str(v) for v in rows[name]]
         if value not in values:
-            raise PLEError(f"--where {where}: no row of dataset '{dataset}' (split '{split}') has {field} = {value}; "
+            raise PLEError(f"--where {where}: no row of dataset '{dataset}' (split '{split}') has {name} = {value}; "
                            f"its values there: {', '.join(sorted(set(values))[:10])}")
         rows = rows.select([i for i, v in enumerate(values) if v == value])
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     rng = random.Random(seed)
-    queries, answers, sources, excluded = [], [], [], 0
+    queries, answers, sources, excluded, skipped = [], [], [], 0, []
     for i in order:
         row = rows[i]
         if row[column] is not None and not isinstance(row[column], str):
@@ -954,13 +987,21 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
         if row[column] in exclude:
             excluded += 1
             continue
-        query, answer = make_query(task, row, rng)
-        if query:
-            queries.append(query)
-            answers.append(answer)
-            sources.append(row[column])
+        query, answer = make_query(task, row, rng, column)
+        if not query:
+            skipped.append(i)
+            continue
+        queries.append(query)
+        answers.append(answer)
+        sources.append(row[column])
         if limit and len(queries) == limit:
             break
+    if skipped:
+        said = (f"{len(skipped)} of the {len(skipped) + len(queries) + excluded} rows of dataset '{dataset}' read "
+                f"give no query for task '{task}' (first: row {skipped[0]}); a row must hold {TASKS[task].usable}")
+        if len(skipped) > len(queries):
+            raise PLEError(f"{said}: is it the right --task or --query_field?")
+        print(f"note: skipped {said}", file=sys.stderr)
     if not queries and excluded:
         raise PLEError(f"every row of dataset '{dataset}' that gives a query was excluded as a training row of the "
                        f"models ({excluded} rows); evaluate on another --dataset or --split")
