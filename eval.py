@@ -36,10 +36,13 @@ class EvalArgs:
     models: List[str] = field(default_factory=list, metadata={
         "help": "candidate first, then baselines: run folders' final/, Hub ids, .gguf files or pip packages"})
     reward: str = arg("vader", "judging reward, as ple.py's --reward; '' for none (with --judge)")
+    reward_format: str = arg("auto", "how the reward model reads query and answer: auto, text, pair or chat, as "
+                                     "ple.py's --reward_format")
     judge: Optional[str] = arg(None, "optional pairwise judge: a causal LM asked which answer is better, both orders")
     dataset: str = arg("data/review_openings.txt", "queries, as ple.py's --dataset")
     split: str = arg("train", "dataset split")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "as ple.py's --task")
+    query_field: str = arg("", "as ple.py's --query_field")
     n: int = arg(0, "held-out queries to use; 0 = all that remain after excluding training rows")
     samples: int = arg(1, "answers per query and model")
     seed: int = arg(0, "query order and sampling seed, the same for every model")
@@ -218,7 +221,8 @@ def training_rows(models):
         run = saved_run_args(model)
         if run:
             trained = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
-                                       run["num_queries"], run["seed"], where=run.get("where", ""))
+                                       run["num_queries"], run["seed"], where=run.get("where", ""),
+                                       field=run.get("query_field", ""))
             if run.get("data_sha256", ple.content_hash(trained)) != ple.content_hash(trained):
                 raise PLEError(f"'{model}' trained on rows of {run['dataset']} that are no longer there as they were "
                                "(the file changed since training), so the held-out rows cannot be told apart: "
@@ -230,7 +234,7 @@ def training_rows(models):
 def held_out_queries(args):
     exclude = training_rows(args.models)
     queries, references, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, 0, args.seed,
-                                              exclude=exclude)
+                                              exclude=exclude, field=args.query_field)
     if args.n and len(queries) < args.n:
         raise PLEError(f"only {len(queries)} held-out queries in '{args.dataset}' (split '{args.split}') after "
                        f"excluding {len(exclude)} rows the models trained on; pass --n {len(queries)} or less, or "
@@ -901,8 +905,8 @@ def run_frontier(args):
 
 PATHS = ("reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "plot")
 # what --rescore takes from the JSON it reads: how the generations were made, not this command's defaults
-GENERATION_SETTINGS = ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                       "principles", "chat_template")
+GENERATION_SETTINGS = ("dataset", "split", "task", "query_field", "samples", "seed", "max_new_tokens", "temperature",
+                       "top_p", "principles", "chat_template")
 
 
 def resolved(args):
@@ -920,9 +924,13 @@ def resolved(args):
 def load_judges(args, queries, device):
     """The reward and the LLM judge, loaded once before any generation, so that one that cannot load or
     score fails early."""
-    reward_fn = ple.load_reward(args.reward, device) if args.reward else None
-    if reward_fn is not None:
+    reward_fn = None
+    if args.reward:
+        reward_format = ple.reward_input(args.reward, args.reward_format)
+        reward_fn = ple.load_reward(args.reward, device, reward_format or "auto")
         ple.probe_reward(reward_fn, queries, args.reward_batch_size)
+        if reward_format:
+            print(f"reward {args.reward} reads {ple.REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
     judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device)) if args.judge else None
     return reward_fn, judge
 

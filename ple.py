@@ -66,6 +66,10 @@ class Args:
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
     query_field: str = arg("", "dataset field the queries come from; default: the task's (sentiment: text; "
                                "dialogue: chosen; summarize: post, else prompt)")
+    reward_format: Literal["auto", "text", "pair", "chat"] = arg(
+        "auto", "how a reward model reads query x and answer y: text (joined), pair (a text pair), chat (its chat "
+                "template); auto: text for a classifier with a positive label, else chat if its tokenizer has a "
+                "chat template, pair if it takes text pairs, text otherwise")
     principles: str = arg("principles.txt", "file with the principles of each task")
     chat_template: Literal["task", "auto", "off"] = arg(
         "task", "task: the task's own prompt format (sentiment: plain text, so that the model continues the "
@@ -587,8 +591,10 @@ def set_up(args):
     all_queries, dataset_answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task,
                                                          args.num_queries, args.seed, where=args.where,
                                                          field=args.query_field)
+    reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     inputs = {"principles_sha256": content_hash(principles),  # what the run reads, kept in args.json: a resume
-              "data_sha256": content_hash([all_queries, dataset_answers, sources])}  # and eval.py see edits
+              "data_sha256": content_hash([all_queries, dataset_answers, sources]),  # and eval.py see edits
+              "reward_input": reward_format}
     needs_answers = args.loss == "sft" or args.sft_epochs
     if needs_answers and any(a is None for a in dataset_answers):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
@@ -602,8 +608,10 @@ def set_up(args):
     resume_from = prepare_output_dir(args, procs, inputs)
     device = procs.accelerator.device if procs.accelerator else pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    reward_fn = load_reward(args.reward, device)
+    reward_fn = load_reward(args.reward, device, reward_format or "auto")
     probe_reward(reward_fn, queries, args.reward_batch_size)
+    if reward_format:
+        procs.print(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
     procs.print(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
                 f"dtype {dtype}" + (f", {procs.world} processes" if procs.world > 1 else ""))
 
@@ -1042,12 +1050,55 @@ def vader_reward():
                                      for q, a in zip(queries, answers)]
 
 
-def classifier_reward(name, device):
-    """A sequence-classification model: reward = logit of the positive label (or its single output)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+REWARD_INPUTS = {  # --reward_format: how a reward model reads a query x and an answer y
+    "text": "x and y joined into one text",  # sentiment classifiers (e.g. lvwerra/distilbert-imdb)
+    "pair": "(x, y) as a text pair, x truncated first",  # encoder reward models (OpenAssistant's DeBERTa)
+    "chat": "the conversation x and the answer y in its own chat template",  # chat reward models (Skywork, ...)
+}
+
+
+def reward_parts(name):
+    """A reward model's tokenizer and config (no weights), or one line on why they cannot be loaded."""
+    from transformers import AutoConfig, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name), AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, '--reward')}; "
+                       "or pass --reward vader, or --reward module:function") from e
+
+
+def reward_input(spec, requested="auto", parts=None):
+    """--reward_format for --reward: what it asks, checked against the model, or (auto) what the model's
+    kind says: a classifier with a positive label reads text, a one-output model with a chat template
+    chat, one whose tokenizer marks text pairs pair, any other text. "" for vader and module:function."""
+    if spec == "vader" or is_function_spec(spec):
+        if requested != "auto":
+            raise PLEError(f"--reward_format {requested} is for reward models; --reward {spec} reads the queries "
+                           "and answers as they are")
+        return ""
+    tokenizer, config = parts or reward_parts(spec)
+    pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
+    if requested == "chat" and not tokenizer.chat_template:
+        raise PLEError(f"--reward_format chat: the tokenizer of '{spec}' has no chat template; pass pair or text")
+    if requested == "pair" and not pairs:
+        raise PLEError(f"--reward_format pair: the tokenizer of '{spec}' puts nothing between two texts (no "
+                       "pair template); pass chat or text")
+    if requested != "auto":
+        return requested
+    if config.num_labels != 1:
+        return "text"  # a classifier: its positive label on the joined text (classifier_reward checks the label)
+    return "chat" if tokenizer.chat_template else "pair" if pairs else "text"
+
+
+def classifier_reward(name, device, input_format="auto"):
+    """A sequence-classification model: reward = logit of the positive label (or its single output), on
+    the input --reward_format says (REWARD_INPUTS); the query is truncated from the left, never the answer."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, config = reward_parts(name)
+    input_format = reward_input(name, input_format, (tokenizer, config))
+    try:
         model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
     except Exception as e:
         raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, '--reward')}; "
@@ -1058,8 +1109,9 @@ def classifier_reward(name, device):
     elif "positive" in labels or "pos" in labels:
         column = labels.get("positive", labels.get("pos"))
     else:
-        raise PLEError(f"reward model '{name}' has labels {sorted(labels)}: expected one output or a label named "
-                       "'positive'; pass --reward module:function to choose the score yourself")
+        raise PLEError(f"reward model '{name}' has labels {sorted(labels)}: expected one output (a reward model; "
+                       "--reward_format says how it reads x and y) or a label named 'positive'; pass --reward "
+                       "module:function to choose the score yourself")
     tokenizer.truncation_side = "left"  # keep the answer, drop the start of a long query
     max_length = min(tokenizer.model_max_length, 512)
     if tokenizer.pad_token is None:
@@ -1068,9 +1120,16 @@ def classifier_reward(name, device):
 
     @torch.inference_mode()
     def reward(queries, answers):
-        texts = [join_text(q, a) for q, a in zip(queries, answers)]
-        batch = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt").to(device)
-        return model(**batch).logits[:, column].float().tolist()
+        cut = dict(max_length=max_length, padding=True, return_tensors="pt")
+        if input_format == "pair":
+            batch = tokenizer(list(queries), list(answers), truncation="only_first", **cut)
+        elif input_format == "chat":
+            texts = [tokenizer.apply_chat_template(conversation(q) + [{"role": "assistant", "content": a.strip()}],
+                                                   tokenize=False) for q, a in zip(queries, answers)]
+            batch = tokenizer(texts, truncation=True, add_special_tokens=False, **cut)  # the template has them
+        else:
+            batch = tokenizer([join_text(q, a) for q, a in zip(queries, answers)], truncation=True, **cut)
+        return model(**batch.to(device)).logits[:, column].float().tolist()
 
     return reward
 
@@ -1079,8 +1138,9 @@ def is_function_spec(spec):
     return bool(re.fullmatch(r"[\w.]+:\w+", spec)) and not os.path.exists(spec)
 
 
-def load_reward(spec, device="cpu"):
-    """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier."""
+def load_reward(spec, device="cpu", input_format="auto"):
+    """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier
+    (input_format: --reward_format)."""
     if spec == "vader":
         return vader_reward()
     if is_function_spec(spec):
@@ -1103,7 +1163,7 @@ def load_reward(spec, device="cpu"):
         if not callable(function):
             raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
         return function
-    return classifier_reward(spec, device)
+    return classifier_reward(spec, device, input_format)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1696,7 +1756,8 @@ def prepare_output_dir(args, procs, inputs):
     conflicts = [f"--{k} {saved.get(k, defaults[k])!r} there, {now[k]!r} now"
                  for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
     read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
-            "data_sha256": f"the rows of {args.dataset} that the queries come from"}
+            "data_sha256": f"the rows of {args.dataset} that the queries come from",
+            "reward_input": f"how {args.reward} reads x and y (--reward_format {saved.get('reward_input')} there)"}
     conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k, now[k]) != now[k]]
     if conflicts:
         raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))

@@ -7,8 +7,10 @@ import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -1618,3 +1620,99 @@ def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(mode
     launch("run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
     assert read_jsonl(resumed / "samples" / "iter-001.jsonl") == read_jsonl(straight / "samples" / "iter-001.jsonl")
     assert max_difference(state_of(str(resumed / "final")), final) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# the README's Hub commands, as written, on stand-ins in a Hub cache (tests/standins.py)
+# ------------------------------------------------------------------------------------------------
+
+def readme_hub_commands():
+    """The README's commands that name a Hub model or dataset, continuation lines joined, comments cut."""
+    from tests import standins
+
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in re.sub(r"\\\n\s*", " ", block).splitlines()]
+    return [line for line in lines if any(name in line.split() for name in {**standins.MODELS, **standins.DATASETS})]
+
+
+SHRINK = {"ple.py": ["--num_queries", "4", "--iterations", "1", "--max_new_tokens", "4", "--batch_size", "4",
+                     "--mini_batch_size", "2"],
+          "eval.py": ["--n", "2", "--max_new_tokens", "4", "--batch_size", "4", "--kl_samples", "1", "--bootstrap", "50"]}
+
+
+def snapshot(cache, name):
+    from tests import standins
+
+    return os.path.join(cache["HF_HUB_CACHE"], "models--" + name.replace("/", "--"), "snapshots", standins.COMMIT)
+
+
+@pytest.mark.slow
+def test_the_readme_hub_commands_as_written_feed_each_model_its_own_way(tmp_path):
+    """Every README command that names the Hub runs as written (sizes shrunk; the launcher of the many-GPU
+    one replaced by one process) against a Hub cache of stand-ins, offline; each reward model's score is
+    what its model card's usage computes on the same query and answer."""
+    import shlex
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+    from tests import standins
+
+    cache = standins.hub_cache(str(tmp_path / "cache"))
+    commands = readme_hub_commands()
+    assert len(commands) == 5 and sum("eval.py" in c for c in commands) == 2
+    work = tmp_path / "work"
+    work.mkdir()
+    outputs = []
+    for command in commands:
+        words = shlex.split(command)
+        script = next(w for w in words if w in SHRINK)
+        words = [sys.executable, os.path.join(HERE, script)] + words[words.index(script) + 1:]
+        if "--rescore" not in words:
+            words += SHRINK[script]
+        started = time.time()
+        result = subprocess.run(words, cwd=work, env={**os.environ, **cache}, capture_output=True, text=True,
+                                timeout=600)
+        print(f"{time.time() - started:.0f} s: {command}")
+        assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
+        outputs.append(result.stdout)
+
+    def card(name):
+        path = snapshot(cache, name)
+        return AutoTokenizer.from_pretrained(path), AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+    # lvwerra/distilbert-imdb, as TRL's sentiment pipeline reads it: the POSITIVE logit of the text
+    runs = {name: json.loads((work / "runs" / name / "args.json").read_text()) for name in ("gpt2_imdb", "hh")}
+    assert runs["gpt2_imdb"]["reward_input"] == "text" and runs["hh"]["reward_input"] == "pair"
+    sentiment = pipeline("text-classification", model=snapshot(cache, "lvwerra/distilbert-imdb"))
+    for row in read_jsonl(work / "runs" / "gpt2_imdb" / "samples" / "iter-000.jsonl"):
+        scores = sentiment(ple.join_text(row["query"], row["answer"]), top_k=None, function_to_apply="none")
+        assert row["reward"] == pytest.approx(next(s["score"] for s in scores if s["label"] == "POSITIVE"), abs=1e-4)
+    # OpenAssistant's DeBERTa, as its card reads it: tokenizer(question, answer), one logit
+    tokenizer, model = card("OpenAssistant/reward-model-deberta-v3-large-v2")
+    rows = read_jsonl(work / "runs" / "hh" / "samples" / "iter-000.jsonl")
+    for row in rows:
+        with torch.no_grad():
+            logit = model(**tokenizer(row["query"], row["answer"], return_tensors="pt")).logits[0, 0].item()
+            joined = model(**tokenizer(ple.join_text(row["query"], row["answer"]), return_tensors="pt")).logits[0, 0]
+        assert row["reward"] == pytest.approx(logit, abs=1e-4) and abs(joined.item() - logit) > 1e-2
+    # a chat reward model, as its card reads it: the conversation and the answer in its own chat template
+    assert "reads the conversation x and the answer y in its own chat template" in outputs[-1]
+    rescored = json.loads((work / "runs" / "hh" / "eval-rescored.json").read_text())["generations"]
+    tokenizer, model = card("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2")
+    for entry in rescored["models"].values():
+        for query, answers, rewards in zip(rescored["queries"], entry["answers"], entry["rewards"]):
+            conv = ple.conversation(query) + [{"role": "assistant", "content": answers[0].strip()}]
+            with torch.no_grad():
+                ids = tokenizer.apply_chat_template(conv, tokenize=True, return_tensors="pt", return_dict=True)
+                assert rewards[0] == pytest.approx(model(**ids).logits[0, 0].item(), abs=1e-4)
+    # on HH a chat policy is given the conversation's turns, a base policy the transcript as it is
+    query = ple.make_query("dialogue", standins.HH[0], None)[0]
+    chat = AutoTokenizer.from_pretrained(snapshot(cache, "meta-llama/Meta-Llama-3-8B-Instruct"))
+    rendered = chat.decode(ple.encode_prompts(chat, [query], [PRINCIPLE])[0])
+    assert rendered == ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHow do I get a wine stain out "
+                        "of a carpet?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nBlot it, then use cold "
+                        "water and a little dish soap.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                        f"{PRINCIPLE}\n\nAnd if it has dried?<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+                        "\n\n")
+    base = AutoTokenizer.from_pretrained(snapshot(cache, "gpt2"))
+    assert base.decode(ple.encode_prompts(base, [query])[0]) == query
