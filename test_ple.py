@@ -257,6 +257,14 @@ def test_chat_models_get_queries_through_their_template_base_models_plain_text(t
     assert tokenizer.decode(system[0]) == f"<system>{PRINCIPLE}\nBe brief.</s><user>{prefix}The film was</s><assistant>"
     off = ple.encode_prompts(tokenizer, ["The film was"], [PRINCIPLE], chat_prefix=prefix, chat=False)
     assert off == plain
+    # an HH transcript is a conversation: its turns, the principles before the last user turn or as the system turn
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant:"
+    turns = "<user>hi</s><assistant>hello</s><user>{}how to bake bread?</s><assistant>"
+    assert tokenizer.decode(ple.encode_prompts(tokenizer, [hh])[0]) == turns.format("")
+    assert tokenizer.decode(ple.encode_prompts(tokenizer, [hh], [PRINCIPLE])[0]) == turns.format(PRINCIPLE + "\n\n")
+    assert tokenizer.decode(ple.encode_prompts(tokenizer, [hh], [PRINCIPLE], placement="system")[0]) == \
+        f"<system>{PRINCIPLE}</s>" + turns.format("")
+    assert ple.conversation("\n\nHuman: hi\n\nHuman: again\n\nAssistant:") is None  # turns must alternate
 
 
 def test_make_query_per_task():
@@ -301,6 +309,81 @@ def test_dialogue_reading_on_hh_format_transcripts(tmp_path):
         assert q + a == source  # nothing lost: the query is the transcript up to its last turn
         row = next(r for r in HH_ROWS if r["chosen"] == source)
         assert row["rejected"].startswith(q)  # chosen and rejected share exactly this prompt
+
+
+@pytest.fixture(scope="session")
+def reward_models(tmp_path_factory):
+    """The three kinds of reward model, as local folders: a sentiment classifier, a pair RM, a chat RM."""
+    from tests import standins
+
+    root = tmp_path_factory.mktemp("reward_models")
+    made = {}
+    for kind, write in (("classifier", standins.sentiment_classifier), ("pair", standins.pair_reward_model),
+                        ("chat", standins.chat_reward_model), ("base", standins.gpt2)):
+        write(str(root / kind))
+        made[kind] = str(root / kind)
+    return made
+
+
+def test_reward_format_follows_the_kind_of_reward_model_and_refuses_what_does_not_fit(reward_models, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    kinds = {kind: ple.reward_input(path) for kind, path in reward_models.items() if kind != "base"}
+    assert kinds == {"classifier": "text", "pair": "pair", "chat": "chat"}
+    query, answer = "How do I get a wine stain out of a carpet?", " Blot it, then use cold water."
+    tokenizer = AutoTokenizer.from_pretrained(reward_models["pair"])
+    model = AutoModelForSequenceClassification.from_pretrained(reward_models["pair"]).eval()
+    with torch.no_grad():
+        as_pair = model(**tokenizer(query, answer, return_tensors="pt")).logits[0, 0].item()
+    pair = ple.load_reward(reward_models["pair"])
+    assert pair([query], [answer]) == [pytest.approx(as_pair, abs=1e-4)]
+    assert ple.load_reward(reward_models["pair"], input_format="text")([query], [answer]) != pair([query], [answer])
+    # the query is cut from the left, never the answer: words put before a query past the limit change nothing
+    tokenizer.model_max_length = 24
+    long_query = " ".join(["very"] * 40) + " " + query
+    limited = tmp_path / "limited"
+    tokenizer.save_pretrained(limited)
+    model.save_pretrained(limited)
+    short = ple.load_reward(str(limited))
+    assert short([long_query], [answer]) == short(["more words " + long_query], [answer])
+    assert short([long_query], [answer]) != short([long_query], [" Buy a new carpet."])
+    with pytest.raises(ple.PLEError, match=r"--reward_format chat: the tokenizer of .* has no chat template"):
+        ple.reward_input(reward_models["pair"], "chat")
+    with pytest.raises(ple.PLEError, match=r"--reward_format pair: the tokenizer of .* puts nothing between two texts"):
+        ple.reward_input(reward_models["base"], "pair")
+    with pytest.raises(ple.PLEError, match=r"--reward_format pair is for reward models; --reward vader"):
+        ple.reward_input("vader", "pair")
+
+
+def test_dialogue_rows_that_do_not_alternate_are_counted_and_a_majority_of_them_refused(tmp_path, capsys):
+    good = [json.dumps(r) for r in HH_ROWS]
+    bad = json.dumps({"chosen": "\n\nHuman: hi\n\nHuman: hello?\n\nAssistant: Hello."})
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(good + [bad]) + "\n")
+    queries, _, _ = ple.load_queries(str(path), "train", "dialogue", 0, 0)
+    assert len(queries) == 3 and all(ple.conversation(q) for q in queries)
+    assert "note: skipped 1 of the 4 rows of dataset" in capsys.readouterr().err
+    path.write_text("\n".join(good[:1] + [bad] * 2) + "\n")
+    with pytest.raises(ple.PLEError, match=r"2 of the 3 rows .* give no query for task 'dialogue' \(first: row \d\); "
+                                           r"a row must hold an Anthropic HH transcript .*: is it the right --task"):
+        ple.load_queries(str(path), "train", "dialogue", 0, 0)
+
+
+def test_summarize_reads_posts_or_prompts_that_end_in_tldr(tmp_path):
+    import random
+
+    query, answer = ple.make_query("summarize", {"prompt": "POST: My cat sleeps all day.\nTL;DR:", "label": "Lazy cat"},
+                                   random.Random(0), "prompt")
+    assert (query, answer) == ("POST: My cat sleeps all day.\nTL;DR:", "Lazy cat")
+    path = tmp_path / "tldr.jsonl"
+    path.write_text(json.dumps({"prompt": "POST: My cat sleeps all day.\nTL;DR:", "completion": " Lazy cat"}) + "\n")
+    assert ple.load_queries(str(path), "train", "summarize", 0, 0)[:2] == (["POST: My cat sleeps all day.\nTL;DR:"],
+                                                                           [" Lazy cat"])
+    path.write_text(json.dumps({"article": "x", "highlights": "y"}) + "\n")
+    with pytest.raises(ple.PLEError, match=r"has no 'post' or 'prompt' field, which task 'summarize' reads; its "
+                                           r"fields are: article, highlights \(--query_field"):
+        ple.load_queries(str(path), "train", "summarize", 0, 0)
+    assert ple.load_queries(str(path), "train", "summarize", 0, 0, field="article")[0] == ["x\n\nTL;DR:"]
 
 
 def test_find_gguf_in_an_installed_package(tmp_path, monkeypatch):
