@@ -1084,10 +1084,15 @@ def reward_input(spec, requested="auto", parts=None):
     if requested == "pair" and not pairs:
         raise PLEError(f"--reward_format pair: the tokenizer of '{spec}' puts nothing between two texts (no "
                        "pair template); pass chat or text")
+    labels = {str(v).lower() for v in config.id2label.values()}
+    if config.num_labels != 1 and not labels & {"positive", "pos"}:
+        raise PLEError(f"reward model '{spec}' has labels {sorted(labels)}: neither one output (a reward model, read "
+                       "as --reward_format says) nor a label named 'positive' (a sentiment classifier); pass --reward "
+                       "module:function to choose the score yourself")
     if requested != "auto":
         return requested
     if config.num_labels != 1:
-        return "text"  # a classifier: its positive label on the joined text (classifier_reward checks the label)
+        return "text"  # a sentiment classifier: its positive label on the joined text
     return "chat" if tokenizer.chat_template else "pair" if pairs else "text"
 
 
@@ -1103,15 +1108,8 @@ def classifier_reward(name, device, input_format="auto"):
     except Exception as e:
         raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, '--reward')}; "
                        "or pass --reward vader, or --reward module:function") from e
-    labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
-    if model.config.num_labels == 1:
-        column = 0
-    elif "positive" in labels or "pos" in labels:
-        column = labels.get("positive", labels.get("pos"))
-    else:
-        raise PLEError(f"reward model '{name}' has labels {sorted(labels)}: expected one output (a reward model; "
-                       "--reward_format says how it reads x and y) or a label named 'positive'; pass --reward "
-                       "module:function to choose the score yourself")
+    labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}  # reward_input found one of these:
+    column = 0 if model.config.num_labels == 1 else labels.get("positive", labels.get("pos"))
     tokenizer.truncation_side = "left"  # keep the answer, drop the start of a long query
     max_length = min(tokenizer.model_max_length, 512)
     if tokenizer.pad_token is None:
@@ -1122,7 +1120,10 @@ def classifier_reward(name, device, input_format="auto"):
     def reward(queries, answers):
         cut = dict(max_length=max_length, padding=True, return_tensors="pt")
         if input_format == "pair":
-            batch = tokenizer(list(queries), list(answers), truncation="only_first", **cut)
+            try:
+                batch = tokenizer(list(queries), list(answers), truncation="only_first", **cut)
+            except Exception:  # (tokenizers' own error) an answer over the limit by itself: then both are cut
+                batch = tokenizer(list(queries), list(answers), truncation="longest_first", **cut)
         elif input_format == "chat":
             texts = [tokenizer.apply_chat_template(conversation(q) + [{"role": "assistant", "content": a.strip()}],
                                                    tokenize=False) for q, a in zip(queries, answers)]

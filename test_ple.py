@@ -1,6 +1,6 @@
 """Tests for ple.py and eval.py: offline, on tiny models built from a config.
 
-    pytest test_ple.py                                     # everything, about three minutes on 2 CPU cores
+    pytest test_ple.py                                     # everything, about six minutes on 2 CPU cores
     pytest test_ple.py -m "not slow and not multiprocess"  # without the subprocesses
 """
 import copy
@@ -347,6 +347,17 @@ def test_reward_format_follows_the_kind_of_reward_model_and_refuses_what_does_no
     short = ple.load_reward(str(limited))
     assert short([long_query], [answer]) == short(["more words " + long_query], [answer])
     assert short([long_query], [answer]) != short([long_query], [" Buy a new carpet."])
+    # a chat reward model: the conversation and the answer in its own template, as its card scores them
+    hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant:"
+    tokenizer = AutoTokenizer.from_pretrained(reward_models["chat"])
+    model = AutoModelForSequenceClassification.from_pretrained(reward_models["chat"]).eval()
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "how to bake bread?"}, {"role": "assistant", "content": "Mix flour."}]
+    with torch.no_grad():
+        as_card = model(**tokenizer.apply_chat_template(conv, tokenize=True, return_tensors="pt",
+                                                        return_dict=True)).logits[0, 0].item()
+    assert ple.load_reward(reward_models["chat"])([hh, hh], [" Mix flour.", " Buy bread."])[0] == \
+        pytest.approx(as_card, abs=1e-4)
     with pytest.raises(ple.PLEError, match=r"--reward_format chat: the tokenizer of .* has no chat template"):
         ple.reward_input(reward_models["pair"], "chat")
     with pytest.raises(ple.PLEError, match=r"--reward_format pair: the tokenizer of .* puts nothing between two texts"):
@@ -1151,7 +1162,8 @@ def test_bad_data_and_principles_files_are_named_by_line(model_dir, data_file, p
                                                          monkeypatch):
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
     cases = [("latin1.csv", b"text\nun caf\xe9 froid\n", r"latin1.csv, line 2, is not UTF-8 text"),
-             ("broken.jsonl", b'{"text": "one"}\n{"text": "two\n{"text": "three"}\n', r"broken.jsonl, line 2, is not JSON"),
+             ("broken.jsonl", b'{"text": "one"}\n{"text": "two\n{"text": "three"}\n',
+              r"broken.jsonl, line 2, is not JSON"),
              ("list.jsonl", b'{"text": "one"}\n["two"]\n', r"list.jsonl, line 2, is not a JSON object")]
     for name, data, message in cases:
         (tmp_path / name).write_bytes(data)
@@ -1721,7 +1733,8 @@ def readme_hub_commands():
 
 SHRINK = {"ple.py": ["--num_queries", "4", "--iterations", "1", "--max_new_tokens", "4", "--batch_size", "4",
                      "--mini_batch_size", "2"],
-          "eval.py": ["--n", "2", "--max_new_tokens", "4", "--batch_size", "4", "--kl_samples", "1", "--bootstrap", "50"]}
+          "eval.py": ["--n", "2", "--max_new_tokens", "4", "--batch_size", "4", "--kl_samples", "1",
+                      "--bootstrap", "50"]}
 
 
 def snapshot(cache, name):

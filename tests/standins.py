@@ -131,7 +131,8 @@ def sentiment_classifier(path):
     torch.manual_seed(3)
     DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=len(tokenizer), dim=32, hidden_dim=64, n_layers=2, n_heads=2, max_position_embeddings=512,
-        initializer_range=1.0, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})).save_pretrained(path)
+        initializer_range=1.0, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1})).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
