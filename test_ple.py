@@ -347,6 +347,10 @@ def test_reward_format_follows_the_kind_of_reward_model_and_refuses_what_does_no
     short = ple.load_reward(str(limited))
     assert short([long_query], [answer]) == short(["more words " + long_query], [answer])
     assert short([long_query], [answer]) != short([long_query], [" Buy a new carpet."])
+    tokenizer.truncation_side = "left"  # an answer longer than what is left of the query: still only x is cut
+    with torch.no_grad():
+        cut = tokenizer(query, answer, truncation="only_first", max_length=24, return_tensors="pt")
+        assert short([query], [answer]) == [pytest.approx(model(**cut).logits[0, 0].item(), abs=1e-4)]
     # a chat reward model: the conversation and the answer in its own template, as its card scores them
     hh = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how to bake bread?\n\nAssistant:"
     tokenizer = AutoTokenizer.from_pretrained(reward_models["chat"])
