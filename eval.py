@@ -36,8 +36,8 @@ class EvalArgs:
     models: List[str] = field(default_factory=list, metadata={
         "help": "candidate first, then baselines: run folders' final/, Hub ids, .gguf files or pip packages"})
     reward: str = arg("vader", "judging reward, as ple.py's --reward; '' for none (with --judge)")
-    reward_format: str = arg("auto", "how the reward model reads query and answer: auto, text, pair or chat, as "
-                                     "ple.py's --reward_format")
+    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "how the reward model reads query and "
+                                                                         "answer, as ple.py's --reward_format")
     judge: Optional[str] = arg(None, "optional pairwise judge: a causal LM asked which answer is better, both orders")
     dataset: str = arg("data/review_openings.txt", "queries, as ple.py's --dataset")
     split: str = arg("train", "dataset split")
@@ -903,7 +903,7 @@ def run_frontier(args):
     return write_report(report, record, output)
 
 
-PATHS = ("reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "plot")
+PATHS = ("reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "plot")  # (~ expanded)
 # what --rescore takes from the JSON it reads: how the generations were made, not this command's defaults
 GENERATION_SETTINGS = ("dataset", "split", "task", "query_field", "samples", "seed", "max_new_tokens", "temperature",
                        "top_p", "principles", "chat_template")
