@@ -2,9 +2,13 @@
 
     python benchmarks/sampling.py                        # SmolLM2-135M on CPU, 32 prompts x 24 tokens
     python benchmarks/sampling.py --device cuda --dtype bfloat16 --batch 64 --tokens 64
+    python benchmarks/sampling.py --lora 8               # LoRA r 8: adapters unmerged (as ple.py samples) vs merged
 
 Both sides get the same left-padded prompts, sampling settings and seed; runs alternate so that
-machine noise hits both alike. Prints tokens per second of each and their ratio.
+machine noise hits both alike. Prints tokens per second of each and their ratio. With --lora, both
+sides are ple.generate_answers on a LoRA-wrapped policy (all linear layers, non-zero adapters), once
+with the adapters as separate matrices and once folded into the weights (peft's merge_adapter; the
+time to merge and unmerge is printed apart).
 """
 import argparse
 import os
@@ -25,10 +29,22 @@ def main():
     p.add_argument("--batch", type=int, default=32, help="prompts per generate call (x and x_p of batch/2 queries)")
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank: compare unmerged against merged adapters")
     a = p.parse_args()
     device = ple.pick_device(a.device)
     model, tokenizer = ple.load_policy(a.model, device, ple.pick_dtype(a.dtype, device))
     model.eval()
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        with ple.quiet_peft():
+            model = get_peft_model(model, LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        with torch.no_grad():  # B starts at zero; a trained adapter does not
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.01)
     principles = ple.read_principles(ple.resolve_path("principles.txt"), "sentiment")
     queries, _, _ = ple.load_queries(ple.resolve_path("data/review_openings.txt"), "train", "sentiment", a.batch // 2, 0)
     prefix = ple.TASKS["sentiment"].chat_prefix
@@ -57,13 +73,30 @@ def main():
             torch.cuda.synchronize()
         return slots / (time.perf_counter() - start)
 
-    timed(bare), timed(ours)  # warm-up
-    results = {"bare": [], "ple": []}
+    def merged():
+        model.merge_adapter()
+        try:
+            return ours()
+        finally:
+            model.unmerge_adapter()
+
+    sides = {"unmerged": ours, "merged": merged} if a.lora else {"bare": bare, "ple": ours}
+    for fn in sides.values():
+        timed(fn)  # warm-up
+    results = {k: [] for k in sides}
     for _ in range(a.repeats):
-        results["bare"].append(timed(bare))
-        results["ple"].append(timed(ours))
+        for k, fn in sides.items():
+            results[k].append(timed(fn))
     med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
     print(f"device {device}, batch {a.batch}, {a.tokens} new tokens, median of {a.repeats}")
+    if a.lora:
+        start = time.perf_counter()
+        model.merge_adapter()
+        model.unmerge_adapter()
+        print(f"LoRA r {a.lora} unmerged: {med['unmerged']:.0f} token slots/s; merged: {med['merged']:.0f} "
+              f"(merge and unmerge: {time.perf_counter() - start:.2f} s, inside the merged timing)")
+        print(f"ratio merged/unmerged: {med['merged'] / med['unmerged']:.3f}")
+        return
     print(f"bare model.generate: {med['bare']:.0f} token slots/s")
     print(f"ple.generate_answers: {med['ple']:.0f} token slots/s")
     print(f"ratio ple/bare: {med['ple'] / med['bare']:.3f}")
