@@ -1759,7 +1759,8 @@ def prepare_output_dir(args, procs, inputs):
                  for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
     read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
             "data_sha256": f"the rows of {args.dataset} that the queries come from",
-            "reward_input": f"how {args.reward} reads x and y (--reward_format {saved.get('reward_input')} there)"}
+            "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
+                            f"there, {now['reward_input']!r} now)"}
     conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k, now[k]) != now[k]]
     if conflicts:
         raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
@@ -1806,8 +1807,12 @@ def claim_output_dir(folder):
         raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
     for tmp in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "samples", "*.tmp")):
         name = os.path.relpath(tmp, folder).replace(os.sep, "/")  # ple.py's own, cut short by a kill
-        if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
-            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+        if not re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
+            continue
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        else:
+            os.remove(tmp)
 
 
 def is_run_folder(folder):
