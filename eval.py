@@ -223,7 +223,8 @@ def training_rows(models):
             trained = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
                                        run["num_queries"], run["seed"], where=run.get("where", ""),
                                        field=run.get("query_field", ""))
-            if run.get("data_sha256", ple.content_hash(trained)) != ple.content_hash(trained):
+            digest = ple.content_hash(trained)
+            if run.get("data_sha256", digest) != digest:
                 raise PLEError(f"'{model}' trained on rows of {run['dataset']} that are no longer there as they were "
                                "(the file changed since training), so the held-out rows cannot be told apart: "
                                "evaluate with the file as it was then")
