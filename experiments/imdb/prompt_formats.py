@@ -1,7 +1,10 @@
-"""Which prompt format keeps the principle-guided answers a continuation of the review?
+"""Which prompt format keeps the principle-guided answers a continuation of the review? And how much
+does a guidance text gain?
 
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm                      # IMDb from the Hub
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --dataset imdb_train.jsonl.gz
+    python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --guidance principles.txt \
+        experiments/imdb/guidance/*.txt --output experiments/imdb/guidance/gain.json
 
 PLE learns from y_p, the answer to the principle-guided query: if y_p talks *about* the review ("I'm
 excited to share a movie review...") instead of continuing it, PLE teaches the model to do the same.
@@ -10,8 +13,14 @@ seed-0/1/2 run of 48 queries trains on), for each prompt format: the share of an
 that continue the review, and the mean reward of each. "Continues" is a heuristic: the answer does not
 open like an assistant ("Sure", "Here", "I'm excited", ...) and does not name the review, a
 continuation or the principles' request. Prints a Markdown table; the format is chosen from it.
+
+With --guidance FILE...: plain-text prompts, one row per guidance text (a principles file), on the
+sweep's validation queries (the first --n openings eval.py picks from `train[90%:]` with seed 0):
+the guidance gain g = mean over queries of r_p - r (each the mean of --samples answers), its standard
+error over queries, the share of y_p that continue the review and that copy 5 words of the guidance.
 """
 import argparse
+import json
 import os
 import re
 import sys
@@ -46,7 +55,12 @@ def main():
     p.add_argument("--principles", default="principles.txt")
     p.add_argument("--n", type=int, default=64, help="validation queries")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", nargs="+", metavar="FILE", help="principles files to measure the gain of")
+    p.add_argument("--samples", type=int, default=4, help="answers per query and prompt, with --guidance")
+    p.add_argument("--output", help="with --guidance: a JSON file with every condition's numbers")
     a = p.parse_args()
+    if a.guidance:
+        return guidance_gains(a)
     try:
         dataset = ple.resolve_path(a.dataset)
         trained = set()
@@ -78,6 +92,48 @@ def main():
         for q, y, y_p in list(zip(queries, answers, answers_p))[:3]:
             print(f"<!-- {q!r} | x: {y[:70]!r} | x_p: {y_p[:70]!r} -->", file=sys.stderr)
         print(f"<!-- {time.time() - start:.0f} s -->", file=sys.stderr)
+
+
+def guidance_gains(a):
+    """The guidance gain of each principles file for the untrained policy, plain-text prompts."""
+    from eval import copying_share
+    try:
+        queries, _, _ = ple.load_queries(ple.resolve_path(a.dataset), "train[90%:]", "sentiment", 0, 0)
+        queries = queries[:a.n]  # eval.py's validation queries: the sweep's
+        conditions = {path: ple.read_principles(ple.resolve_path(path), "sentiment") for path in a.guidance}
+        reward = ple.load_reward(a.reward)
+        model, tokenizer = ple.load_policy(a.model, torch.device("cpu"), torch.float32)
+    except ple.PLEError as e:
+        sys.exit(f"error: {e}")
+    print(f"{len(queries)} validation queries (train[90%:]), {a.samples} answers each to x and to x_p, "
+          f"model {a.model}, reward {a.reward}\n")
+    print("| guidance | g = mean(r_p - r) ± s.e. | mean reward, x | x_p | y_p that continue | y_p that copy the guidance |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    results = {}
+    for path, principles in conditions.items():
+        start = time.time()
+        torch.manual_seed(a.seed)
+        many = [q for q in queries for _ in range(a.samples)]
+        ids, ids_p = ple.sample_pairs(model, tokenizer, ple.encode_prompts(tokenizer, many, chat=False),
+                                      ple.encode_prompts(tokenizer, many, principles, chat=False), 16, 24, 0.7, 0.95)
+        answers = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        answers_p = tokenizer.batch_decode(ids_p, skip_special_tokens=True)
+        r = ple.score(reward, many, answers, 64).view(len(queries), a.samples).mean(1)
+        r_p = ple.score(reward, many, answers_p, 64).view(len(queries), a.samples).mean(1)
+        gain = r_p - r
+        results[path] = dict(g=gain.mean().item(), g_stderr=(gain.std() / len(queries) ** 0.5).item(),
+                             reward=r.mean().item(), reward_p=r_p.mean().item(),
+                             continues_p=sum(map(continues, answers_p)) / len(answers_p),
+                             copies_p=copying_share(answers_p, principles), seconds=round(time.time() - start),
+                             examples=[dict(query=q, y=y, y_p=y_p) for q, y, y_p in
+                                       list(zip(many, answers, answers_p))[::a.samples][:5]])
+        c = results[path]
+        print(f"| `{path}` | {c['g']:+.2f} ± {c['g_stderr']:.2f} | {c['reward']:+.2f} | {c['reward_p']:+.2f} | "
+              f"{c['continues_p']:.2f} | {c['copies_p']:.2f} |", flush=True)
+    if a.output:
+        with open(a.output, "w") as f:
+            json.dump(dict(queries=len(queries), samples=a.samples, model=a.model, reward=a.reward,
+                           conditions=results), f, indent=1)
 
 
 if __name__ == "__main__":
