@@ -102,7 +102,13 @@ class Args:
     max_new_tokens: int = arg(24, "answer length cap")
     temperature: float = arg(0.7, "sampling temperature")
     top_p: float = arg(0.95, "nucleus sampling; 1.0 samples from the full distribution")
-    batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p)")
+    batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p); independent of "
+                              "--mini_batch_size")
+    merge_lora: Literal["auto", "on", "off"] = arg(
+        "auto", "LoRA: fold the adapters into the weights while sampling, the base weights restored bit for bit "
+                "after (costs a copy of the adapted weights while sampling); auto: on on CUDA, off on CPU")
+    compile_sampling: bool = arg(False, "decode with a static KV cache and torch.compile (CUDA graphs on CUDA), "
+                                        "prompts padded to powers of two; unmeasured on GPUs, so off by default")
     reward_batch_size: int = arg(64, "texts per reward call")
     # --- optimizer ---
     learning_rate: float = arg(1e-4, "AdamW learning rate (1e-4: the rate experiments/imdb kept for PLE with LoRA)")
@@ -176,8 +182,8 @@ def encode_prompts(tokenizer, queries, principles=None, chat_prefix="", chat=Tru
 # Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) from the current model, no gradients
 # ================================================================================================
 
-def left_pad(sequences, pad_id):
-    width = max(len(s) for s in sequences)
+def left_pad(sequences, pad_id, width=0):
+    width = max(width, max(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -201,11 +207,16 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
     """
     from transformers import GenerationConfig
 
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    static = model.generation_config.cache_implementation == "static"  # compiled decoding (fast_sampling below)
+    width = max(map(len, prompt_ids))  # a static cache compiles once per shape: pad to a power of two
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, 1 << (width - 1).bit_length() if static else 0)
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
-                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
+                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                              cache_implementation=model.generation_config.cache_implementation,
+                              compile_config=model.generation_config.compile_config)
+    inputs = dict(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+    out = generate_compiled(model, inputs, config) if static else model.generate(**inputs, generation_config=config)
     answers = []
     for row in out[:, ids.shape[1]:].tolist():
         end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
@@ -235,6 +246,36 @@ def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new
         answer_ids_p += answers[at + n:at + 2 * n]
         at += 2 * n
     return answer_ids, answer_ids_p
+
+
+@contextmanager
+def fast_sampling(model, merge_lora=False, compiled=False):
+    """Faster sampling, the same model: neither changes the distribution, only the arithmetic's order.
+
+    merge_lora: the LoRA adapters folded into the base weights, W += s * B @ A in place (peft's merge),
+    so each layer runs one product instead of three; afterwards W is copied back from a copy kept
+    aside, bit for bit (subtracting the adapters again, peft's unmerge, does not give W back in
+    bfloat16). W keeps its storage, so compiled decoding's CUDA graphs stay valid. Costs a copy of the
+    adapted weights while sampling. compiled: a static KV cache and torch.compile for the decoding
+    steps (generate_answers pads prompts to powers of two so that the shapes repeat); a model or a
+    call that cannot take it falls back to the plain path (generate_compiled, below the line).
+    """
+    config = model.generation_config
+    before = config.cache_implementation, config.compile_config
+    layers = [m for m in model.modules() if hasattr(m, "merged_adapters")] if merge_lora else []  # peft's layers
+    kept = [m.get_base_layer().weight.detach().clone() for m in layers]
+    try:
+        for m in layers:
+            m.merge()  # the forward now skips the adapters
+        if compiled:
+            compile_decoding(model)
+        yield
+    finally:
+        config.cache_implementation, config.compile_config = before  # nothing of it is saved with the model
+        with torch.no_grad():
+            for m, w in zip(layers, kept):
+                m.get_base_layer().weight.copy_(w)
+                m.merged_adapters.clear()
 
 
 # ================================================================================================
@@ -446,6 +487,8 @@ class RunState:
     procs: "Processes"  # one, or several under a launcher
     all_queries: list  # every process's queries, in process order
     device: torch.device
+    merge_lora: bool = False  # sampling with the LoRA adapters folded into the weights (fast_sampling)
+    compiled: bool = False  # sampling with compiled decoding (--compile_sampling)
     started: float = 0.0  # time.time() when the first iteration began
 
 
@@ -486,7 +529,8 @@ def ple_iteration(t, args, state):
     """Iteration t of Algorithm 1 with the current model; returns its Iteration record."""
     tau = threshold_at(t, args.tau0, args.alpha)  # the threshold decays: tau_t = tau0 * alpha^t
     clock = Stopwatch()
-    with clock("sample"):  # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model
+    # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model (fast_sampling: the same model, only faster)
+    with clock("sample"), fast_sampling(state.policy, state.merge_lora, state.compiled):
         answer_ids, answer_ids_p = sample_pairs(state.policy, state.tokenizer, state.prompt_ids, state.prompt_ids_p,
                                                 args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
     answers = state.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
@@ -510,7 +554,7 @@ def raft_iteration(t, args, state):
     model, scored like PLE's, then SFT on the best one given x. No principle, no threshold; K answers
     a query where PLE samples 2."""
     k, clock = args.raft_k, Stopwatch()
-    with clock("sample"):  # as many prompts per generate call as PLE's
+    with clock("sample"), fast_sampling(state.policy, state.merge_lora, state.compiled):  # prompts per call: PLE's
         ids = sample_answers(state.policy, state.tokenizer, [p for p in state.prompt_ids for _ in range(k)],
                              2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
     texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -640,7 +684,9 @@ def set_up(args):
         sft_targets=sft_targets_for(tokenizer, dataset_answers, args.max_new_tokens) if needs_answers else None,
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // procs.world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
-        start=start, procs=procs, all_queries=all_queries, device=device)
+        start=start, procs=procs, all_queries=all_queries, device=device,
+        merge_lora=bool(args.lora_r) and (args.merge_lora == "on" or args.merge_lora == "auto" and device.type == "cuda"),
+        compiled=args.compile_sampling)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -663,6 +709,8 @@ def check_args(args):
             f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
     require(not (args.fsdp and args.lora_r), "fsdp", "shards full fine-tuning: pass --lora_r 0 with it (under LoRA "
             "the base model is frozen, and data parallel holds a copy of it on each process)")
+    require(args.merge_lora != "on" or args.lora_r, "merge_lora", "folds LoRA adapters into the weights: it needs "
+            "--lora_r above 0")
     check_device(args.device)
     check_local(resolve_path(args.dataset), "--dataset")
     check_local(args.model, "--model")
@@ -1326,6 +1374,53 @@ def enable_checkpointing(model):
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled decoding (--compile_sampling): a static KV cache and torch.compile, or the plain path
+# ------------------------------------------------------------------------------------------------
+
+COMPILE_FAILED = []  # why compiled decoding was given up in this process (it is not tried again)
+
+
+def compile_decoding(model):
+    """Ask generate for a static KV cache and a compiled forward (CUDA graphs on CUDA: transformers'
+    CompileConfig defaults), where the model's class supports it; else the plain path, said once."""
+    from transformers import CompileConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not COMPILE_FAILED and not getattr(base, "_can_compile_fullgraph", False):
+        compile_failed(f"{type(base).__name__} does not support a static KV cache")
+    if COMPILE_FAILED:
+        return
+    model.generation_config.cache_implementation = "static"
+    model.generation_config.compile_config = CompileConfig()
+    model.generation_config.compile_config._compile_all_devices = True  # the flag means the same on a CPU
+
+
+def compile_failed(reason):
+    COMPILE_FAILED.append(reason)
+    print(f"warning: --compile_sampling: {reason}; sampling on the plain path", file=sys.stderr)
+
+
+def generate_compiled(model, inputs, config):
+    """model.generate with compiled decoding; a failure (a compile error, an unsupported combination)
+    gives one warning and the plain path, for this call (from the same random state: the same answers)
+    and every later one."""
+    cuda = model.device.type == "cuda"
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(model.device) if cuda else None
+    try:
+        return model.generate(**inputs, generation_config=config)
+    except Exception as e:  # noqa: BLE001 (whatever torch.compile raises; the plain path below raises real errors)
+        while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:  # torch.compile wraps the
+            e = inner  # error that says what happened
+        compile_failed(f"compiled decoding failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+    torch.set_rng_state(rng[0])
+    if cuda:
+        torch.cuda.set_rng_state(rng[1], model.device)
+    config.cache_implementation = config.compile_config = None
+    model.generation_config.cache_implementation = model.generation_config.compile_config = None
+    return model.generate(**inputs, generation_config=config)
 
 
 # ------------------------------------------------------------------------------------------------

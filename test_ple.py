@@ -1561,6 +1561,106 @@ def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# fast sampling: LoRA merged while sampling, compiled decoding
+# ------------------------------------------------------------------------------------------------
+
+def lora_model(tokenizer, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(tokenizer).to(dtype), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                                       target_modules="all-linear"))
+    with torch.no_grad():  # B starts at zero; a trained adapter does not
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.03)])
+def test_lora_merged_for_sampling_is_the_same_model_and_gives_the_base_weights_back_bit_for_bit(tokenizer, dtype,
+                                                                                                tolerance):
+    model = lora_model(tokenizer, dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([tokenizer(r)["input_ids"][:8] for r in REVIEWS[:3]])
+    with torch.no_grad():
+        unmerged = model(ids).logits.float()
+        with model.disable_adapter():
+            base = model(ids).logits.float()
+        with ple.fast_sampling(model, merge_lora=True):
+            merged = model(ids).logits.float()
+            assert all(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+        assert (merged - unmerged).abs().max() < tolerance  # the adapters counted once, in the weights
+        assert (base - unmerged).abs().max() > 10 * tolerance  # (and they matter)
+        with pytest.raises(RuntimeError, match="stop"), ple.fast_sampling(model, merge_lora=True):
+            raise RuntimeError("stop")  # an error while sampling gives the weights back too
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))
+    assert torch.equal(model(ids).logits.float(), unmerged)
+
+
+def test_runs_with_lora_merged_while_sampling_repeat_and_resume_exactly(model_dir, data_file, principles_file, tmp_path):
+    lora = dict(lora_r=4, lora_alpha=8, merge_lora="on")
+    for name in ("a", "b"):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / name, **lora))
+    ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "c", iterations=1, **lora))
+    ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "c", resume=True, **lora))
+    runs = {name: (read_jsonl(tmp_path / name / "samples" / "iter-001.jsonl"), state_of(str(tmp_path / name / "final")))
+            for name in "abc"}
+    for name in "bc":
+        assert runs[name][0] == runs["a"][0]
+        assert max_difference(runs[name][1], runs["a"][1]) == 0
+    assert max_difference(runs["a"][1], state_of(model_dir)) > 0  # it trained
+    with pytest.raises(ple.PLEError, match="--merge_lora: .* needs --lora_r above 0"):
+        ple.run(make_args(model_dir, data_file, principles_file, tmp_path / "d", merge_lora="on"))
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """Compiled decoding with torch.compile's eager backend: the same static-cache path, no minute of compiling."""
+    import transformers
+
+    monkeypatch.setattr(ple, "COMPILE_FAILED", [])
+    monkeypatch.setattr(transformers, "CompileConfig", lambda: transformers.generation.CompileConfig(backend="eager"))
+
+
+def sampled(model, tokenizer, prompts, **fast):
+    torch.manual_seed(0)
+    with ple.fast_sampling(model, **fast):
+        return ple.generate_answers(model, tokenizer, prompts, 6, 0.7, 0.95)
+
+
+def test_compiled_sampling_gives_the_plain_answers_and_falls_back_with_one_warning(tokenizer, eager_compile,
+                                                                                   monkeypatch, capsys):
+    import transformers
+
+    model = tiny_model(tokenizer)
+    prompts = [tokenizer(r)["input_ids"][:n] for r, n in zip(REVIEWS, (3, 9, 5))]  # 9 tokens: padded to 16
+    plain = sampled(model, tokenizer, prompts)
+    calls = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or generate(**kw))
+    assert sampled(model, tokenizer, prompts, compiled=True) == plain
+    assert calls[-1]["input_ids"].shape[1] == 16 and calls[-1]["generation_config"].cache_implementation == "static"
+    assert model.generation_config.cache_implementation is None  # nothing of it stays on the model (or is saved)
+    assert not ple.COMPILE_FAILED and "warning" not in capsys.readouterr().err
+
+    def broken(*_, **__):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(transformers, "CompileConfig", lambda: transformers.generation.CompileConfig(backend=broken))
+    for _ in range(2):  # the plain path, the same answers, one warning, and no second try
+        assert sampled(model, tokenizer, prompts, compiled=True) == plain
+    err = capsys.readouterr().err
+    assert err.count("warning: --compile_sampling: compiled decoding failed") == 1 and "no compiler here" in err
+    assert calls[-1]["generation_config"].cache_implementation is None
+
+    monkeypatch.setattr(ple, "COMPILE_FAILED", [])
+    monkeypatch.setattr(type(model), "_can_compile_fullgraph", False)  # a model class without static-cache support
+    assert sampled(model, tokenizer, prompts, compiled=True) == plain
+    assert "GPT2LMHeadModel does not support a static KV cache; sampling on the plain path" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
 # memory and several processes (accelerate launch); the multi-process tests launch 2 CPU processes
 # each (marked multiprocess: deselect them with -m "not multiprocess")
 # ------------------------------------------------------------------------------------------------

@@ -75,10 +75,10 @@ def main():
         print(f"note: {len(train)} training sentences for {a.steps} x {a.batch_size}: some are seen twice")
     encoder = a.encoder or default_encoder()
     tokenizer = AutoTokenizer.from_pretrained(encoder)
+    torch.manual_seed(0)  # the new classifier head is drawn here: the same seed, the same reward model
     model = AutoModelForSequenceClassification.from_pretrained(
         encoder, num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     random.Random(0).shuffle(train)
-    torch.manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=a.learning_rate)
     schedule = get_linear_schedule_with_warmup(optimizer, a.steps // 10, a.steps)
     model.train()

@@ -4,7 +4,7 @@ does a guidance text gain?
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm                      # IMDb from the Hub
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --dataset imdb_train.jsonl.gz
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --guidance principles.txt \
-        experiments/imdb/guidance/*.txt --output experiments/imdb/guidance/gain.json
+        experiments/imdb/guidance/texts/*.txt --output experiments/imdb/guidance/gain.json
 
 PLE learns from y_p, the answer to the principle-guided query: if y_p talks *about* the review ("I'm
 excited to share a movie review...") instead of continuing it, PLE teaches the model to do the same.
