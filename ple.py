@@ -685,7 +685,7 @@ def set_up(args):
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // procs.world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
         start=start, procs=procs, all_queries=all_queries, device=device,
-        merge_lora=bool(args.lora_r) and (args.merge_lora == "on" or args.merge_lora == "auto" and device.type == "cuda"),
+        merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora, device.type == "cuda"),
         compiled=args.compile_sampling)
 
 

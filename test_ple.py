@@ -1599,7 +1599,8 @@ def test_lora_merged_for_sampling_is_the_same_model_and_gives_the_base_weights_b
     assert torch.equal(model(ids).logits.float(), unmerged)
 
 
-def test_runs_with_lora_merged_while_sampling_repeat_and_resume_exactly(model_dir, data_file, principles_file, tmp_path):
+def test_runs_with_lora_merged_while_sampling_repeat_and_resume_exactly(model_dir, data_file, principles_file,
+                                                                        tmp_path):
     lora = dict(lora_r=4, lora_alpha=8, merge_lora="on")
     for name in ("a", "b"):
         ple.run(make_args(model_dir, data_file, principles_file, tmp_path / name, **lora))

@@ -193,7 +193,8 @@ def continuous_batching(model, tokenizer, batch_prompts, a, device):
     if not hasattr(base, "generate_batch"):
         return dict(error="this transformers has no generate_batch")
     config = GenerationConfig(do_sample=True, max_new_tokens=a.tokens, min_new_tokens=a.tokens, temperature=0.7,
-                              top_p=0.95, top_k=0, eos_token_id=model.generation_config.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                              top_p=0.95, top_k=0, eos_token_id=model.generation_config.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
 
     def call():
         with ple.fast_sampling(model, merge_lora=True):
@@ -270,7 +271,8 @@ def markdown(report):
     lines = ["| shape | batch | unmerged tok/s | merged | compiled | generate_batch | bandwidth bound | merged / "
              "unmerged | best / bound |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["sampling"]:
-        done = [r[p]["tokens_per_s"] for p in ("merged", "compiled", "generate_batch") if "tokens_per_s" in r.get(p, {})]
+        done = [r[p]["tokens_per_s"] for p in ("merged", "compiled", "generate_batch")
+                if "tokens_per_s" in r.get(p, {})]
         measured = "tokens_per_s" in r.get("merged", {}) and "tokens_per_s" in r.get("unmerged", {})
         ratio = f"{r['merged']['tokens_per_s'] / r['unmerged']['tokens_per_s']:.2f}" if measured else "-"
         lines.append(f"| {r['shape']} | {r['batch']} | {cell(r.get('unmerged', {}))} | {cell(r.get('merged', {}))} | "
@@ -283,7 +285,8 @@ def markdown(report):
         est = report["estimate"].get(name, {})
         lines.append(f"| {name} | {it['sample_s']:.1f} | {it['sample_tokens_per_s']:.0f} | {it['train_s']:.1f} | "
                      f"{it['train_tokens_per_s']:.0f} | {it.get('peak_memory_gb', float('nan')):.1f} | "
-                     f"{est.get('one_gpu_min', float('nan')):.0f} min | {est.get('eight_gpus_min', float('nan')):.0f} min |")
+                     f"{est.get('one_gpu_min', float('nan')):.0f} min | "
+                     f"{est.get('eight_gpus_min', float('nan')):.0f} min |")
     return "\n".join(lines)
 
 

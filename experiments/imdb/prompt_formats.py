@@ -107,7 +107,8 @@ def guidance_gains(a):
         sys.exit(f"error: {e}")
     print(f"{len(queries)} validation queries (train[90%:]), {a.samples} answers each to x and to x_p, "
           f"model {a.model}, reward {a.reward}\n")
-    print("| guidance | g = mean(r_p - r) ± s.e. | mean reward, x | x_p | y_p that continue | y_p that copy the guidance |")
+    print("| guidance | g = mean(r_p - r) ± s.e. | mean reward, x | x_p | y_p that continue "
+          "| y_p that copy the guidance |")
     print("| --- | --- | --- | --- | --- | --- |")
     results = {}
     for path, principles in conditions.items():
