@@ -686,7 +686,7 @@ def set_up(args):
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
         start=start, procs=procs, all_queries=all_queries, device=device,
         merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora, device.type == "cuda"),
-        compiled=args.compile_sampling)
+        compiled=args.compile_sampling and not (args.fsdp and compile_failed("not with --fsdp")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1399,8 +1399,11 @@ def compile_decoding(model):
 
 
 def compile_failed(reason):
+    """Give compiled decoding up, with one warning (under --fsdp from the start: sharded generation runs in
+    step across the processes, and one of them falling back mid-call would leave the others waiting)."""
     COMPILE_FAILED.append(reason)
     print(f"warning: --compile_sampling: {reason}; sampling on the plain path", file=sys.stderr)
+    return True
 
 
 def generate_compiled(model, inputs, config):

@@ -62,8 +62,20 @@ case $PART in
       python eval.py --rescore "$rm_out" --reward vader --output "$OUT/eval_vader_s$seed${TAG:-}.json" 2>&1 | tail -1
     done
     # the comparison's answers (RAFT, RLOO, the untrained model, ...) judged by this reward model too
-    [ -f "$OUT/compare_rm.json" ] || python eval.py --rescore experiments/imdb/compare/eval_rm.json --reward "$RM" \
-      --output "$OUT/compare_rm.json" 2>&1 | tail -1 ;;
+    if [ ! -f "$OUT/compare_rm.json" ]; then
+      python eval.py --rescore experiments/imdb/compare/eval_rm.json --reward "$RM" --output "$OUT/compare_rm.json" \
+        2>&1 | tail -1
+      python - "$OUT/compare_rm.json" <<'EOF'
+import json, sys
+sys.path.insert(0, "experiments/imdb")
+from methods import method_of
+r = json.load(open(sys.argv[1]))  # only the references stay: RAFT (best of 2), RLOO, the untrained model
+keep = [m for m in r["generations"]["models"] if method_of(m)[0] in ("raft2", "rloo", "untrained")]
+r = dict(settings=r["settings"], models={m: r["models"][m] for m in keep},
+         generations=dict(r["generations"], models={m: r["generations"]["models"][m] for m in keep}))
+json.dump(r, open(sys.argv[1], "w"), indent=1)
+EOF
+    fi ;;
   report)
     python experiments/imdb/guidance_report.py "$OUT" > "$OUT/table.md"
     cat "$OUT/table.md" ;;
