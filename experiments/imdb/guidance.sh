@@ -22,7 +22,8 @@ mkdir -p "$RUNS" "$OUT/metrics"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
         --chat_template off)
 text_of() { [ "$1" = today ] && echo principles.txt || echo "$OUT/texts/$1.txt"; }   # a condition's guidance file
-CONDITIONS=$(grep -v '^#' "$OUT/conditions.txt" 2>/dev/null | awk '{print $1}' || true)
+# CONDITIONS="a b" and METHODS=ple: only those (the results of a part are the same either way)
+CONDITIONS=${CONDITIONS:-$(grep -v '^#' "$OUT/conditions.txt" 2>/dev/null | awk '{print $1}' || true)}
 
 train() {  # condition, method, seed
   local name=${1}_${2}_s${3} lr
@@ -45,7 +46,7 @@ case $PART in
   train)
     SEEDS=${3:?usage: guidance.sh RM_FOLDER train SEEDS}
     python experiments/imdb/sweep_report.py > /dev/null   # sweep/selected.json: the kept rates
-    for seed in $SEEDS; do for method in ple cd; do for condition in $CONDITIONS; do
+    for seed in $SEEDS; do for method in ${METHODS:-ple cd}; do for condition in $CONDITIONS; do
       train "$condition" "$method" "$seed"
     done; done; done ;;
   eval)   # a results file per seed, eval_rm_s0.json, ... (TAG=_x: eval_rm_s0_x.json), the untrained model in each

@@ -91,8 +91,8 @@ def main(folder):
     raft_vd = [refs["raft2"][s][1] for s in sorted(refs["raft2"])]
 
     print(f"{len(queries)} test openings; rewards by the training reward model (rebuilt, see the text), VADER "
-          "beside; mean over 3 seeds ± standard deviation across seeds; win rates against RAFT (best of 2) pooled "
-          "over seeds, 95% bootstrap intervals.\n")
+          "beside; the mean over the seeds ± the standard deviation across them (one seed: ± the standard error "
+          "over queries); win rates against RAFT (best of 2) pooled over seeds, 95% bootstrap intervals.\n")
     print("| guidance | g (validation) ± s.e. | method | seeds | reward, training RM | VADER | KL to untrained | "
           "distinct-2 | continues | copies the guidance | win rate vs RAFT-2, RM | vs RAFT-2, VADER |")
     print("| --- " * 12 + "|")
@@ -114,12 +114,15 @@ def main(folder):
             vmeans = [mean_and_error(x)[0] for x in v]
             win = win_rate(pooled(r), pooled(raft_rm))
             win_v = win_rate(pooled(v), pooled(raft_vd))
-            sd = (lambda xs: np.std(xs, ddof=1) if len(xs) > 1 else float("nan"))
-            points[method].append((g["g"], np.mean(means), sd(means), win["rate"], win["ci_low"], win["ci_high"],
-                                   np.mean(kls), sd(kls)))
+            def sd(xs, one):  # across seeds; with one seed, the standard error over queries
+                return np.std(xs, ddof=1) if len(xs) > 1 else one
+            r_sd, v_sd = sd(means, mean_and_error(r[0])[1]), sd(vmeans, mean_and_error(v[0])[1])
+            kl_sd = sd(kls, rm["models"][models[0]].get("kl_stderr", float("nan")))
+            points[method].append((g["g"], np.mean(means), r_sd, win["rate"], win["ci_low"], win["ci_high"],
+                                   np.mean(kls), kl_sd))
             print(f"| {condition} | {g['g']:+.2f} ± {g['g_stderr']:.2f} | {METHOD_NAMES[method]} | "
-                  f"{', '.join(map(str, sorted(seeds)))} | {np.mean(means):+.2f} ± {sd(means):.2f} | "
-                  f"{np.mean(vmeans):+.2f} ± {sd(vmeans):.2f} | {np.mean(kls):.1f} ± {sd(kls):.1f} | "
+                  f"{', '.join(map(str, sorted(seeds)))} | {np.mean(means):+.2f} ± {r_sd:.2f} | "
+                  f"{np.mean(vmeans):+.2f} ± {v_sd:.2f} | {np.mean(kls):.1f} ± {kl_sd:.1f} | "
                   f"{np.mean([distinct_n(a, 2) for a in answers]):.2f} | "
                   f"{np.mean([continues(x) for a in answers for x in a]):.2f} | "
                   f"{np.mean([copying_share(a, principles) for a in answers]):.2f} | "
@@ -133,7 +136,7 @@ def main(folder):
         means = [mean_and_error(seeds[s][0])[0] for s in sorted(seeds)]
         vmeans = [mean_and_error(seeds[s][1])[0] for s in sorted(seeds)]
         kls = [seeds[s][2] or 0.0 for s in sorted(seeds)]
-        lines[name] = np.mean(means)
+        lines[name] = np.mean(means), np.mean(kls)
         spread = f" ± {np.std(means, ddof=1):.2f}" if len(means) > 1 else ""
         print(f"| {name} | {', '.join(map(str, sorted(seeds)))} | {np.mean(means):+.2f}{spread} | "
               f"{np.mean(vmeans):+.2f} | {np.mean(kls):.1f} |")
@@ -166,8 +169,10 @@ def plot(points, lines, path):
                          marker="o", capsize=3, label=METHOD_NAMES[method])
         axes[2].errorbar(g, [r[6] for r in rows], yerr=[r[7] for r in rows], marker="o", capsize=3,
                          label=METHOD_NAMES[method])
-    for (name, value), style in zip(lines.items(), ("--", "-.", ":")):
-        axes[0].axhline(value, color="grey", linestyle=style, label=name)
+    for (name, (reward, kl)), style in zip(lines.items(), ("--", "-.", ":")):
+        axes[0].axhline(reward, color="grey", linestyle=style, label=name)
+        if kl:
+            axes[2].axhline(kl, color="grey", linestyle=style, label=name)
     axes[1].axhline(0.5, color="grey", linestyle="--", label="RAFT (best of 2)")
     axes[0].set(xlabel="guidance gain g (untrained model, validation)", ylabel="test reward, training RM")
     axes[1].set(xlabel="guidance gain g", ylabel="win rate against RAFT (best of 2), RM")
