@@ -677,7 +677,10 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exac
     for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
         out = tmp_path / name
         run = subprocess.Popen([sys.executable, os.path.join(HERE, "ple.py"), *flags, "--output_dir", str(out)],
-                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # a test run started in the background (`pytest &`) ignores SIGINT, and so
+                               # would its children: give the run Ctrl-C as a terminal would
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
         while not ple.checkpoints(str(out)) and run.poll() is None and time.time() < deadline:
             time.sleep(0.02)
