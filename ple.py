@@ -678,6 +678,10 @@ def set_up(args):
                   placement=args.principle_placement)
     prompt_ids_p = encode_prompts(tokenizer, queries, principles, **prompt)
     check_lengths(policy.config, prompt_ids_p, queries, args.max_new_tokens)
+    compiled = args.compile_sampling
+    if compiled and args.fsdp:  # sharded generation runs in step across the processes: one of them falling
+        compiled = False  # back mid-call would leave the others waiting
+        compile_failed("not with --fsdp")
     return RunState(
         policy=policy, model=model, tokenizer=tokenizer, optimizer=optimizer, reward_fn=reward_fn, queries=queries,
         prompt_ids=encode_prompts(tokenizer, queries, **prompt), prompt_ids_p=prompt_ids_p,
@@ -686,7 +690,7 @@ def set_up(args):
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
         start=start, procs=procs, all_queries=all_queries, device=device,
         merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora, device.type == "cuda"),
-        compiled=args.compile_sampling and not (args.fsdp and compile_failed("not with --fsdp")))
+        compiled=compiled)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1399,11 +1403,9 @@ def compile_decoding(model):
 
 
 def compile_failed(reason):
-    """Give compiled decoding up, with one warning (under --fsdp from the start: sharded generation runs in
-    step across the processes, and one of them falling back mid-call would leave the others waiting)."""
+    """Give compiled decoding up, with one warning."""
     COMPILE_FAILED.append(reason)
     print(f"warning: --compile_sampling: {reason}; sampling on the plain path", file=sys.stderr)
-    return True
 
 
 def generate_compiled(model, inputs, config):

@@ -162,7 +162,6 @@ def load_tokenizer(name):
 
 def measure(path, model, tokenizer, batch_prompts, a, device):
     """Tokens/s of one sampling path (median of a.repeats after a warm-up) and its peak memory."""
-    tok = tokenizer
     if path == "generate_batch":
         return continuous_batching(model, tokenizer, batch_prompts, a, device)
     fast = dict(unmerged={}, merged=dict(merge_lora=True), compiled=dict(merge_lora=True, compiled=True))[path]

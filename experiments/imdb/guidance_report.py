@@ -57,6 +57,11 @@ def pooled(rewards):  # per query, the rewards of every seed (and sample)
     return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
 
 
+def sd(xs, one):
+    """The standard deviation across seeds; with one seed, `one` (the standard error over queries)."""
+    return np.std(xs, ddof=1) if len(xs) > 1 else one
+
+
 def conditions(folder):
     """name -> guidance file, in the order conditions.txt gives them."""
     found = {}
@@ -114,8 +119,6 @@ def main(folder):
             vmeans = [mean_and_error(x)[0] for x in v]
             win = win_rate(pooled(r), pooled(raft_rm))
             win_v = win_rate(pooled(v), pooled(raft_vd))
-            def sd(xs, one):  # across seeds; with one seed, the standard error over queries
-                return np.std(xs, ddof=1) if len(xs) > 1 else one
             r_sd, v_sd = sd(means, mean_and_error(r[0])[1]), sd(vmeans, mean_and_error(v[0])[1])
             kl_sd = sd(kls, rm["models"][models[0]].get("kl_stderr", float("nan")))
             points[method].append((g["g"], np.mean(means), r_sd, win["rate"], win["ci_low"], win["ci_high"],
