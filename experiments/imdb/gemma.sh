@@ -18,15 +18,18 @@ cd "$(dirname "$0")/../.."
 RM=${1:?usage: gemma.sh RM_FOLDER model | gain | sweep | train SEEDS | eval}
 PART=${2:?usage: gemma.sh RM_FOLDER model | gain | sweep | train SEEDS | eval}
 RUNS=${RUNS:-runs/imdb/gemma}
-OUT=experiments/imdb/gemma
+OUT=${OUT:-experiments/imdb/gemma}
 MODEL=$RUNS/model   # an ordinary (safetensors) copy of the dequantized GGUF: loads in a second, not minutes
 UNTRAINED="untrained Gemma-3-270M"
-METHODS="ple raft2 cd"
+METHODS=${METHODS:-"ple raft2 cd"}   # METHODS=ple: only those
 TRAIN_DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); else TEST=(--dataset stanfordnlp/imdb --split test); fi
 mkdir -p "$RUNS" "$OUT/metrics"
-guidance() { [ -f "$OUT/guidance.txt" ] || { echo "run the gain part first"; exit 1; }; cat "$OUT/guidance.txt"; }
 [ "$PART" = model ] || [ -f "$MODEL/config.json" ] || { echo "run the model part first"; exit 1; }
+if [ "$PART" = sweep ] || [ "$PART" = train ] || [ "$PART" = eval ]; then
+  [ -f "$OUT/guidance.txt" ] || { echo "run the gain part first: it picks the guidance text"; exit 1; }
+  GUIDANCE=$(cat "$OUT/guidance.txt")
+fi
 
 train() {  # method, seed; a seed-0 run is the sweep's run at the kept rate (the same flags and seed)
   local method=$1 seed=$2 name=${1}_s${2} lr
@@ -41,7 +44,7 @@ train() {  # method, seed; a seed-0 run is the sweep's run at the kept rate (the
   else
     local start=$(date +%s)
     read -ra command <<< "$(python experiments/imdb/methods.py command "$method")"   # script and method flags
-    python "${command[@]}" --model "$MODEL" --principles "$(guidance)" --reward "$RM" --dataset "$TRAIN_DATA" \
+    python "${command[@]}" --model "$MODEL" --principles "$GUIDANCE" --reward "$RM" --dataset "$TRAIN_DATA" \
       --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8 --chat_template off --seed "$seed" \
       --learning_rate "$lr" --output_dir "$RUNS/$name" 2>&1 | tr '\r' '\n' | grep -a "^iter\|error" || true
     [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
@@ -72,15 +75,15 @@ EOF
   gain)
     python experiments/imdb/prompt_formats.py --model "$MODEL" --reward "$RM" --dataset "$TRAIN_DATA" --n 100 \
       --samples 4 --guidance principles.txt experiments/imdb/guidance/texts/fewshot.txt --output "$OUT/gain.json" \
-      2>/dev/null
+      2>/dev/null | tee "$OUT/gain.md"
     python - "$OUT/gain.json" > "$OUT/guidance.txt" <<'EOF'
 import json, sys
 gains = json.load(open(sys.argv[1]))["conditions"]
 print(max(gains, key=lambda path: gains[path]["g"]))  # the rule, fixed before any training
 EOF
-    echo "the runs read $(guidance)" ;;
+    echo "the runs read $(cat "$OUT/guidance.txt")" ;;
   sweep)
-    MODEL=$MODEL OUT=$OUT/sweep PRINCIPLES=$(guidance) bash experiments/imdb/sweep.sh "$RM" "$RUNS/sweep" \
+    MODEL=$MODEL OUT=$OUT/sweep PRINCIPLES="$GUIDANCE" bash experiments/imdb/sweep.sh "$RM" "$RUNS/sweep" \
       "$METHODS" "3e-5 1e-4"
     python experiments/imdb/sweep_report.py --sweep "$OUT/sweep" > "$OUT/sweep/table.md"   # and selected.json
     cat "$OUT/sweep/table.md" ;;
@@ -95,7 +98,7 @@ EOF
       [ "$method" = ple ] && [ "$seed" = 0 ] && models+=("$MODEL")   # the untrained policy, second
     done; done
     python eval.py --models "${models[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 200 --seed 0 \
-      --kl_samples 2 --chat_template off --principles "$(guidance)" --cache "$RUNS/eval_cache" \
+      --kl_samples 2 --chat_template off --principles "$GUIDANCE" --cache "$RUNS/eval_cache" \
       --output "$OUT/eval_rm.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
     python eval.py --rescore "$OUT/eval_rm.json" --reward vader --output "$OUT/eval_vader.json" 2>&1 | tail -1
     python experiments/imdb/compare_table.py "$OUT" "$UNTRAINED" > "$OUT/table.md"
