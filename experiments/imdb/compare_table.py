@@ -4,7 +4,8 @@
     python experiments/imdb/compare_table.py experiments/imdb/gemma "untrained Gemma-3-270M" > ...   # another policy
 
 Reads eval_rm.json (judged by the training reward), eval_vader.json (the same answers scored by
-VADER) and train_seconds.txt. One row per method: the mean over its seeds, ± the standard deviation
+VADER) and train_seconds.txt; or, where the evaluation ran one seed at a time, eval_rm_s0.json,
+eval_rm_s1.json, ... and their VADER twins, merged. One row per method: the mean over its seeds, ± the standard deviation
 across seeds where there are several (with one seed: ± the standard error over queries). Win rates
 pool the seeds (each query's outcomes against every seed averaged), 95% bootstrap intervals over
 queries. Training time: the first seed's run (later seeds may have shared the machine). "Strongest
@@ -28,6 +29,22 @@ from methods import METHODS, NAMES, method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
 
 
+def merged(folder, prefix):
+    """The results files whose names start with prefix as one: their models side by side."""
+    files = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".json"))
+    if not files:
+        sys.exit(f"error: no {prefix}*.json in {folder}: run the evaluation first")
+    with open(os.path.join(folder, files[0])) as f:
+        first = json.load(f)
+    for name in files[1:]:
+        with open(os.path.join(folder, name)) as f:
+            other = json.load(f)
+        assert other["generations"]["queries"] == first["generations"]["queries"], f"{name}: other queries"
+        first["generations"]["models"].update(other["generations"]["models"])
+        first["models"].update(other["models"])
+    return first
+
+
 def as_list(x):
     return x if isinstance(x, list) else [x]
 
@@ -41,10 +58,8 @@ def spread(values, rewards):
 
 def main(folder, untrained=NAMES["untrained"]):
     NAMES["untrained"] = untrained  # the starting policy's name in the table
-    with open(os.path.join(folder, "eval_rm.json")) as f:
-        report = json.load(f)
-    with open(os.path.join(folder, "eval_vader.json")) as f:
-        vader = {m: e["rewards"] for m, e in json.load(f)["generations"]["models"].items()}
+    report = merged(folder, "eval_rm")
+    vader = {m: e["rewards"] for m, e in merged(folder, "eval_vader")["generations"]["models"].items()}
     seconds = {}
     with open(os.path.join(folder, "train_seconds.txt")) as f:
         for line in f:
@@ -59,7 +74,8 @@ def main(folder, untrained=NAMES["untrained"]):
     rm = {m: [generations[runs[m][s]]["rewards"] for s in sorted(runs[m])] for m in methods}
     vd = {m: [vader[runs[m][s]] for s in sorted(runs[m])] for m in methods}
     baselines = [m for m in methods if m != "untrained" and not METHODS[m].ours]
-    strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]))
+    strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]), default=None)
+    judged_against = ["untrained"] + [strongest] * (strongest is not None)  # (none evaluated yet: no column)
 
     def pooled(rewards):  # per query, the rewards of every seed (and sample)
         return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
@@ -73,11 +89,13 @@ def main(folder, untrained=NAMES["untrained"]):
     principles = ple.read_principles(ple.resolve_path(report["settings"].get("principles", "principles.txt")),
                                      report["settings"]["task"])
     n = len(report["generations"]["queries"])
-    print(f"{n} held-out test queries, one answer each per model; strongest baseline: {NAMES[strongest]}.\n")
+    print(f"{n} held-out test queries, one answer each per model; strongest baseline: "
+          f"{NAMES[strongest] if strongest else 'none evaluated'}.\n")
     print("| method | seeds | reward, training RM | VADER | KL to untrained | distinct-2 | copies principles "
           "| continues | answer tokens | win rate vs untrained, RM | vs untrained, VADER "
-          f"| vs {NAMES[strongest]}, RM | vs {NAMES[strongest]}, VADER | training time, first seed |")
-    print("| --- " * 14 + "|")
+          + "".join(f"| vs {NAMES[b]}, RM | vs {NAMES[b]}, VADER " for b in judged_against[1:])
+          + "| training time, first seed |")
+    print("| --- " * (10 + 2 * len(judged_against)) + "|")
     for m in methods:
         stats = [report["models"][runs[m][s]] for s in sorted(runs[m])]
         answers = [generations[runs[m][s]]["answers"] for s in sorted(runs[m])]
@@ -95,7 +113,7 @@ def main(folder, untrained=NAMES["untrained"]):
         cells.append(f"{np.mean([copying_share(a, principles) for a in flat]):.2f}")
         cells.append(f"{np.mean([continues(a) for seed in flat for a in seed]):.2f}")
         cells.append(f"{np.mean([s['mean_answer_tokens'] for s in stats]):.1f}")
-        for b in ("untrained", strongest):
+        for b in judged_against:
             cells += [rate(rm, m, b), rate(vd, m, b)]
         time = seconds.get(f"{m}_s{min(runs[m])}")
         cells.append(f"{time / 60:.1f} min" if m != "untrained" and time else "-")

@@ -8,15 +8,15 @@
 #   bash experiments/imdb/gemma.sh RM_FOLDER gain               # g of today's principles and fewshot, validation
 #   bash experiments/imdb/gemma.sh RM_FOLDER sweep              # PLE, RAFT-2, context distillation at 3e-5 and 1e-4
 #   bash experiments/imdb/gemma.sh RM_FOLDER train "0 1 2"      # the kept rates, three seeds
-#   bash experiments/imdb/gemma.sh RM_FOLDER eval               # every trained model on the 200 test openings
+#   bash experiments/imdb/gemma.sh RM_FOLDER eval "0 1 2"       # the trained models on the 200 test openings
 #
 # The guidance the runs read is fixed by the gain part, before any training: of today's principles and
 # fewshot, the text with the larger g on validation (gemma/guidance.txt names it). IMDb comes from the
 # Hub unless IMDB_TRAIN=FILE / IMDB_TEST=FILE name local copies. Each part skips what is done.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RM=${1:?usage: gemma.sh RM_FOLDER model | gain | sweep | train SEEDS | eval}
-PART=${2:?usage: gemma.sh RM_FOLDER model | gain | sweep | train SEEDS | eval}
+RM=${1:?usage: gemma.sh RM_FOLDER model | gain | sweep | train SEEDS | eval SEEDS}
+PART=${2:?usage: gemma.sh RM_FOLDER model | gain | sweep | train SEEDS | eval SEEDS}
 RUNS=${RUNS:-runs/imdb/gemma}
 OUT=${OUT:-experiments/imdb/gemma}
 MODEL=$RUNS/model   # an ordinary (safetensors) copy of the dequantized GGUF: loads in a second, not minutes
@@ -91,17 +91,21 @@ EOF
     SEEDS=${3:?usage: gemma.sh RM_FOLDER train SEEDS}
     [ -f "$OUT/sweep/selected.json" ] || { echo "run the sweep part first"; exit 1; }
     for seed in $SEEDS; do for method in $METHODS; do train "$method" "$seed"; done; done ;;
-  eval)   # one results file; a rerun generates only for models not yet in the cache
-    models=()
-    for seed in 0 1 2; do for method in $METHODS; do
-      [ -d "$RUNS/${method}_s$seed/final" ] && models+=("$RUNS/${method}_s$seed/final")
-      [ "$method" = ple ] && [ "$seed" = 0 ] && models+=("$MODEL")   # the untrained policy, second
-    done; done
-    python eval.py --models "${models[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 200 --seed 0 \
-      --kl_samples 2 --chat_template off --principles "$GUIDANCE" --cache "$RUNS/eval_cache" \
-      --output "$OUT/eval_rm.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
-    python eval.py --rescore "$OUT/eval_rm.json" --reward vader --output "$OUT/eval_vader.json" 2>&1 | tail -1
-    python experiments/imdb/compare_table.py "$OUT" "$UNTRAINED" > "$OUT/table.md"
+  eval)   # a results file per seed, eval_rm_s0.json, ..., the untrained policy in each (a rerun regenerates)
+    SEEDS=${3:?usage: gemma.sh RM_FOLDER eval SEEDS}
+    for seed in $SEEDS; do
+      models=()
+      for method in $METHODS; do
+        [ -d "$RUNS/${method}_s$seed/final" ] || { echo "${method}_s$seed: train it first"; exit 1; }
+        models+=("$RUNS/${method}_s$seed/final")
+      done
+      python eval.py --models "${models[@]}" "$MODEL" --reward "$RM" "${TEST[@]}" --task sentiment --n 200 \
+        --seed 0 --kl_samples 2 --chat_template off --principles "$GUIDANCE" --cache "$RUNS/eval_cache" \
+        --output "$OUT/eval_rm_s$seed.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
+      python eval.py --rescore "$OUT/eval_rm_s$seed.json" --reward vader --output "$OUT/eval_vader_s$seed.json" \
+        2>&1 | tail -1
+    done
+    python experiments/imdb/compare_table.py "$OUT" "$UNTRAINED" > "$OUT/table.md"   # every seed so far
     cat "$OUT/table.md" ;;
   *) echo "unknown part '$PART': model, gain, sweep, train or eval"; exit 2 ;;
 esac

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 import ple  # noqa: E402
 from eval import copying_share, distinct_n, mean_and_error, win_rate  # noqa: E402
+from compare_table import as_list, merged  # noqa: E402
 from methods import method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
 
@@ -35,22 +36,6 @@ REFERENCES = {"raft2": "RAFT (best of 2)", "rloo": "RLOO", "untrained": "untrain
 def load(folder, name):
     with open(os.path.join(folder, name)) as f:
         return json.load(f)
-
-
-def merged(folder, prefix):
-    """The per-seed results files as one: their models side by side (the same queries in each)."""
-    files = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".json"))
-    first = load(folder, files[0])
-    for name in files[1:]:
-        other = load(folder, name)
-        assert other["generations"]["queries"] == first["generations"]["queries"], f"{name}: other queries"
-        first["generations"]["models"].update(other["generations"]["models"])
-        first["models"].update(other["models"])
-    return first
-
-
-def as_list(x):
-    return x if isinstance(x, list) else [x]
 
 
 def pooled(rewards):  # per query, the rewards of every seed (and sample)
