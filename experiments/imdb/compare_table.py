@@ -5,11 +5,12 @@
 
 Reads eval_rm.json (judged by the training reward), eval_vader.json (the same answers scored by
 VADER) and train_seconds.txt; or, where the evaluation ran one seed at a time, eval_rm_s0.json,
-eval_rm_s1.json, ... and their VADER twins, merged. One row per method: the mean over its seeds, ± the standard deviation
-across seeds where there are several (with one seed: ± the standard error over queries). Win rates
-pool the seeds (each query's outcomes against every seed averaged), 95% bootstrap intervals over
-queries. Training time: the first seed's run (later seeds may have shared the machine). "Strongest
-baseline": the method outside PLE and its ablations with the highest mean training-RM reward.
+eval_rm_s1.json, ... and their VADER twins, merged. One row per method: the mean over its seeds,
+± the standard deviation across seeds where there are several (with one seed: ± the standard error
+over queries). Win rates pool the seeds (each query's outcomes against every seed averaged), 95%
+bootstrap intervals over queries. Training time: the first seed's run (later seeds may have shared
+the machine). "Strongest baseline": the method outside PLE and its ablations with the highest mean
+training-RM reward.
 "Continues": the share of answers that continue the review (prompt_formats.py's heuristic). Then
 each method's seed-0 answers to the first 5 held-out queries.
 """
