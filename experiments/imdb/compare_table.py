@@ -50,6 +50,10 @@ def as_list(x):
     return x if isinstance(x, list) else [x]
 
 
+def pooled(rewards):  # per query, the rewards of every seed (and sample)
+    return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
+
+
 def spread(values, rewards):
     """'mean ± sd across seeds', or with one seed 'mean ± s.e. over queries'."""
     if len(values) > 1:
@@ -76,10 +80,7 @@ def main(folder, untrained=NAMES["untrained"]):
     vd = {m: [vader[runs[m][s]] for s in sorted(runs[m])] for m in methods}
     baselines = [m for m in methods if m != "untrained" and not METHODS[m].ours]
     strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]), default=None)
-    judged_against = ["untrained"] + [strongest] * (strongest is not None)  # (none evaluated yet: no column)
-
-    def pooled(rewards):  # per query, the rewards of every seed (and sample)
-        return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
+    judged_against = ["untrained"] + ([strongest] if strongest else [])  # (none evaluated yet: no column)
 
     def rate(judge, a, b):
         if a == b:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 import ple  # noqa: E402
 from eval import copying_share, distinct_n, mean_and_error, win_rate  # noqa: E402
-from compare_table import as_list, merged  # noqa: E402
+from compare_table import as_list, merged, pooled  # noqa: E402
 from methods import method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
 
@@ -36,10 +36,6 @@ REFERENCES = {"raft2": "RAFT (best of 2)", "rloo": "RLOO", "untrained": "untrain
 def load(folder, name):
     with open(os.path.join(folder, name)) as f:
         return json.load(f)
-
-
-def pooled(rewards):  # per query, the rewards of every seed (and sample)
-    return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
 
 
 def sd(xs, one):
