@@ -91,7 +91,7 @@ EOF
     SEEDS=${3:?usage: gemma.sh RM_FOLDER train SEEDS}
     [ -f "$OUT/sweep/selected.json" ] || { echo "run the sweep part first"; exit 1; }
     for seed in $SEEDS; do for method in $METHODS; do train "$method" "$seed"; done; done ;;
-  eval)   # a results file per seed, eval_rm_s0.json, ..., the untrained policy in each (a rerun regenerates)
+  eval)   # a results file per seed, eval_rm_s0.json, ..., the untrained policy in each (cached within a session)
     SEEDS=${3:?usage: gemma.sh RM_FOLDER eval SEEDS}
     for seed in $SEEDS; do
       models=()
