@@ -1,7 +1,7 @@
 """The comparison's table and samples from compare.sh's eval JSONs.
 
     python experiments/imdb/compare_table.py experiments/imdb/compare > experiments/imdb/compare/table.md
-    python experiments/imdb/compare_table.py experiments/imdb/gemma "untrained Gemma-3-270M" > ...   # another policy
+    python experiments/imdb/compare_table.py experiments/imdb/gemma "untrained Gemma-3-270M" raft2 > ...   # another policy
 
 Reads eval_rm.json (judged by the training reward), eval_vader.json (the same answers scored by
 VADER) and train_seconds.txt; or, where the evaluation ran one seed at a time, eval_rm_s0.json,
@@ -10,7 +10,7 @@ eval_rm_s1.json, ... and their VADER twins, merged. One row per method: the mean
 over queries). Win rates pool the seeds (each query's outcomes against every seed averaged), 95%
 bootstrap intervals over queries. Training time: the first seed's run (later seeds may have shared
 the machine). "Strongest baseline": the method outside PLE and its ablations with the highest mean
-training-RM reward.
+training-RM reward, unless a third argument names the baseline (gemma.sh: raft2, the comparison's).
 "Continues": the share of answers that continue the review (prompt_formats.py's heuristic). Then
 each method's seed-0 answers to the first 5 held-out queries.
 """
@@ -61,7 +61,7 @@ def spread(values, rewards):
     return values[0], mean_and_error(rewards[0])[1] if rewards else float("nan")
 
 
-def main(folder, untrained=NAMES["untrained"]):
+def main(folder, untrained=NAMES["untrained"], against=None):
     NAMES["untrained"] = untrained  # the starting policy's name in the table
     report = merged(folder, "eval_rm")
     vader = {m: e["rewards"] for m, e in merged(folder, "eval_vader")["generations"]["models"].items()}
@@ -80,6 +80,10 @@ def main(folder, untrained=NAMES["untrained"]):
     vd = {m: [vader[runs[m][s]] for s in sorted(runs[m])] for m in methods}
     baselines = [m for m in methods if m != "untrained" and not METHODS[m].ours]
     strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]), default=None)
+    if against:  # a named baseline instead of the strongest
+        if against not in baselines:
+            sys.exit(f"error: no evaluated baseline '{against}' in {folder}; evaluated: {', '.join(baselines)}")
+        strongest = against
     judged_against = ["untrained"] + ([strongest] if strongest else [])  # (none evaluated yet: no column)
 
     def rate(judge, a, b):
@@ -91,7 +95,7 @@ def main(folder, untrained=NAMES["untrained"]):
     principles = ple.read_principles(ple.resolve_path(report["settings"].get("principles", "principles.txt")),
                                      report["settings"]["task"])
     n = len(report["generations"]["queries"])
-    print(f"{n} held-out test queries, one answer each per model; strongest baseline: "
+    print(f"{n} held-out test queries, one answer each per model; {'baseline' if against else 'strongest baseline'}: "
           f"{NAMES[strongest] if strongest else 'none evaluated'}.\n")
     print("| method | seeds | reward, training RM | VADER | KL to untrained | distinct-2 | copies principles "
           "| continues | answer tokens | win rate vs untrained, RM | vs untrained, VADER "
@@ -133,4 +137,4 @@ def main(folder, untrained=NAMES["untrained"]):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

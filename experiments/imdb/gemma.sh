@@ -105,7 +105,7 @@ EOF
       python eval.py --rescore "$OUT/eval_rm_s$seed.json" --reward vader --output "$OUT/eval_vader_s$seed.json" \
         2>&1 | tail -1
     done
-    python experiments/imdb/compare_table.py "$OUT" "$UNTRAINED" > "$OUT/table.md"   # every seed so far
+    python experiments/imdb/compare_table.py "$OUT" "$UNTRAINED" raft2 > "$OUT/table.md"   # every seed; vs RAFT-2
     cat "$OUT/table.md" ;;
   *) echo "unknown part '$PART': model, gain, sweep, train or eval"; exit 2 ;;
 esac
