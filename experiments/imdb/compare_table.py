@@ -79,12 +79,10 @@ def main(folder, untrained=NAMES["untrained"], against=None):
     rm = {m: [generations[runs[m][s]]["rewards"] for s in sorted(runs[m])] for m in methods}
     vd = {m: [vader[runs[m][s]] for s in sorted(runs[m])] for m in methods}
     baselines = [m for m in methods if m != "untrained" and not METHODS[m].ours]
-    strongest = max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]), default=None)
-    if against:  # a named baseline instead of the strongest
-        if against not in baselines:
-            sys.exit(f"error: no evaluated baseline '{against}' in {folder}; evaluated: {', '.join(baselines)}")
-        strongest = against
-    judged_against = ["untrained"] + ([strongest] if strongest else [])  # (none evaluated yet: no column)
+    if against and against not in baselines:
+        sys.exit(f"error: no evaluated baseline '{against}' in {folder}; evaluated: {', '.join(baselines)}")
+    baseline = against or max(baselines, key=lambda m: np.mean([mean_and_error(r)[0] for r in rm[m]]), default=None)
+    judged_against = ["untrained"] + ([baseline] if baseline else [])  # (none evaluated yet: no column)
 
     def rate(judge, a, b):
         if a == b:
@@ -96,7 +94,7 @@ def main(folder, untrained=NAMES["untrained"], against=None):
                                      report["settings"]["task"])
     n = len(report["generations"]["queries"])
     print(f"{n} held-out test queries, one answer each per model; {'baseline' if against else 'strongest baseline'}: "
-          f"{NAMES[strongest] if strongest else 'none evaluated'}.\n")
+          f"{NAMES[baseline] if baseline else 'none evaluated'}.\n")
     print("| method | seeds | reward, training RM | VADER | KL to untrained | distinct-2 | copies principles "
           "| continues | answer tokens | win rate vs untrained, RM | vs untrained, VADER "
           + "".join(f"| vs {NAMES[b]}, RM | vs {NAMES[b]}, VADER " for b in judged_against[1:])
