@@ -35,11 +35,18 @@ def merged(folder, prefix):
     files = sorted(f for f in os.listdir(folder) if f.startswith(prefix) and f.endswith(".json"))
     if not files:
         sys.exit(f"error: no {prefix}*.json in {folder}: run the evaluation first")
-    with open(os.path.join(folder, files[0])) as f:
-        first = json.load(f)
-    for name in files[1:]:
+
+    def load(name):  # eval.py saves its progress as it goes; such a file has no summary yet
         with open(os.path.join(folder, name)) as f:
-            other = json.load(f)
+            report = json.load(f)
+        if report.get("complete", True) is False:
+            sys.exit(f"error: {folder}/{name} is an evaluation still running or stopped part-way: "
+                     "let it finish (or run it again: it resumes), then make the table")
+        return report
+
+    first = load(files[0])
+    for name in files[1:]:
+        other = load(name)
         assert other["generations"]["queries"] == first["generations"]["queries"], f"{name}: other queries"
         first["generations"]["models"].update(other["generations"]["models"])
         first["models"].update(other["models"])
