@@ -51,7 +51,7 @@ class EvalArgs:
     top_p: float = arg(0.95, "nucleus sampling")
     batch_size: int = arg(32, "prompts per generate call")
     reward_batch_size: int = arg(64, "texts per reward call")
-    device: str = arg("auto", "auto, cpu, cuda, mps")
+    device: Literal["auto", "cpu"] = arg("auto", "auto: the device Accelerate picks (cuda, mps, ..., else cpu); cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "model dtype")
     tie_margin: float = arg(0.0, "rewards closer than this count as a tie")
     bootstrap: int = arg(2000, "bootstrap resamples (over queries) for the win-rate interval")
@@ -788,7 +788,6 @@ def check_eval_args(args):
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
     require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
     require(args.chat_template in ("", "task", "auto", "off"), "chat_template", "must be task, auto or off")
-    ple.check_device(args.device)
     if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
         ple.check_local(args.reward, "--reward")
     if not args.rescore:
@@ -835,15 +834,13 @@ def check_writable(path):
 # ================================================================================================
 
 def main(argv=None):
-    from transformers import HfArgumentParser
-
-    (args,) = HfArgumentParser(EvalArgs).parse_args_into_dataclasses(argv)
-    home = os.path.expanduser  # ~/x is a path, as in a shell
-    args = replace(args, models=[home(m) for m in args.models], frontier=[home(r) for r in args.frontier],
-                   **{k: home(v) for k in PATHS if isinstance(v := getattr(args, k), str)})
     try:
+        args = ple.parse_args(sys.argv[1:] if argv is None else argv, EvalArgs)
+        home = os.path.expanduser  # ~/x is a path, as in a shell
+        args = replace(args, models=[home(m) for m in args.models], frontier=[home(r) for r in args.frontier],
+                       **{k: home(v) for k in PATHS if isinstance(v := getattr(args, k), str)})
         report = run(args)
-    except PLEError as e:
+    except (PLEError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if report is not None:
@@ -875,7 +872,7 @@ def run_models(args, win_rates=True):
     if reference:
         check_models([reference])
         check_same_tokenizer(dict.fromkeys(args.models), reference)
-    device = ple.pick_device(args.device)
+    device = pick_device(args.device)
     reward_fn, judge = load_judges(args, queries, device)
     record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output, reference)
     return evaluate(args, record, reward_fn, judge, win_rates), record, output
@@ -888,7 +885,7 @@ def run_rescore(args):
     saved, record = read_saved(args.rescore)
     made_with = {k: v for k, v in saved.get("settings", {}).items() if k in GENERATION_SETTINGS}
     args, output = resolved(replace(args, models=list(record["models"]), **made_with))
-    reward_fn, judge = load_judges(args, record["queries"], ple.pick_device(args.device))
+    reward_fn, judge = load_judges(args, record["queries"], pick_device(args.device))
     return write_report(evaluate(args, record, reward_fn, judge), record, output)
 
 
@@ -920,6 +917,12 @@ def resolved(args):
     check_writable(output)
     ple.read_principles(ple.resolve_path(args.principles), args.task)
     return args, output
+
+
+def pick_device(name):
+    from accelerate import PartialState
+
+    return PartialState(cpu=name == "cpu").device
 
 
 def load_judges(args, queries, device):

@@ -13,41 +13,24 @@ There is no reference model and no KL term.
 Run it:
     python ple.py                                   # offline: SmolLM2-135M (GGUF), VADER, LoRA, minutes on CPU
     python ple.py --model gpt2 --reward lvwerra/distilbert-imdb --dataset stanfordnlp/imdb
-    python ple.py --task dialogue --dataset Anthropic/hh-rlhf --reward OpenAssistant/reward-model-deberta-v3-large-v2
-    python ple.py --lora_r 0 --learning_rate 1e-5   # full fine-tuning instead of the paper's LoRA
+    accelerate launch --multi_gpu --num_processes 8 ple.py ...   # data parallel; an Accelerate FSDP config shards
 
 Reading order: the arguments, then the method in the order of Algorithm 1 (principle-guided query,
-sampling, reward, threshold, sequence log-probabilities, loss, one iteration, the loop), then, below
-a marked line, loading, checkpoints and output files. What the paper fixes and what this file
-decides where it is silent is listed in README.md.
+sampling, reward, threshold, sequence log-probabilities, loss, one iteration, the loop). The method
+calls nothing below the marked line, so it can be copied alone; below it: the command line, loading,
+checks, checkpoints and output files. What the paper fixes and what this file decides is in README.md.
 """
-import errno
-import glob
-import hashlib
-import importlib
-import importlib.util
-import json
 import math
-import os
-import random
 import re
-import shlex
-import shutil
-import signal
-import socket
-import sys
 import time
-import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def arg(default, help):
@@ -80,8 +63,11 @@ class Args:
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
     save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (eval.py --frontier); 0: off")
+    report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
+        "none", "also log each iteration's metrics to this tracker (Accelerate's; metrics.jsonl is always written)")
     seed: int = arg(0, "seed for queries, sampling and training; a run repeats exactly under it")
-    device: str = arg("auto", "auto (cuda, then mps, then cpu), or a torch device")
+    device: Literal["auto", "cpu"] = arg("auto", "auto: the device Accelerate picks (cuda, mps, ..., else cpu; "
+                                                 "under a launcher, each process its own); cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on cuda, else float32")
     # --- algorithm (the paper's settings) ---
     iterations: int = arg(8, "PLE iterations I")
@@ -107,8 +93,6 @@ class Args:
     merge_lora: Literal["auto", "on", "off"] = arg(
         "auto", "LoRA: fold the adapters into the weights while sampling, the base weights restored bit for bit "
                 "after (costs a copy of the adapted weights while sampling); auto: on on CUDA, off on CPU")
-    compile_sampling: bool = arg(False, "decode with a static KV cache and torch.compile (CUDA graphs on CUDA), "
-                                        "prompts padded to powers of two; unmeasured on GPUs, so off by default")
     reward_batch_size: int = arg(64, "texts per reward call")
     # --- optimizer ---
     learning_rate: float = arg(1e-4, "AdamW learning rate (1e-4: the rate experiments/imdb kept for PLE with LoRA)")
@@ -116,12 +100,6 @@ class Args:
     max_grad_norm: float = arg(1.0, "gradient clipping")
     gradient_accumulation_steps: int = arg(1, "split each mini-batch into this many forward/backward passes (memory)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
-    fsdp: bool = arg(False, "under accelerate launch or torchrun: shard weights, gradients and optimizer state across "
-                            "the processes (FSDP2, as ZeRO-3) instead of a copy on each; full fine-tuning only")
-
-
-class PLEError(Exception):
-    """Bad input or a failed load, with a message that says what to do."""
 
 
 # ================================================================================================
@@ -182,8 +160,8 @@ def encode_prompts(tokenizer, queries, principles=None, chat_prefix="", chat=Tru
 # Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) from the current model, no gradients
 # ================================================================================================
 
-def left_pad(sequences, pad_id, width=0):
-    width = max(width, max(len(s) for s in sequences))
+def left_pad(sequences, pad_id):
+    width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -207,16 +185,11 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
     """
     from transformers import GenerationConfig
 
-    static = model.generation_config.cache_implementation == "static"  # compiled decoding (fast_sampling below)
-    width = max(map(len, prompt_ids))  # a static cache compiles once per shape: pad to a power of two
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, 1 << (width - 1).bit_length() if static else 0)
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
-                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
-                              cache_implementation=model.generation_config.cache_implementation,
-                              compile_config=model.generation_config.compile_config)
-    inputs = dict(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-    out = generate_compiled(model, inputs, config) if static else model.generate(**inputs, generation_config=config)
+                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+    out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
     answers = []
     for row in out[:, ids.shape[1]:].tolist():
         end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
@@ -249,29 +222,21 @@ def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new
 
 
 @contextmanager
-def fast_sampling(model, merge_lora=False, compiled=False):
-    """Faster sampling, the same model: neither changes the distribution, only the arithmetic's order.
+def fast_sampling(model, merge_lora=False):
+    """Faster sampling from the same model: the distribution is unchanged, only the arithmetic's order.
 
     merge_lora: the LoRA adapters folded into the base weights, W += s * B @ A in place (peft's merge),
     so each layer runs one product instead of three; afterwards W is copied back from a copy kept
     aside, bit for bit (subtracting the adapters again, peft's unmerge, does not give W back in
-    bfloat16). W keeps its storage, so compiled decoding's CUDA graphs stay valid. Costs a copy of the
-    adapted weights while sampling. compiled: a static KV cache and torch.compile for the decoding
-    steps (generate_answers pads prompts to powers of two so that the shapes repeat); a model or a
-    call that cannot take it falls back to the plain path (generate_compiled, below the line).
+    bfloat16). Costs a copy of the adapted weights while sampling.
     """
-    config = model.generation_config
-    before = config.cache_implementation, config.compile_config
     layers = [m for m in model.modules() if hasattr(m, "merged_adapters")] if merge_lora else []  # peft's layers
     kept = [m.get_base_layer().weight.detach().clone() for m in layers]
     try:
         for m in layers:
             m.merge()  # the forward now skips the adapters
-        if compiled:
-            compile_decoding(model)
         yield
     finally:
-        config.cache_implementation, config.compile_config = before  # nothing of it is saved with the model
         with torch.no_grad():
             for m, w in zip(layers, kept):
                 m.get_base_layer().weight.copy_(w)
@@ -283,13 +248,13 @@ def fast_sampling(model, merge_lora=False, compiled=False):
 # ================================================================================================
 
 def score(reward_fn, queries, answers, batch_size):
-    """The reward of every answer to its original query, batch_size answers per call. Returns [N] float32."""
+    """The reward of every answer to its original query, batch_size answers per call. Returns [N] float32.
+    reward_fn(queries, answers) -> one number per answer (load_reward, below the line, also checks them)."""
     rewards = []
     for start in tqdm(range(0, len(queries), batch_size), desc="scoring", leave=False,
                       disable=len(queries) <= batch_size):  # (a bar for one call would never move)
-        chunk = slice(start, start + batch_size)
-        rewards += checked_reward(reward_fn, queries[chunk], answers[chunk], start)  # checks: below the line
-    return torch.tensor(rewards)
+        rewards += list(reward_fn(queries[start:start + batch_size], answers[start:start + batch_size]))
+    return torch.tensor(rewards, dtype=torch.float32)
 
 
 # ================================================================================================
@@ -472,7 +437,7 @@ def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_id
 
 @dataclass
 class RunState:
-    """What a run holds from one iteration to the next (set_up, below the line, builds it)."""
+    """What a run holds from one iteration to the next (set_up, below the line, builds one from the arguments)."""
     policy: Any  # the model that samples and is saved
     model: Any  # the model that trains: the policy, or the policy wrapped for data parallel
     tokenizer: Any
@@ -483,13 +448,9 @@ class RunState:
     prompt_ids_p: list  # token ids of x_p
     sft_targets: Optional[list]  # token ids of the dataset's answers (--loss sft, --sft_epochs), else None
     step: dict  # how to take an optimizer step: pad_id, mini_batch_size (per process), max_grad_norm, accumulation
-    start: int  # the first iteration to run: 0, or a resumed checkpoint's
-    procs: "Processes"  # one, or several under a launcher
-    all_queries: list  # every process's queries, in process order
-    device: torch.device
+    start: int = 0  # the first iteration to run: 0, or a resumed checkpoint's
     merge_lora: bool = False  # sampling with the LoRA adapters folded into the weights (fast_sampling)
-    compiled: bool = False  # sampling with compiled decoding (--compile_sampling)
-    started: float = 0.0  # time.time() when the first iteration began
+    print: Callable = print  # progress messages (under several processes: process 0's only)
 
 
 @dataclass
@@ -530,7 +491,7 @@ def ple_iteration(t, args, state):
     tau = threshold_at(t, args.tau0, args.alpha)  # the threshold decays: tau_t = tau0 * alpha^t
     clock = Stopwatch()
     # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model (fast_sampling: the same model, only faster)
-    with clock("sample"), fast_sampling(state.policy, state.merge_lora, state.compiled):
+    with clock("sample"), fast_sampling(state.policy, state.merge_lora):
         answer_ids, answer_ids_p = sample_pairs(state.policy, state.tokenizer, state.prompt_ids, state.prompt_ids_p,
                                                 args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
     answers = state.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
@@ -554,7 +515,7 @@ def raft_iteration(t, args, state):
     model, scored like PLE's, then SFT on the best one given x. No principle, no threshold; K answers
     a query where PLE samples 2."""
     k, clock = args.raft_k, Stopwatch()
-    with clock("sample"), fast_sampling(state.policy, state.merge_lora, state.compiled):  # prompts per call: PLE's
+    with clock("sample"), fast_sampling(state.policy, state.merge_lora):  # prompts per call: PLE's
         ids = sample_answers(state.policy, state.tokenizer, [p for p in state.prompt_ids for _ in range(k)],
                              2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
     texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -569,42 +530,85 @@ def raft_iteration(t, args, state):
                      answers_scored=len(texts), train_tokens=tokens, answer_tokens=sum(map(len, ids)), seconds=clock)
 
 
-def run(args):
-    """Algorithm 1: optional warm start on D_sft, then I iterations of sample, score, route, train."""
-    state = set_up(args)  # checks, model, reward, queries, resume: all below the line
+def run(args, state, log_iteration=None):
+    """Algorithm 1: optional warm start on D_sft, then iterations state.start .. I-1 of sample, score, route,
+    train. state: the model, reward and queries (a RunState); log_iteration(it), if given, receives each
+    iteration's record (below the line: metrics, samples and a checkpoint to resume from)."""
     if args.sft_epochs and state.start == 0:  # optional warm start on D_sft
         for epoch in range(args.sft_epochs):
             losses, _ = sft_epoch(state.model, state.optimizer, state.prompt_ids, state.sft_targets, **state.step,
                                   desc=f"warm start {epoch}")
-            state.procs.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
-    state.started = time.time()
+            state.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
     iteration = raft_iteration if args.loss == "raft" else ple_iteration  # RAFT samples differently
     for t in range(state.start, args.iterations):
-        log_iteration(args, state, iteration(t, args, state))  # metrics, samples and a checkpoint to resume from
-    save_final(args, state)
+        it = iteration(t, args, state)
+        if log_iteration:
+            log_iteration(it)
     return state
 
 
 # ================================================================================================
-# Nothing below this line is PLE: command line, loading, logging, checkpoints and resume
+# Nothing below this line is PLE: command line, loading, checks, processes, logging, checkpoints
 # ================================================================================================
 
-def main(argv=None):
-    from transformers import HfArgumentParser
+import difflib  # noqa: E402  (the machinery's imports, kept apart from the method's)
+import glob  # noqa: E402
+import hashlib  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class PLEError(Exception):
+    """Bad input or a failed load, with a message that says what to do."""
+
+
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    (args,) = HfArgumentParser(Args).parse_args_into_dataclasses(argv)
-    args = replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in PATHS})  # ~/x is a path, as in a shell
     signal.signal(signal.SIGTERM, terminate)  # a scheduler's stop ends the run as Ctrl-C does
+    args = None
     try:
-        run(args)
-    except PLEError as e:
-        print(f"error: {e}", file=sys.stderr)
+        args = parse_args(argv)
+        train(args)
+    except (PLEError, OSError) as e:  # bad input, a failed load, a full or read-only disk: one line
+        if os.environ.get("RANK", "0") == "0":  # under a launcher: said once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
-        if os.environ.get("RANK", "0") == "0":
+        if os.environ.get("RANK", "0") == "0" and args is not None:
             print(stopped_message(args, argv, "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"), file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
+
+
+def parse_args(argv, dataclass=None):
+    """HfArgumentParser, with every mistake as one line: no abbreviated flags (--iteration is not taken for
+    --iterations), an unknown flag named with the nearest real one, argparse's own errors without the usage."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass or Args, allow_abbrev=False)
+
+    def error(message):
+        raise PLEError(message)
+
+    parser.error = error
+    args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        unknown = next((r for r in rest if r.startswith("-")), rest[0])
+        flags = [f for f in parser._option_string_actions if f.startswith("--")]
+        near = difflib.get_close_matches(unknown.split("=")[0], flags, n=1)
+        raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
+    names = [k for k in ("model", "reward", "dataset", "principles", "output_dir") if hasattr(args, k)]
+    return replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in names})  # ~/x is a path, as in a shell
 
 
 class Terminated(KeyboardInterrupt):
@@ -622,15 +626,25 @@ def stopped_message(args, argv, how):
     launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if not found:
         return f"stopped by {how} before the first checkpoint: nothing to resume; run the same command again{launcher}"
-    n = found[-1][0]
-    return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {n - 1} (a later one that was under way is "
-            f"redone); continue with{launcher}: {command}")
+    return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under "
+            f"way is redone); continue with{launcher}: {command}")
+
+
+def train(args):
+    """What `python ple.py` does: set up, run Algorithm 1 with metrics, samples and checkpoints, save final/."""
+    state, accelerator, all_queries = set_up(args)
+    started = time.time()
+    run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started))
+    save_final(args, state, accelerator)
+    return state
 
 
 def set_up(args):
-    """Check everything that can be checked, then load reward, queries and model, and resume if asked."""
+    """Check everything that can be checked, then load reward, queries and model, and resume if asked.
+    Returns the RunState, the Accelerator, and every process's queries in process order."""
     check_args(args)
-    procs = start_processes(args)  # one process for a plain `python ple.py`
+    accelerator = start_accelerator(args)
+    world, rank = accelerator.num_processes, accelerator.process_index
     principles = read_principles(resolve_path(args.principles), args.task)
     all_queries, dataset_answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task,
                                                          args.num_queries, args.seed, where=args.where,
@@ -643,62 +657,63 @@ def set_up(args):
     if needs_answers and any(a is None for a in dataset_answers):
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
                        f"lacks some for task '{args.task}'")
-    check_processes(len(all_queries), args.mini_batch_size, procs.world)
-    if args.fsdp and procs.world == 1:
-        raise PLEError("--fsdp shards the model across processes: launch several (accelerate launch --multi_gpu "
-                       "--num_processes N ple.py ... or torchrun --nproc_per_node N ple.py ...)")
-    share = slice(procs.rank * len(all_queries) // procs.world, (procs.rank + 1) * len(all_queries) // procs.world)
+    check_processes(len(all_queries), args.mini_batch_size, world)
+    share = slice(rank * len(all_queries) // world, (rank + 1) * len(all_queries) // world)
     queries, dataset_answers = all_queries[share], dataset_answers[share]  # this process's share of D_query
-    resume_from = prepare_output_dir(args, procs, inputs)
-    device = procs.accelerator.device if procs.accelerator else pick_device(args.device)
+    resume_from = prepare_output_dir(args, accelerator, inputs)
+    device = accelerator.device
     dtype = pick_dtype(args.dtype, device)
     reward_fn = load_reward(args.reward, device, reward_format or "auto")
     probe_reward(reward_fn, queries, args.reward_batch_size)
     if reward_format:
-        procs.print(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
-    procs.print(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
-                f"dtype {dtype}" + (f", {procs.world} processes" if procs.world > 1 else ""))
+        accelerator.print(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
+    accelerator.print(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
+                      f"dtype {dtype}" + (f", {world} processes" if world > 1 else ""))
 
     from transformers import set_seed
 
     set_seed(args.seed)
-    policy, tokenizer, optimizer, start = load_trainable(args, resume_from, device, dtype, procs.rank)
-    if not resume_from:  # a resume restores its random states; a new run samples as its seed (and process) say,
-        set_seed(args.seed + procs.rank)  # whatever loading drew (LoRA's initialisation, a GGUF rebuild)
-    model = policy  # what trains: the policy itself, or wrapped for data parallel
-    if procs.accelerator and not args.fsdp:  # data parallel; a sharded model already is one across the processes
-        model, optimizer = procs.accelerator.prepare(policy, optimizer)  # weights synced from process 0
+    policy, tokenizer, optimizer = load_trainable(args, resume_from, device, dtype)
+    # Accelerate's prepare: nothing to do for one process; DDP (weights synced from process 0) under a launcher;
+    # under an FSDP config, fully_shard on each decoder layer, then the rest (FSDP2), the optimizer moved onto the shards
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    if is_sharded(accelerator):
+        policy = model  # sharded in place: the same model samples (generate steps all processes together when it
+        model._is_fsdp_managed_module = True  # sees this mark, as transformers' own FSDP2 set-up leaves it)
+    start = resume_trainer(resume_from, accelerator, model, optimizer) if resume_from else 0
+    if not resume_from:  # a new run samples as its seed (and process) say, whatever loading drew (LoRA's
+        set_seed(args.seed + rank)  # initialisation, a GGUF rebuild); a resume restored its random states
+    if args.report_to != "none":
+        accelerator.init_trackers(os.path.basename(os.path.abspath(args.output_dir)), config=asdict(args))
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if procs.is_main and os.path.exists(metrics_path):  # drop records after the checkpoint (a crash mid-iteration)
+    if accelerator.is_main_process and os.path.exists(metrics_path):  # drop records after the checkpoint
         write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("iteration", math.inf) < start], "w")
-    if procs.is_main:
+    if accelerator.is_main_process:
         os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     # x and x_p, rendered for the model once; training always uses x
     prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
                   placement=args.principle_placement)
     prompt_ids_p = encode_prompts(tokenizer, queries, principles, **prompt)
     check_lengths(policy.config, prompt_ids_p, queries, args.max_new_tokens)
-    compiled = args.compile_sampling
-    if compiled and args.fsdp:  # sharded generation runs in step across the processes: one of them falling
-        compiled = False  # back mid-call would leave the others waiting
-        compile_failed("not with --fsdp")
-    return RunState(
-        policy=policy, model=model, tokenizer=tokenizer, optimizer=optimizer, reward_fn=reward_fn, queries=queries,
-        prompt_ids=encode_prompts(tokenizer, queries, **prompt), prompt_ids_p=prompt_ids_p,
+    state = RunState(
+        policy=accelerator.unwrap_model(policy), model=model, tokenizer=tokenizer, optimizer=optimizer,
+        reward_fn=reward_fn, queries=queries, prompt_ids=encode_prompts(tokenizer, queries, **prompt),
+        prompt_ids_p=prompt_ids_p,
         sft_targets=sft_targets_for(tokenizer, dataset_answers, args.max_new_tokens) if needs_answers else None,
-        step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // procs.world,
+        step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
-        start=start, procs=procs, all_queries=all_queries, device=device,
-        merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora, device.type == "cuda"),
-        compiled=compiled)
+        start=start, merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora,
+                                                                                    device.type == "cuda"),
+        print=accelerator.print)
+    return state, accelerator, all_queries
 
 
 # ------------------------------------------------------------------------------------------------
-# Checks: arguments, local paths and the reward's values, before anything long starts
+# Checks: arguments, local paths and Hub names, before anything long starts
 # ------------------------------------------------------------------------------------------------
 
 def check_args(args):
-    """Every argument that can be wrong without loading anything: ranges, device, files that must exist."""
+    """Every argument that can be wrong without loading anything: ranges, files that must exist, Hub names."""
     for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size",
                  "gradient_accumulation_steps", "raft_k"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
@@ -709,13 +724,11 @@ def check_args(args):
     require(math.isfinite(args.tau0), "tau0", "must be a finite number")
     require(0 < args.alpha <= 1, "alpha", "is the threshold's decay factor: it must be in (0, 1]")
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]; 1.0 samples from the full distribution")
+    require(0 <= args.seed < 2**32, "seed", "must be in [0, 2**32)")
     require(not args.where or args.where.split("=", 1)[0].strip() and "=" in args.where, "where",
             f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
-    require(not (args.fsdp and args.lora_r), "fsdp", "shards full fine-tuning: pass --lora_r 0 with it (under LoRA "
-            "the base model is frozen, and data parallel holds a copy of it on each process)")
     require(args.merge_lora != "on" or args.lora_r, "merge_lora", "folds LoRA adapters into the weights: it needs "
             "--lora_r above 0")
-    check_device(args.device)
     check_local(resolve_path(args.dataset), "--dataset")
     check_local(args.model, "--model")
     if args.reward != "vader" and not is_function_spec(args.reward):
@@ -728,31 +741,11 @@ def require(ok, name, what):
         raise PLEError(f"--{name}: {what}")
 
 
-def check_device(name):
-    """--device: refuse a device this machine does not have, before anything is loaded."""
-    if name == "auto":
-        return
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise PLEError(f"--device {name}: {e}; pass auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PLEError(f"--device {name}: CUDA is not available on this machine (torch.cuda.is_available() is "
-                       "False); pass --device auto or cpu, or install a CUDA build of torch")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise PLEError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise PLEError(f"--device {name}: MPS is not available on this machine; pass --device auto or cpu")
-
-
-LOCAL_SUFFIXES = (".gguf", ".jsonl", ".json", ".csv", ".txt", ".gz", ".safetensors", ".bin", ".pt")
-
-
 def looks_local(name):
     """True for a name that can only be a local path, never a Hub id (Hub ids are 'name' or 'org/name')."""
-    if name.startswith((".", "/", "~", "\\")) or name.lower().endswith(LOCAL_SUFFIXES) or name.count("/") > 1:
-        return True
-    return "/" in name and os.path.isdir(name.split("/")[0])  # 'models/smol' when there is a folder 'models'
+    local = name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or name.lower().endswith(
+        (".gguf", ".jsonl", ".json", ".csv", ".txt", ".gz", ".safetensors", ".bin", ".pt"))
+    return local or ("/" in name and os.path.isdir(name.split("/")[0]))  # 'models/smol' beside a folder 'models'
 
 
 def check_local(name, flag):
@@ -761,70 +754,59 @@ def check_local(name, flag):
         raise PLEError(f"{flag} {name}: no such file or folder")
 
 
-NAMED = {  # what a flag's name stands for, and what to pass instead when it cannot be loaded (other flags: models)
-    "--model": ("model", "a local folder, .gguf file or installed package"),
-    "--reward": ("reward model", "a local folder, vader or module:function"),
-    "--dataset": ("dataset", "a local .jsonl, .json, .csv or .txt file"),
-}
-
-
-def is_hub_id(name):
-    """A name that can only mean a Hub repository: no local file, folder or installed package, not a reward spec."""
-    if not name or name == "vader" or is_function_spec(name) or looks_local(name) or os.path.exists(name):
-        return False
-    return not (re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name))
+INSTEAD = {"model": "a local folder, .gguf file or installed package", "dataset": "a local .jsonl, .json, .csv or "
+           ".txt file", "reward model": "a local folder, vader or module:function"}  # when a Hub name cannot load
 
 
 def check_hub(named):
-    """Every Hub id a run needs ((flag, name) pairs; --dataset names a dataset, any other flag a model),
-    checked in one pass before anything loads: with the Hub reachable (one short probe), each must exist
-    there; without it, each must be in the local cache. All missing ones are reported at once."""
-    ids = [(flag, name) for flag, name in named if is_hub_id(name)]
-    if not ids:
-        return
+    """Every Hub id a run needs ((flag, name) pairs: --dataset names a dataset, --reward a reward model, any
+    other flag a model), checked in one pass before anything loads, all missing ones named at once: on the Hub
+    (huggingface_hub's repo_exists) or, offline or when it cannot be reached, in the Hub's and datasets' caches."""
     from huggingface_hub import constants, repo_exists
+    from huggingface_hub.file_download import repo_folder_name
 
-    unreachable = hub_unreachable()
-    missing = []
-    for flag, name in ids:
-        what, instead = NAMED.get(flag, NAMED["--model"])
-        kind = "dataset" if what == "dataset" else "model"
-        if unreachable:
-            cached = [os.path.join(constants.HF_HUB_CACHE, f"{kind}s--{name.replace('/', '--')}")]
-            if kind == "dataset":  # the datasets library's own cache of prepared data
-                from datasets import config
-                cached.append(os.path.join(config.HF_DATASETS_CACHE, name.replace("/", "___")))
-            found = any(os.path.isdir(path) for path in cached)
-        else:
+    missing, unreachable = [], "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    for flag, name in named:
+        if not name or name == "vader" or is_function_spec(name) or looks_local(name) or os.path.exists(name) or (
+                re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name)):
+            continue  # not a Hub id: a local file, folder or installed package, or a reward spec
+        what = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model")
+        kind, found = "dataset" if what == "dataset" else "model", None
+        if not unreachable:
             try:
                 found = repo_exists(name, repo_type=kind)
-            except Exception:  # an answer that says neither yes nor no: let loading tell
-                found = True
+            except Exception as e:  # no answer: the Hub is unreachable (then the caches say), or loading will tell
+                unreachable = f"{constants.ENDPOINT}: {type(e).__name__}" if is_connection_error(e) else None
+                found = None if unreachable else True
+        if found is None:
+            from datasets import config  # (the datasets library keeps prepared data in a cache of its own)
+            found = any(os.path.isdir(p) for p in [os.path.join(constants.HF_HUB_CACHE, repo_folder_name(
+                repo_id=name, repo_type=kind)), os.path.join(config.HF_DATASETS_CACHE, name.replace("/", "___"))])
         if not found:
-            missing.append(f"could not load {what} '{name}' ({flag}: pass {instead} instead)")
-    if missing and unreachable:
-        raise PLEError(f"the Hugging Face Hub could not be reached ({unreachable}), and there is no local file or "
-                       f"cached copy: {'; '.join(missing)}")
+            missing.append(f"could not load {what} '{name}' ({flag}: pass {INSTEAD[what]} instead)")
     if missing:
-        raise PLEError(f"not on the Hugging Face Hub, and no local file or folder: {'; '.join(missing)}")
+        raise PLEError((f"the Hugging Face Hub could not be reached ({unreachable}), and there is no local file or "
+                        "cached copy: " if unreachable else "not on the Hugging Face Hub, and no local file or "
+                        "folder: ") + "; ".join(missing))
 
 
-def hub_unreachable():
-    """None when the Hugging Face Hub answers one request within 5 s, else why not."""
-    import urllib.error
-    import urllib.request
+def is_connection_error(error):
+    """Whether a failed load (or any error in its chain) was the Hub being unreachable."""
+    chain = [error]
+    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    return bool(re.search(r"couldn't connect|couldn't reach|Connect|Timeout|LocalEntryNotFound|OfflineMode|offline",
+                          " ".join(f"{type(c).__name__} {c}" for c in chain), re.I))
 
-    from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    try:
-        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=5)
-    except urllib.error.HTTPError:
-        return None  # it answered
-    except (urllib.error.URLError, OSError) as e:
-        return f"{constants.ENDPOINT}: {getattr(e, 'reason', e)}"
-    return None
+def load_hint(name, error, what="model"):
+    """Say whether a failed load was the Hub being unreachable, and what to pass instead."""
+    if is_connection_error(error):
+        return (f"there is no local file or folder '{name}', and the Hugging Face Hub could not be reached to look "
+                f"it up as a Hub id (nor is it in the local cache); pass {INSTEAD[what]} instead, or connect and retry")
+    if os.sep in name and not os.path.exists(name):
+        return f"no such file or folder: {name}"
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
@@ -837,41 +819,6 @@ def check_lengths(config, prompt_ids, queries, max_new_tokens):
                        f"longest, {queries[i][:60]!r}..., is {len(prompt_ids[i])} tokens with the principles, plus "
                        f"--max_new_tokens {max_new_tokens}; lower --max_new_tokens, shorten the principles, or keep "
                        "such rows out of the dataset")
-
-
-def checked_reward(reward_fn, queries, answers, start):
-    """score's checks: the reward on one batch (samples start, start + 1, ...) must return one finite
-    float32 number per answer (the losses compute in float32)."""
-    where = (f"samples {start} to {start + len(queries) - 1} (first query {queries[0][:60]!r}, "
-             f"answer {answers[0][:60]!r})")
-    try:
-        values = reward_fn(queries, answers)
-    except Exception as e:
-        raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
-    try:
-        values = list(values)
-    except TypeError:
-        raise PLEError(f"the reward returned {values!r} for {where}; it must return one number per answer, "
-                       f"a list of {len(queries)}") from None
-    if len(values) != len(queries):
-        raise PLEError(f"the reward returned {len(values)} values for {len(queries)} answers ({where})")
-    rewards = []
-    for i, v in enumerate(values):
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            v = float("nan")
-        if not abs(v) <= torch.finfo(torch.float32).max:  # NaN, inf, or beyond float32 (it would become inf there)
-            raise PLEError(f"the reward returned {values[i]!r} for sample {start + i} (query {queries[i][:60]!r}, "
-                           f"answer {answers[i][:60]!r}); rewards must be finite float32 numbers")
-        rewards.append(v)
-    return rewards
-
-
-def probe_reward(reward_fn, queries, batch_size):
-    """Call the reward once on empty answers: one that cannot score fails now, not after a model loads."""
-    queries = queries[:2]
-    score(reward_fn, queries, [""] * len(queries), batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -921,10 +868,16 @@ def make_query(task, row, rng, column=None):
 
 def read_principles(path, task):
     """Parse principles.txt: '[task]' headers, one principle per line, '#' comments."""
-    if not os.path.isfile(path):
-        raise PLEError(f"principles file not found: {path} (pass --principles FILE; see principles.txt for the format)")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise PLEError(f"principles file not found: {path} (pass --principles FILE; see principles.txt for the "
+                       "format)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PLEError(f"cannot read principles file {path}: {e}") from None
     sections, current = {}, None
-    for line in read_text(path).splitlines():
+    for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -942,64 +895,37 @@ def read_principles(path, task):
     return sections[task]
 
 
-def read_text(path):
-    """A local text file (gzip too) as UTF-8, a byte-order mark dropped; anything else is refused with its line."""
-    import gzip
-
-    with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[:e.start].count(b"\n") + 1
-        raise PLEError(f"{path}, line {line}, is not UTF-8 text (byte {data[e.start:e.start + 1]!r} at offset "
-                       f"{e.start}): save the file as UTF-8") from None
-
-
-def check_data_file(path):
-    """A local dataset file, read before `datasets` does: a line that is not UTF-8, or a JSON Lines row that
-    is not a JSON object, is an error naming its line."""
-    text = read_text(path)
-    if re.search(r"\.jsonl(\.gz)?$", path):
-        for number, line in enumerate(text.split("\n"), 1):
-            try:
-                ok = not line.strip() or isinstance(json.loads(line), dict)
-            except json.JSONDecodeError as e:
-                raise PLEError(f"{path}, line {number}, is not JSON ({e.msg}): {line[:60]!r}") from None
-            if not ok:
-                raise PLEError(f"{path}, line {number}, is not a JSON object: {line[:60]!r}")
-
-
 def load_rows(dataset, split):
-    """Read a Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too) with `datasets`."""
+    """Read a Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too) with `datasets`; its error, if
+    any, as one line that names the file."""
     import datasets
     from datasets import load_dataset
 
-    local = os.path.exists(dataset)
-    if local and os.path.isfile(dataset) and os.path.getsize(dataset) == 0:
-        raise PLEError(f"dataset file {dataset} is empty")
+    builder = None
+    if os.path.exists(dataset):
+        base = dataset[:-3] if dataset.endswith(".gz") else dataset
+        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
+        if builder is None:
+            raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
+        if os.path.isfile(dataset) and os.path.getsize(dataset) == 0:
+            raise PLEError(f"dataset file {dataset} is empty")
+    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
+    if builder:  # a local file is read in a moment: no "Generating train split" bar, and its error said once, below
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        if local:
-            base = dataset[:-3] if dataset.endswith(".gz") else dataset
-            builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
-            if builder is None:
-                raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
-            if os.path.isfile(dataset):
-                check_data_file(dataset)
-            bars = datasets.is_progress_bar_enabled()
-            datasets.disable_progress_bars()  # a local file is read in a moment: no "Generating train split" bar
-            try:
-                rows = load_dataset(builder, data_files=dataset, split=split)
-            finally:
-                if bars:
-                    datasets.enable_progress_bars()
-        else:
-            rows = load_dataset(dataset, split=split)
-    except PLEError:
-        raise
+        rows = load_dataset(builder, data_files=dataset, split=split) if builder else load_dataset(dataset, split=split)
     except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:  # datasets wraps the reader's error, which names the row
+            cause = cause.__cause__
+        said = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
         raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): "
-                       f"{load_hint(dataset, e, '--dataset')}") from e
+                       f"{said if builder else load_hint(dataset, e, 'dataset')}") from e
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
     if len(rows) == 0:
         raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
     return rows
@@ -1082,7 +1008,7 @@ def sft_targets_for(tokenizer, answers, max_tokens=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Rewards: VADER, a sequence classifier, or any function
+# Rewards: VADER, a sequence classifier, or any function; their values checked
 # ------------------------------------------------------------------------------------------------
 
 def join_text(query, answer):
@@ -1116,7 +1042,7 @@ def reward_parts(name):
     try:
         return AutoTokenizer.from_pretrained(name), AutoConfig.from_pretrained(name)
     except Exception as e:
-        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, '--reward')}; "
+        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}; "
                        "or pass --reward vader, or --reward module:function") from e
 
 
@@ -1156,9 +1082,9 @@ def classifier_reward(name, device, input_format="auto"):
     tokenizer, config = reward_parts(name)
     input_format = reward_input(name, input_format, (tokenizer, config))
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
+        model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False).to(device).eval()
     except Exception as e:
-        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, '--reward')}; "
+        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}; "
                        "or pass --reward vader, or --reward module:function") from e
     labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}  # reward_input found one of these:
     column = 0 if model.config.num_labels == 1 else labels.get("positive", labels.get("pos"))
@@ -1193,52 +1119,69 @@ def is_function_spec(spec):
 
 def load_reward(spec, device="cpu", input_format="auto"):
     """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier
-    (input_format: --reward_format)."""
+    (input_format: --reward_format); its values checked on every call (checked_reward)."""
     if spec == "vader":
-        return vader_reward()
-    if is_function_spec(spec):
-        module_name, function_name = spec.split(":")
-        added = os.getcwd() not in sys.path
-        if added:  # after the installed modules, never before: a file here named like one must not replace it
-            sys.path.append(os.getcwd())
-        module = None
+        return checked_reward(vader_reward())
+    if not is_function_spec(spec):
+        return checked_reward(classifier_reward(spec, device, input_format))
+    module_name, function_name = spec.split(":")
+    added = os.getcwd() not in sys.path
+    if added:  # after the installed modules, never before: a file here named like one must not replace it
+        sys.path.append(os.getcwd())
+    module = None
+    try:
+        module = importlib.import_module(module_name)
+        function = getattr(module, function_name)
+    except Exception as e:  # ImportError, AttributeError, or the module's own SyntaxError or crash
+        here = os.path.join(os.getcwd(), module_name.split(".")[0] + ".py")
+        clash = module is not None and os.path.isfile(here) and getattr(module, "__file__", None) != here
+        hint = f" ({module_name} is an installed module, found before {here}: rename that file)" if clash else ""
+        raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}{hint}") from e
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    if not callable(function):
+        raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
+    return checked_reward(function)
+
+
+def checked_reward(reward_fn):
+    """reward_fn, whose every call must return one finite float32 number per answer (the losses compute in
+    float32), or stop the run with one line naming the batch."""
+    def reward(queries, answers):
+        where = f"a batch of {len(queries)} (first query {queries[0][:60]!r}, answer {answers[0][:60]!r})"
         try:
-            module = importlib.import_module(module_name)
-            function = getattr(module, function_name)
-        except Exception as e:  # ImportError, AttributeError, or the module's own SyntaxError or crash
-            here = os.path.join(os.getcwd(), module_name.split(".")[0] + ".py")
-            clash = module is not None and os.path.isfile(here) and getattr(module, "__file__", None) != here
-            hint = f" ({module_name} is an installed module, found before {here}: rename that file)" if clash else ""
-            raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}{hint}") from e
-        finally:
-            if added:
-                sys.path.remove(os.getcwd())
-        if not callable(function):
-            raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
-        return function
-    return classifier_reward(spec, device, input_format)
+            values = reward_fn(queries, answers)
+        except Exception as e:
+            raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
+        try:
+            values = list(values)
+        except TypeError:
+            raise PLEError(f"the reward returned {values!r} for {where}; it must return one number per answer, "
+                           f"a list of {len(queries)}") from None
+        if len(values) != len(queries):
+            raise PLEError(f"the reward returned {len(values)} values for {len(queries)} answers ({where})")
+        for i, v in enumerate(values):
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                v = float("nan")
+            if not abs(v) <= torch.finfo(torch.float32).max:  # NaN, inf, or beyond float32 (inf there)
+                raise PLEError(f"the reward returned {values[i]!r} for answer {i} of {where}; rewards must be finite "
+                               "float32 numbers")
+        return [float(v) for v in values]
+    return reward
+
+
+def probe_reward(reward_fn, queries, batch_size):
+    """Call the reward once on empty answers: one that cannot score fails now, not after a model loads."""
+    queries = queries[:2]
+    score(reward_fn, queries, [""] * len(queries), batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
-# The policy: Hub id, folder, .gguf file or pip package; device, dtype, LoRA, AdamW, resume
+# The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW, resume
 # ------------------------------------------------------------------------------------------------
-
-def load_hint(name, error, flag="--model"):
-    """Say whether a failed load was the Hub being unreachable, and what to pass instead of the flag's name."""
-    chain, e = [], error
-    while e is not None and len(chain) < 20:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    text = " ".join(f"{type(c).__name__} {c}" for c in chain)
-    if re.search(r"couldn't connect|couldn't reach|ConnectError|ConnectionError|LocalEntryNotFound|OfflineMode|offline",
-                 text, re.I):
-        return (f"there is no local file or folder '{name}', and the Hugging Face Hub could not be reached to look "
-                f"it up as a Hub id (nor is it in the local cache); pass {NAMED[flag][1]} instead, or "
-                "connect and retry")
-    if os.sep in name and not os.path.exists(name):
-        return f"no such file or folder: {name}"
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-
 
 def find_gguf(name):
     """Resolve --model to (folder, gguf file name or None) without importing anything."""
@@ -1259,16 +1202,6 @@ def find_gguf(name):
     return folder, os.path.basename(ggufs[0])
 
 
-def pick_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def pick_dtype(name, device):
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -1276,13 +1209,14 @@ def pick_dtype(name, device):
 
 
 def load_policy(name, device, dtype):
-    """Load the policy and its tokenizer (Hub id, folder, .gguf file or pip package with a .gguf)."""
+    """Load the policy and its tokenizer (Hub id, folder, .gguf file or pip package with a .gguf); no code
+    from a model's folder runs (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = find_gguf(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
     except PLEError:
         raise
     except Exception as e:
@@ -1300,9 +1234,8 @@ def load_policy(name, device, dtype):
     return model.to(device), tokenizer
 
 
-def load_trainable(args, resume_from, device, dtype, rank=0):
-    """Policy (LoRA-wrapped with --lora_r; sharded across the processes with --fsdp), tokenizer and AdamW,
-    restored from a checkpoint on --resume."""
+def load_trainable(args, resume_from, device, dtype):
+    """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW; from a checkpoint's weights on --resume."""
     full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
     model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
     if args.lora_r:
@@ -1325,49 +1258,24 @@ def load_trainable(args, resume_from, device, dtype, rank=0):
     model.config.use_cache = True
     if args.gradient_checkpointing:
         enable_checkpointing(model)
-    if args.fsdp:
-        shard_model(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=0.0)
-    start = 0
-    if resume_from:
-        state = read_trainer_state(os.path.join(resume_from, "trainer_state.pt"))
-        if args.fsdp:  # saved whole (gathered_state): each process takes its shard
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])  # one per process
-        start = state["iteration"]
-        if rank == 0:
-            print(f"resuming from {resume_from}: iteration {start}, tau {state['tau']:.4f}")
-    return model, tokenizer, optimizer, start
+    return model, tokenizer, optimizer
 
 
-@contextmanager
-def quiet_peft():
-    """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
-                                category=FutureWarning)
-        yield
+def resume_trainer(resume_from, accelerator, model, optimizer):
+    """The AdamW state and this process's random states of a checkpoint; returns the iteration to go on from."""
+    state = read_trainer_state(os.path.join(resume_from, "trainer_state.pt"))
+    if is_sharded(accelerator):  # saved whole: each process takes its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-
-def read_trainer_state(path, mmap=False):
-    """trainer_state.pt as --resume trusts it: tensors, numbers, text and lists only (weights_only), so a run
-    folder from elsewhere can hold no code that runs; anything else is refused. mmap: the tensors are not read
-    (a check of the file in milliseconds instead of seconds for a full fine-tune's AdamW state)."""
-    try:
-        return torch.load(path, weights_only=True, mmap=mmap)
-    except Exception as e:  # a pickled object, a truncated or missing file
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
-        reason = reason.split(". ")[0]  # (not torch's advice on how to allow it anyway)
-        raise PLEError(f"{path} is not a trainer state that ple.py can read ({reason}); it must "
-                       "hold only the tensors, numbers and text ple.py writes (a checkpoint of an earlier ple.py "
-                       "stored numpy's random state as an object: start that run again)") from None
+        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][accelerator.process_index])
+    accelerator.print(f"resuming from {resume_from}: iteration {state['iteration']}, tau {state['tau']:.4f}")
+    return state["iteration"]
 
 
 def enable_checkpointing(model):
@@ -1380,93 +1288,59 @@ def enable_checkpointing(model):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-# ------------------------------------------------------------------------------------------------
-# Compiled decoding (--compile_sampling): a static KV cache and torch.compile, or the plain path
-# ------------------------------------------------------------------------------------------------
-
-COMPILE_FAILED = []  # why compiled decoding was given up in this process (it is not tried again)
-
-
-def compile_decoding(model):
-    """Ask generate for a static KV cache and a compiled forward (CUDA graphs on CUDA: transformers'
-    CompileConfig defaults), where the model's class supports it; else the plain path, said once."""
-    from transformers import CompileConfig
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not COMPILE_FAILED and not getattr(base, "_can_compile_fullgraph", False):
-        compile_failed(f"{type(base).__name__} does not support a static KV cache")
-    if COMPILE_FAILED:
-        return
-    model.generation_config.cache_implementation = "static"
-    model.generation_config.compile_config = CompileConfig()
-    model.generation_config.compile_config._compile_all_devices = True  # the flag means the same on a CPU
+@contextmanager
+def quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
+                                category=FutureWarning)
+        yield
 
 
-def compile_failed(reason):
-    """Give compiled decoding up, with one warning."""
-    COMPILE_FAILED.append(reason)
-    print(f"warning: --compile_sampling: {reason}; sampling on the plain path", file=sys.stderr)
-
-
-def generate_compiled(model, inputs, config):
-    """model.generate with compiled decoding; a failure (a compile error, an unsupported combination)
-    gives one warning and the plain path, for this call (from the same random state: the same answers)
-    and every later one."""
-    cuda = model.device.type == "cuda"
-    rng = torch.get_rng_state(), torch.cuda.get_rng_state(model.device) if cuda else None
+def read_trainer_state(path):
+    """trainer_state.pt as --resume trusts it: tensors, numbers, text and lists only (weights_only), so a run
+    folder from elsewhere can hold no code that runs; anything else is refused."""
     try:
-        return model.generate(**inputs, generation_config=config)
-    except Exception as e:  # noqa: BLE001 (whatever torch.compile raises; the plain path below raises real errors)
-        while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:  # torch.compile wraps the
-            e = inner  # error that says what happened
-        compile_failed(f"compiled decoding failed ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
-    torch.set_rng_state(rng[0])
-    if cuda:
-        torch.cuda.set_rng_state(rng[1], model.device)
-    config.cache_implementation = config.compile_config = None
-    model.generation_config.cache_implementation = model.generation_config.compile_config = None
-    return model.generate(**inputs, generation_config=config)
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # a pickled object, a truncated or missing file
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
+        reason = reason.split(". ")[0]  # (not torch's advice on how to allow it anyway)
+        raise PLEError(f"{path} is not a trainer state that ple.py can read ({reason}); it must hold only the "
+                       "tensors, numbers and text ple.py writes") from None
 
 
 # ------------------------------------------------------------------------------------------------
-# Several processes: `accelerate launch` or torchrun, data parallel or sharded (--fsdp)
+# Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun
 # ------------------------------------------------------------------------------------------------
 
-class Processes:
-    """The processes of a run: one for a plain `python ple.py`, several under a launcher."""
-
-    def __init__(self, accelerator=None):
-        self.accelerator = accelerator  # accelerate's Accelerator under a launcher
-        self.rank, self.world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        self.is_main = self.rank == 0
-
-    def print(self, *args, **kwargs):
-        if self.is_main:
-            print(*args, **kwargs)
-
-    def wait(self):
-        if self.accelerator:
-            self.accelerator.wait_for_everyone()
-
-    def gather(self, values):
-        """The lists of every process, concatenated in process order (each holds a contiguous share)."""
-        from accelerate.utils import gather_object
-
-        return gather_object(list(values))
-
-
-def start_processes(args):
-    """Under a launcher (WORLD_SIZE > 1) each process takes a share of the queries; DDP averages gradients
-    (with --fsdp, FSDP2 does: shard_model)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Processes()
-    if any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")):
-        raise PLEError("Accelerate's FSDP and DeepSpeed configs are not used by ple.py: launch plain data parallel "
-                       "(accelerate launch --multi_gpu) and pass --fsdp to shard weights, gradients and optimizer "
-                       "state (FSDP2, as ZeRO-3)")
+def start_accelerator(args):
+    """One process for a plain `python ple.py`; under a launcher each process takes a share of the queries and
+    Accelerate syncs the gradients: DDP, or FSDP2 sharding when the launcher's Accelerate config asks for it."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedType
 
-    return Processes(Accelerator(cpu=args.device == "cpu" or not torch.cuda.is_available()))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise PLEError("DeepSpeed is not supported by ple.py; shard with Accelerate's FSDP instead (accelerate "
+                       "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in your accelerate config)")
+    accelerator = Accelerator(cpu=args.device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.output_dir)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if accelerator.distributed_type != DistributedType.FSDP:
+            raise PLEError(f"Accelerate shards with FSDP on GPUs only, not on {accelerator.device.type}: launch "
+                           "without --use_fsdp (data parallel)")
+        if accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise PLEError("ple.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in the config)")
+    if is_sharded(accelerator) and args.lora_r:
+        raise PLEError("FSDP shards full fine-tuning: pass --lora_r 0 (under LoRA the base model is frozen, and data "
+                       "parallel holds a copy of it on each process)")
+    return accelerator
+
+
+def is_sharded(accelerator):
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def check_processes(n_queries, mini_batch_size, world):
@@ -1484,51 +1358,29 @@ def check_processes(n_queries, mini_batch_size, world):
                        f"multiple of {world}")
 
 
-def shard_model(model):
-    """FSDP2: each decoder layer (the classes the model lists in _no_split_modules), then the rest, split
-    across the processes; a layer's weights are gathered for its forward and backward, the gradients
-    averaged across processes and scattered back as shards. Build the optimizer afterwards."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
-    # transformers' generate() reads this mark (its own FSDP2 set-up sets it too) and then keeps every
-    # process stepping until all are done (synced_gpus): each step gathers weights from all of them. (It
-    # samples under no_grad, not inference_mode: the gathered weights are used again in training.)
-    model._is_fsdp_managed_module = True
-
-
-def sharded(model):
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def gathered_state(model, optimizer=None):
+def gathered_state(accelerator, model, optimizer=None):
     """A sharded model's whole weights (and optimizer state), on process 0; every process must call it.
     (None, None) when the model is not sharded: then process 0 holds them already."""
-    if not sharded(model):
+    if not is_sharded(accelerator):
         return None, None
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on the CPU of process 0 only
-    return (get_model_state_dict(model, options=whole),
-            get_optimizer_state_dict(model, optimizer, options=whole) if optimizer else None)
+    return (accelerator.get_state_dict(model),  # Accelerate gathers the weights from the shards
+            get_optimizer_state_dict(model, optimizer.optimizer, options=whole) if optimizer else None)
 
 
 PER_QUERY = ("answers", "rewards", "branches", "answers_p", "rewards_p", "weights", "candidates", "candidate_rewards")
 
 
-def gather_iteration(state, it):
+def gather_iteration(accelerator, it, device):
     """One process's Iteration -> the whole query set's (unchanged with one process)."""
-    it = replace(it, peak_memory_mb=peak_memory_mb(state.device))
-    if state.procs.world == 1:
+    it = replace(it, peak_memory_mb=peak_memory_mb(device))
+    if accelerator.num_processes == 1:
         return it
-    parts = state.procs.gather([it])
+    from accelerate.utils import gather_object
+
+    parts = gather_object([it])
     joined = {k: [x for p in parts for x in getattr(p, k)] for k in PER_QUERY if getattr(it, k) is not None}
     losses = {"loss": float(np.mean([p.losses["loss"] for p in parts]))}  # equal steps on every process
     for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
@@ -1542,28 +1394,29 @@ def gather_iteration(state, it):
 
 
 # ------------------------------------------------------------------------------------------------
-# Logging and saving: samples, metrics.jsonl, checkpoints, iter-N/ and final/
+# Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/
 # ------------------------------------------------------------------------------------------------
 
-def log_iteration(args, state, it):
-    """samples/iter-NNN.jsonl, a metrics.jsonl record, a checkpoint (and iter-N/ with --save_every).
+def log_iteration(args, state, accelerator, all_queries, it, elapsed):
+    """samples/iter-NNN.jsonl, a metrics.jsonl record (and the tracker's), a checkpoint (and iter-N/ with
+    --save_every). Under several processes every figure covers all of them; process 0 writes."""
+    from accelerate.utils import gather_object
 
-    Under several processes every figure covers all of them; process 0 writes.
-    """
-    it = gather_iteration(state, it)
-    record = metrics_record(it, time.time() - state.started)
-    rng = state.procs.gather([rng_state()]) if state.procs.world > 1 else rng_state()
-    weights, optimizer_state = gathered_state(state.model, state.optimizer)  # sharded: every process takes part
-    if state.procs.is_main:
-        write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{it.t:03d}.jsonl"),
-                    sample_rows(state.all_queries, it), mode="w")
+    it = gather_iteration(accelerator, it, accelerator.device)
+    record = metrics_record(it, elapsed)
+    rng = gather_object([rng_state()])  # one per process, in process order
+    weights, optimizer_state = gathered_state(accelerator, state.model, state.optimizer)  # sharded: all take part
+    if accelerator.is_main_process:
+        write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{it.t:03d}.jsonl"), sample_rows(all_queries, it),
+                    mode="w")
         write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
         # iter-N/ (the run's path, for eval.py --frontier) before the checkpoint: a kill while it is written
         if args.save_every and (it.t + 1) % args.save_every == 0:  # leaves the iteration for --resume to redo
             save_model(os.path.join(args.output_dir, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
-        save_checkpoint(args, state.policy, state.tokenizer, state.optimizer, it.t + 1, rng, weights, optimizer_state)
+        save_checkpoint(args, state, it.t + 1, rng, weights, optimizer_state)
         print(progress_line(it, record), flush=True)
-    state.procs.wait()
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # (trackers)
+    accelerator.wait_for_everyone()
 
 
 def mean32(values):
@@ -1610,94 +1463,46 @@ def progress_line(it, record):
 
 
 def save_model(path, model, tokenizer, weights=None, trainer_state=None):
-    """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the
-    adapter) and the tokenizer, and trainer_state.pt when given; written under a temporary name and
-    renamed. weights: a sharded model's, gathered."""
+    """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the adapter)
+    and the tokenizer, and trainer_state.pt when given; written under a temporary name and renamed, so that a
+    kill mid-write leaves no broken folder. weights: a sharded model's, gathered."""
     lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
-
-    def write(tmp):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
         model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    save_dir_atomically(path, write)
-
-
-def save_dir_atomically(final_path, write):
-    """Write a folder under a temporary name, then rename it: a kill mid-write leaves no broken one, and a
-    failed write (a full disk) removes its part and ends the run with one line."""
-    tmp = final_path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        write(tmp)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError ("unexpected pos")
+    except Exception as e:  # a full disk (torch and safetensors say so in errors of their own): one line
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(final_path, e)
-        if isinstance(e, RuntimeError) and "disk is full" not in str(failure):
-            raise
-        raise failure from e
-    shutil.rmtree(final_path, ignore_errors=True)
-    os.replace(tmp, final_path)
+        raise PLEError(f"could not write {path} ({type(e).__name__}: {e}); what was saved before is intact") from e
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
-def write_failure(path, error):
-    """The one line for a write that failed: a full disk by name, and what is safe."""
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < 2**26:
-        return PLEError(f"could not write {path}: the disk is full ({free / 2**20:.0f} MB free); what was saved "
-                        "before is intact: free some space, then continue with --resume")
-    return PLEError(f"could not write {path}: {error}")
-
-
-def save_checkpoint(args, model, tokenizer, optimizer, done, rng=None, weights=None, optimizer_state=None):
-    """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly
-    (rng: the random states, a list of one per process under a launcher; weights, optimizer_state: a
-    sharded model's, gathered)."""
-    state = {"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha),
-             "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-             "rng": rng if rng is not None else rng_state()}
-    path = os.path.join(args.output_dir, f"checkpoint-{done}")
-    save_model(path, model, tokenizer, weights, state)
-    problem = checkpoint_problem(path)
-    if problem:  # keep the older one: it is what --resume can use
-        raise PLEError(f"{path} could not be read back ({problem}); the checkpoint before it is kept: check the "
-                       "disk, then continue with --resume")
-    for n, older in checkpoints(args.output_dir):  # the new one is complete and readable: older ones can go
+def save_checkpoint(args, state, done, rng, weights=None, optimizer_state=None):
+    """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly (rng: the
+    random states, one per process; weights, optimizer_state: a sharded model's, gathered). Older ones go
+    once it is complete. (Accelerate's save_state would write the whole model, not the LoRA adapter alone.)"""
+    trainer_state = {"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha), "rng": rng,
+                     "optimizer": optimizer_state if optimizer_state is not None else state.optimizer.state_dict()}
+    save_model(os.path.join(args.output_dir, f"checkpoint-{done}"), state.policy, state.tokenizer, weights,
+               trainer_state)
+    for n, older in checkpoints(args.output_dir):
         if n != done:
             shutil.rmtree(older)
 
 
-def checkpoint_problem(path):
-    """Why --resume cannot go on from a checkpoint folder (None if it can): its trainer state must load as
-    read_trainer_state trusts it, and each weights file must be whole."""
-    from safetensors import safe_open
-
-    try:
-        read_trainer_state(os.path.join(path, "trainer_state.pt"), mmap=True)
-        weights = glob.glob(os.path.join(path, "*.safetensors"))
-        if not weights:
-            return "it holds no .safetensors weights"
-        for file in weights:
-            with safe_open(file, "pt"):  # reads the header, checks the file covers every tensor
-                pass
-    except PLEError as e:
-        return str(e)
-    except Exception as e:
-        return f"{os.path.basename(file)}: {str(e).splitlines()[0]}"
-    return None
-
-
-def save_final(args, state):
-    weights, _ = gathered_state(state.model)
-    if state.procs.is_main:
+def save_final(args, state, accelerator):
+    weights, _ = gathered_state(accelerator, state.model)
+    if accelerator.is_main_process:
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
         print(f"saved {os.path.join(args.output_dir, 'final')}")
         release_run(args.output_dir)
-    if state.procs.accelerator:
-        state.procs.wait()
-        state.procs.accelerator.end_training()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # (closes the trackers and, under a launcher, the process group)
 
 
 def checkpoints(output_dir):
@@ -1759,20 +1564,17 @@ def write_jsonl(path, records, mode="a"):
     """Append records, or (mode "w") replace the file through a temporary one: a failed write never
     leaves an old file cut short."""
     target = path + ".tmp" if mode == "w" else path
-    try:
-        with open(target, mode, encoding="utf-8") as f:
-            f.write("".join(json.dumps(record) + "\n" for record in records))
-        if mode == "w":
-            os.replace(target, path)
-    except OSError as e:
-        raise write_failure(path, e) from e
+    with open(target, mode, encoding="utf-8") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+    if mode == "w":
+        os.replace(target, path)
 
 
 # ------------------------------------------------------------------------------------------------
-# The output folder: portable paths, args.json and resume
+# The output folder: args.json, one lock per folder, resume
 # ------------------------------------------------------------------------------------------------
 
-RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every"}  # may differ on --resume
+RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every", "report_to"}  # may differ on --resume
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
 
 
@@ -1820,81 +1622,66 @@ def content_hash(value):
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
-def prepare_output_dir(args, procs, inputs):
+def prepare_output_dir(args, accelerator, inputs):
     """Claim the folder, refuse to overwrite a run; on --resume check that the arguments and what the run
-    read (inputs: hashes) agree, and return its newest readable checkpoint.
+    read (inputs: hashes) agree, and return its newest checkpoint.
 
     A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
     --resume and with any arguments, starts in its folder afresh. Writes args.json (process 0), which
     also checks that the folder is writable before anything is loaded.
     """
-    path = os.path.join(args.output_dir, "args.json")
+    path, world = os.path.join(args.output_dir, "args.json"), accelerator.num_processes
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
-    if procs.is_main:
+    if accelerator.is_main_process:
         claim_output_dir(args.output_dir)
     found = checkpoints(args.output_dir)
-    if not found:
-        if args.resume and not os.path.exists(path):
-            raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
-        if os.path.exists(path):
-            procs.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
-        write_args(args, path, procs, inputs)
-        return None
-    if not args.resume:
+    if found and not args.resume:
         raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise PLEError(f"--resume: cannot read {path}: {e}") from None
-    for key in PATHS:  # paths compare as the files they name, however they are spelled
-        if isinstance(saved.get(key), str):
-            saved[key] = portable_path(stored_path(saved[key]))
-    if saved.get("num_processes", 1) != procs.world:
-        raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now with "
-                       f"{procs.world}; resume it with as many (each process continues its own share and random state)")
-    now, defaults = saved_args(args, procs.world, inputs), asdict(Args())  # a flag added later: its default ran
-    conflicts = [f"--{k} {saved.get(k, defaults[k])!r} there, {now[k]!r} now"
-                 for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
-    read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
-            "data_sha256": f"the rows of {args.dataset} that the queries come from",
-            "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
-                            f"there, {now['reward_input']!r} now)"}
-    conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k, now[k]) != now[k]]
-    if conflicts:
-        raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
-    problems = [checkpoint_problem(checkpoint) for _, checkpoint in found]  # an older one is left only if the
-    readable = [checkpoint for (_, checkpoint), problem in zip(found, problems) if not problem]  # newer failed
-    if not readable:
-        raise PLEError(f"--resume: {problems[-1]}; no earlier checkpoint is left: start the run again (remove "
-                       f"{found[-1][1]}, or pass another --output_dir)")
-    if readable[-1] != found[-1][1]:
-        procs.print(f"warning: {problems[-1]}; resuming from {readable[-1]}", file=sys.stderr)
-    write_args(args, path, procs, inputs)  # the folder may have moved: record where it is now
-    return readable[-1]
-
-
-def write_args(args, path, procs, inputs):
-    procs.wait()  # every process has decided before process 0 writes
-    if procs.is_main:
+    if found:
         try:
-            with open(path, "w", encoding="utf-8") as f:
-                json.dump(saved_args(args, procs.world, inputs), f, indent=2)
-        except OSError as e:
-            raise PLEError(f"--output_dir {args.output_dir} cannot be written: {e}") from None
-    procs.wait()
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise PLEError(f"--resume: cannot read {path}: {e}") from None
+        if saved.get("num_processes", 1) != world:
+            raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now "
+                           f"with {world}; resume it with as many (each process continues its own share and random "
+                           "state)")
+        now, defaults = saved_args(args, world, inputs), asdict(Args())  # a flag added later: its default ran
+        conflicts = [f"--{k} {saved.get(k, defaults[k])!r} there, {now[k]!r} now"
+                     for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
+        read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
+                "data_sha256": f"the rows of {args.dataset} that the queries come from",
+                "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
+                                f"there, {now['reward_input']!r} now)"}
+        conflicts += [f"{what} changed since the run started" for k, what in read.items()
+                      if saved.get(k, now[k]) != now[k]]
+        if conflicts:
+            raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
+    elif args.resume and not os.path.exists(path):
+        raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
+    elif os.path.exists(path):
+        accelerator.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
+    accelerator.wait_for_everyone()  # every process has decided before process 0 writes
+    if accelerator.is_main_process:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(saved_args(args, world, inputs), f, indent=2)
+    accelerator.wait_for_everyone()
+    return found[-1][1] if found else None
 
 
-LOCK = ".ple.lock"  # in the run folder; held (flock) while a process runs in it
-LOCKS_HELD = {}  # the run folders this process holds: real path -> the open lock file
+LOCK = ".ple.lock"  # in the run folder; held while a process runs in it
+LOCKS_HELD = {}  # the run folders this process holds: real path -> its filelock
 
 
 def claim_output_dir(folder):
     """Make the folder this run's, or refuse before a byte is written: a new run goes only into a missing
     or empty folder or one of ple.py's own (args.json says so). Then take its lock for the life of the run
-    (a second run on the folder is refused, naming the holder; a killed run's lock goes with it) and
-    remove what a kill left half-written."""
+    (a second run on the folder is refused; a killed run's lock goes with it) and remove what a kill left
+    half-written."""
+    from filelock import FileLock, Timeout
+
     if os.path.isdir(folder) and not is_run_folder(folder):
         names = sorted(set(os.listdir(folder)) - {LOCK})
         raise PLEError(f"--output_dir {folder} holds files that are not a ple.py run ({', '.join(names[:4])}"
@@ -1902,17 +1689,20 @@ def claim_output_dir(folder):
                        "of its own runs: pass another --output_dir")
     try:
         os.makedirs(folder, exist_ok=True)
-        lock_run(folder)
+        key = os.path.realpath(folder)
+        if key not in LOCKS_HELD:  # (this process may have run here before: a run that failed still holds it)
+            lock = FileLock(os.path.join(folder, LOCK), is_singleton=False)  # flock, opened with O_NOFOLLOW
+            lock.acquire(timeout=0)
+            LOCKS_HELD[key] = lock
+    except Timeout:
+        raise PLEError(f"--output_dir {folder} is in use by another run; wait until it ends, or pass another "
+                       "--output_dir") from None
     except OSError as e:
         raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
     for tmp in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "samples", "*.tmp")):
         name = os.path.relpath(tmp, folder).replace(os.sep, "/")  # ple.py's own, cut short by a kill
-        if not re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
-            continue
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        else:
-            os.remove(tmp)
+        if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
+            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
 
 
 def is_run_folder(folder):
@@ -1924,40 +1714,13 @@ def is_run_folder(folder):
             saved = json.load(f)
     except (OSError, ValueError):
         return False
-    if not isinstance(saved, dict):
-        return False
-    legacy = set(saved) <= set(asdict(Args())) | {"num_processes"} and "tau0" in saved  # before the mark
-    return saved.get("written_by") == "ple.py" or legacy
-
-
-def lock_run(folder):
-    """Hold the folder's lock until release_run (or the process ends). POSIX flock; none on Windows."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    key = os.path.realpath(folder)
-    if key in LOCKS_HELD:  # this process ran here before (a run that failed): it still holds the lock
-        return
-    f = open(os.path.join(folder, LOCK), "a+", encoding="utf-8")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise PLEError(f"--output_dir {folder} is in use by {holder}; wait until that run ends, or pass another "
-                       "--output_dir") from None
-    f.truncate(0)
-    f.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    LOCKS_HELD[key] = f
+    return isinstance(saved, dict) and saved.get("written_by") == "ple.py"
 
 
 def release_run(folder):
     lock = LOCKS_HELD.pop(os.path.realpath(folder), None)
     if lock:
-        lock.close()  # closing the file drops the flock
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ name go to both):
   queries of the run's data, answers of at most --max_new_tokens), then two optimizer steps on them:
   weights + gradients + optimizer state + one mini-batch's activations, with the process itself
   (Python, torch, the tokenizer). This is the floor a run cannot go below.
-- run: `ple.run` with --iterations 3 --num_queries 8 --max_new_tokens 32 (unless given), the resident
+- run: `ple.train` with --iterations 3 --num_queries 8 --max_new_tokens 32 (unless given), the resident
   set read every 5 ms; the peak and the level at the end of each phase (loading, sampling,
   scoring, training, logging with its checkpoint, the final save).
 Prints a Markdown table and the run's peak over the isolated step's peak.
@@ -73,8 +73,10 @@ def isolated(argv):
     """Two optimizer steps on one mini-batch, nothing else."""
     with tempfile.TemporaryDirectory() as out:
         args = args_for(argv, out)
-    device = ple.pick_device(args.device)
-    model, tokenizer, optimizer, _ = ple.load_trainable(args, None, device, ple.pick_dtype(args.dtype, device))
+    from accelerate import PartialState
+
+    device = PartialState(cpu=args.device == "cpu").device
+    model, tokenizer, optimizer = ple.load_trainable(args, None, device, ple.pick_dtype(args.dtype, device))
     loaded = rss()
     queries, _, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, args.mini_batch_size, 0)
     prompt = dict(chat_prefix=ple.TASKS[args.task].chat_prefix, chat=ple.chat_prompts(args.chat_template, args.task))
@@ -99,7 +101,7 @@ def traced_run(argv):
                  "save_final"):
         setattr(ple, name, tracker.wrap(name, getattr(ple, name)))
     with tempfile.TemporaryDirectory() as out:
-        ple.run(args_for(argv, os.path.join(out, "run")))
+        ple.train(args_for(argv, os.path.join(out, "run")))
     return dict(phases=tracker.phases, peak=peak_rss())
 
 

@@ -19,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import ple  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lora", type=int, default=0, help="LoRA rank: compare unmerged against merged adapters")
     a = p.parse_args()
-    device = ple.pick_device(a.device)
+    device = torch.device(a.device) if a.device != "auto" else PartialState().device
     model, tokenizer = ple.load_policy(a.model, device, ple.pick_dtype(a.dtype, device))
     model.eval()
     if a.lora:

@@ -67,6 +67,7 @@ def main(argv=None):
 
 
 def run(args):
+    from accelerate import PartialState
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -75,9 +76,9 @@ def run(args):
         raise ple.PLEError("--loss and --sft_epochs are ple.py's; here the method is --method")
     queries, answers, sources = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task,
                                                  args.num_queries, args.seed, where=args.where)
-    if ple.prepare_output_dir(args, ple.Processes(), {"data_sha256": ple.content_hash([queries, answers, sources])}):
+    if ple.prepare_output_dir(args, PartialState(), {"data_sha256": ple.content_hash([queries, answers, sources])}):
         raise ple.PLEError("--resume is not supported for the TRL baselines; start a new --output_dir")
-    device = ple.pick_device(args.device)
+    device = PartialState(cpu=args.device == "cpu").device
     reward_fn = ple.load_reward(args.reward, device)
     ple.probe_reward(reward_fn, queries, args.reward_batch_size)  # a reward that fails, fails now
     reward = reward_function(reward_fn, args.reward_batch_size)
