@@ -548,7 +548,7 @@ def run(args, state, log_iteration=None):
 
 
 # ================================================================================================
-# Nothing below this line is PLE: command line, loading, checks, processes, logging, checkpoints
+# Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints
 # ================================================================================================
 
 import difflib  # noqa: E402  (the machinery's imports, kept apart from the method's)
@@ -573,65 +573,50 @@ class PLEError(Exception):
     """Bad input or a failed load, with a message that says what to do."""
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, terminate)  # a scheduler's stop ends the run as Ctrl-C does
-    args = None
-    try:
-        args = parse_args(argv)
-        train(args)
-    except (PLEError, OSError) as e:  # bad input, a failed load, a full or read-only disk: one line
-        if os.environ.get("RANK", "0") == "0":  # under a launcher: said once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
-        if os.environ.get("RANK", "0") == "0" and args is not None:
-            print(stopped_message(args, argv, "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"), file=sys.stderr)
-        sys.exit(143 if isinstance(e, Terminated) else 130)
-
-
-def parse_args(argv, dataclass=None):
-    """HfArgumentParser, with every mistake as one line: no abbreviated flags (--iteration is not taken for
-    --iterations), an unknown flag named with the nearest real one, argparse's own errors without the usage."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass or Args, allow_abbrev=False)
-
-    def error(message):
-        raise PLEError(message)
-
-    parser.error = error
-    args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:
-        unknown = next((r for r in rest if r.startswith("-")), rest[0])
-        flags = [f for f in parser._option_string_actions if f.startswith("--")]
-        near = difflib.get_close_matches(unknown.split("=")[0], flags, n=1)
-        raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
-    names = [k for k in ("model", "reward", "dataset", "principles", "output_dir") if hasattr(args, k)]
-    return replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in names})  # ~/x is a path, as in a shell
-
-
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as it would on Ctrl-C."""
 
 
-def terminate(signum, frame):
-    raise Terminated()
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(Terminated()))  # as Ctrl-C does
+    said_once, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 speaks
+    try:
+        args = parse_args(argv)
+        train(args)
+    except (PLEError, OSError) as e:  # bad input, a failed load, a full or read-only disk: one line
+        print(f"error: {e}", file=sys.stderr) if said_once else None
+        sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
+        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        if said_once and args is not None:
+            found = checkpoints(args.output_dir)
+            command = shlex.join(["python", sys.argv[0], *argv, *([] if args.resume else ["--resume"])])
+            launcher = " under the same launcher with as many processes" if os.environ.get("WORLD_SIZE") else ""
+            print(f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was "
+                  f"under way is redone); continue with{launcher}: {command}" if found else f"stopped by {how} before "
+                  f"the first checkpoint: nothing to resume; run the same command again{launcher}", file=sys.stderr)
+        sys.exit(143 if how == "SIGTERM" else 130)
 
 
-def stopped_message(args, argv, how):
-    """One line: what the stopped run has saved, and the exact command that continues it."""
-    found = checkpoints(args.output_dir)
-    command = shlex.join(["python", sys.argv[0], *argv, *([] if args.resume else ["--resume"])])
-    launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    if not found:
-        return f"stopped by {how} before the first checkpoint: nothing to resume; run the same command again{launcher}"
-    return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under "
-            f"way is redone); continue with{launcher}: {command}")
+def parse_args(argv, dataclass=None):
+    """HfArgumentParser, every mistake in one line: no abbreviated flags (--iteration is not --iterations), an
+    unknown flag named with the nearest real one, argparse's own errors without the usage."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass or Args, allow_abbrev=False)
+    parser.error = lambda message: (_ for _ in ()).throw(PLEError(message))
+    args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        unknown = next((r for r in rest if r.startswith("-")), rest[0])
+        near = difflib.get_close_matches(unknown.split("=")[0], [f for f in parser._option_string_actions], n=1)
+        raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
+    home = [k for k in ("model", "reward", "dataset", "principles", "output_dir") if hasattr(args, k)]
+    return replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in home})  # ~/x is a path, as in a shell
 
 
 def train(args):
-    """What `python ple.py` does: set up, run Algorithm 1 with metrics, samples and checkpoints, save final/."""
+    """`python ple.py`: set up, Algorithm 1 (run) with metrics, samples and checkpoints, then final/."""
     state, accelerator, all_queries = set_up(args)
     started = time.time()
     run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started))
@@ -640,76 +625,68 @@ def train(args):
 
 
 def set_up(args):
-    """Check everything that can be checked, then load reward, queries and model, and resume if asked.
-    Returns the RunState, the Accelerator, and every process's queries in process order."""
+    """Check what can be checked, then load reward, queries and model, resuming if asked. Returns the RunState,
+    the Accelerator and every process's queries in process order."""
+    from transformers import set_seed
+
     check_args(args)
     accelerator = start_accelerator(args)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank, device, say = (accelerator.num_processes, accelerator.process_index, accelerator.device,
+                                accelerator.print)
     principles = read_principles(resolve_path(args.principles), args.task)
-    all_queries, dataset_answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task,
-                                                         args.num_queries, args.seed, where=args.where,
-                                                         field=args.query_field)
+    all_queries, answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
+                                                 args.seed, where=args.where, field=args.query_field)
     reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
-    inputs = {"principles_sha256": content_hash(principles),  # what the run reads, kept in args.json: a resume
-              "data_sha256": content_hash([all_queries, dataset_answers, sources]),  # and eval.py see edits
-              "reward_input": reward_format}
+    inputs = {"principles_sha256": content_hash(principles), "reward_input": reward_format,  # kept in args.json:
+              "data_sha256": content_hash([all_queries, answers, sources])}  # a resume and eval.py see edits
     needs_answers = args.loss == "sft" or args.sft_epochs
-    if needs_answers and any(a is None for a in dataset_answers):
+    if needs_answers and None in answers:
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
                        f"lacks some for task '{args.task}'")
     check_processes(len(all_queries), args.mini_batch_size, world)
     share = slice(rank * len(all_queries) // world, (rank + 1) * len(all_queries) // world)
-    queries, dataset_answers = all_queries[share], dataset_answers[share]  # this process's share of D_query
+    queries, answers = all_queries[share], answers[share]  # this process's share of D_query
     resume_from = prepare_output_dir(args, accelerator, inputs)
-    device = accelerator.device
-    dtype = pick_dtype(args.dtype, device)
     reward_fn = load_reward(args.reward, device, reward_format or "auto")
     probe_reward(reward_fn, queries, args.reward_batch_size)
     if reward_format:
-        accelerator.print(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
-    accelerator.print(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, "
-                      f"dtype {dtype}" + (f", {world} processes" if world > 1 else ""))
-
-    from transformers import set_seed
-
+        say(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
+    dtype = pick_dtype(args.dtype, device)
+    say(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, dtype {dtype}"
+        + (f", {world} processes" if world > 1 else ""))
     set_seed(args.seed)
     policy, tokenizer, optimizer = load_trainable(args, resume_from, device, dtype)
     # Accelerate's prepare: nothing to do for one process; DDP (weights synced from process 0) under a launcher;
-    # under an FSDP config, fully_shard on each decoder layer, then the rest (FSDP2), the optimizer moved onto the shards
+    # under an FSDP config, FSDP2's fully_shard on each decoder layer, then the rest, the optimizer on the shards
     model, optimizer = accelerator.prepare(policy, optimizer)
-    if is_sharded(accelerator):
-        policy = model  # sharded in place: the same model samples (generate steps all processes together when it
-        model._is_fsdp_managed_module = True  # sees this mark, as transformers' own FSDP2 set-up leaves it)
+    if is_sharded(accelerator):  # sharded in place: the sharded model samples too, all processes stepping together
+        policy = model  # (generate does so on this mark, which transformers' own FSDP2 set-up leaves)
+        model._is_fsdp_managed_module = True
     start = resume_trainer(resume_from, accelerator, model, optimizer) if resume_from else 0
-    if not resume_from:  # a new run samples as its seed (and process) say, whatever loading drew (LoRA's
+    if not resume_from:  # a new run samples as its seed and process say, whatever loading drew (LoRA's
         set_seed(args.seed + rank)  # initialisation, a GGUF rebuild); a resume restored its random states
     if args.report_to != "none":
         accelerator.init_trackers(os.path.basename(os.path.abspath(args.output_dir)), config=asdict(args))
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if accelerator.is_main_process and os.path.exists(metrics_path):  # drop records after the checkpoint
-        write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("iteration", math.inf) < start], "w")
-    if accelerator.is_main_process:
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    # x and x_p, rendered for the model once; training always uses x
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    if accelerator.is_main_process and os.path.exists(metrics):  # drop records after the checkpoint
+        write_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("iteration", math.inf) < start], "w")
     prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
-                  placement=args.principle_placement)
+                  placement=args.principle_placement)  # x and x_p, rendered once; training always uses x
     prompt_ids_p = encode_prompts(tokenizer, queries, principles, **prompt)
     check_lengths(policy.config, prompt_ids_p, queries, args.max_new_tokens)
-    state = RunState(
+    return RunState(
         policy=accelerator.unwrap_model(policy), model=model, tokenizer=tokenizer, optimizer=optimizer,
         reward_fn=reward_fn, queries=queries, prompt_ids=encode_prompts(tokenizer, queries, **prompt),
-        prompt_ids_p=prompt_ids_p,
-        sft_targets=sft_targets_for(tokenizer, dataset_answers, args.max_new_tokens) if needs_answers else None,
+        prompt_ids_p=prompt_ids_p, sft_targets=sft_targets_for(tokenizer, answers, args.max_new_tokens)
+        if needs_answers else None, start=start, print=say,
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
-        start=start, merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora,
-                                                                                    device.type == "cuda"),
-        print=accelerator.print)
-    return state, accelerator, all_queries
+        merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora, device.type == "cuda"),
+    ), accelerator, all_queries
 
 
 # ------------------------------------------------------------------------------------------------
-# Checks: arguments, local paths and Hub names, before anything long starts
+# Checks: arguments, local paths, Hub names, prompt lengths, before anything long starts
 # ------------------------------------------------------------------------------------------------
 
 def check_args(args):
@@ -729,10 +706,6 @@ def check_args(args):
             f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
     require(args.merge_lora != "on" or args.lora_r, "merge_lora", "folds LoRA adapters into the weights: it needs "
             "--lora_r above 0")
-    check_local(resolve_path(args.dataset), "--dataset")
-    check_local(args.model, "--model")
-    if args.reward != "vader" and not is_function_spec(args.reward):
-        check_local(args.reward, "--reward")
     check_hub([("--model", args.model), ("--reward", args.reward), ("--dataset", resolve_path(args.dataset))])
 
 
@@ -741,17 +714,12 @@ def require(ok, name, what):
         raise PLEError(f"--{name}: {what}")
 
 
-def looks_local(name):
-    """True for a name that can only be a local path, never a Hub id (Hub ids are 'name' or 'org/name')."""
+def check_local(name, flag):
+    """A name that can only be a local path (never a Hub id, 'name' or 'org/name') must exist: said at once."""
     local = name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or name.lower().endswith(
         (".gguf", ".jsonl", ".json", ".csv", ".txt", ".gz", ".safetensors", ".bin", ".pt"))
-    return local or ("/" in name and os.path.isdir(name.split("/")[0]))  # 'models/smol' beside a folder 'models'
-
-
-def check_local(name, flag):
-    """A missing local path is reported as such at once, without asking the Hub about it."""
-    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
-        raise PLEError(f"{flag} {name}: no such file or folder")
+    if (local or "/" in name and os.path.isdir(name.split("/")[0])) and not os.path.exists(name):  # 'models/x'
+        raise PLEError(f"{flag} {name}: no such file or folder")  # beside a folder 'models' is local too
 
 
 INSTEAD = {"model": "a local folder, .gguf file or installed package", "dataset": "a local .jsonl, .json, .csv or "
@@ -759,17 +727,19 @@ INSTEAD = {"model": "a local folder, .gguf file or installed package", "dataset"
 
 
 def check_hub(named):
-    """Every Hub id a run needs ((flag, name) pairs: --dataset names a dataset, --reward a reward model, any
-    other flag a model), checked in one pass before anything loads, all missing ones named at once: on the Hub
-    (huggingface_hub's repo_exists) or, offline or when it cannot be reached, in the Hub's and datasets' caches."""
+    """Each (flag, name) that names a Hub repository (--dataset a dataset, --reward a reward model, others a
+    model) must exist, checked in one pass before anything loads, all missing ones named at once: on the Hub
+    (huggingface_hub's repo_exists) or, offline or unreachable, in the Hub's and datasets' caches."""
     from huggingface_hub import constants, repo_exists
     from huggingface_hub.file_download import repo_folder_name
 
     missing, unreachable = [], "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
     for flag, name in named:
-        if not name or name == "vader" or is_function_spec(name) or looks_local(name) or os.path.exists(name) or (
-                re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name)):
-            continue  # not a Hub id: a local file, folder or installed package, or a reward spec
+        if not name or name == "vader" or is_function_spec(name) or os.path.exists(name):
+            continue
+        check_local(name, flag)
+        if re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name):
+            continue  # an installed package
         what = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model")
         kind, found = "dataset" if what == "dataset" else "model", None
         if not unreachable:
@@ -849,12 +819,10 @@ def chat_prompts(chat_template, task):
 
 
 def make_query(task, row, rng, column=None):
-    """Turn one dataset row into (query x, the dataset's answer to it or None); (None, None) when the row
-    gives no query. column: the field x comes from (default: the task's first)."""
+    """One dataset row -> (query x, the dataset's answer to it or None); (None, None) when it gives no query."""
     text = row[column or TASKS[task].fields[0]]
     if task == "sentiment":  # the first 2 to 8 words of a review; the rest is its answer
-        words = text.split()
-        k = rng.randint(2, 8)
+        words, k = text.split(), rng.randint(2, 8)
         return " ".join(words[:k]), (" " + " ".join(words[k:])) if len(words) > k else None
     if task == "dialogue":  # the conversation up to the last "Assistant:" turn; the chosen answer is after it
         cut = text.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
@@ -870,36 +838,28 @@ def read_principles(path, task):
     """Parse principles.txt: '[task]' headers, one principle per line, '#' comments."""
     try:
         with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
+            lines = [line.strip() for line in f.read().splitlines()]
     except FileNotFoundError:
-        raise PLEError(f"principles file not found: {path} (pass --principles FILE; see principles.txt for the "
-                       "format)") from None
+        raise PLEError(f"principles file not found: {path} (pass --principles FILE; see principles.txt)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise PLEError(f"cannot read principles file {path}: {e}") from None
     sections, current = {}, None
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        header = re.fullmatch(r"\[(\w+)\]", line)
-        if header:
+    for line in [line for line in lines if line and not line.startswith("#")]:
+        if header := re.fullmatch(r"\[(\w+)\]", line):
             current = sections.setdefault(header.group(1), [])
         elif current is None:
             raise PLEError(f"{path}: principle '{line[:40]}' comes before any [task] header")
         else:
             current.append(line)
     if not sections.get(task):
-        found = ", ".join(k for k, v in sections.items() if v) or "none"
-        raise PLEError(f"{path} has no principles for task '{task}' (tasks with principles: {found}); "
-                       f"add a [{task}] section")
+        raise PLEError(f"{path} has no principles for task '{task}' (tasks with principles: "
+                       f"{', '.join(k for k, v in sections.items() if v) or 'none'}); add a [{task}] section")
     return sections[task]
 
 
 def load_rows(dataset, split):
-    """Read a Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too) with `datasets`; its error, if
-    any, as one line that names the file."""
+    """A Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too), read by `datasets`; its error in one line."""
     import datasets
-    from datasets import load_dataset
 
     builder = None
     if os.path.exists(dataset):
@@ -914,18 +874,18 @@ def load_rows(dataset, split):
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        rows = load_dataset(builder, data_files=dataset, split=split) if builder else load_dataset(dataset, split=split)
+        rows = datasets.load_dataset(*([builder] if builder else [dataset]), data_files=dataset if builder else None,
+                                     split=split)
     except Exception as e:
         cause = e
         while cause.__cause__ is not None:  # datasets wraps the reader's error, which names the row
             cause = cause.__cause__
-        said = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): "
-                       f"{said if builder else load_hint(dataset, e, 'dataset')}") from e
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): " + (f"{type(cause).__name__}: "
+                       f"{(str(cause).splitlines() or [''])[0]}" if builder else load_hint(dataset, e, "dataset"))
+                       ) from e
     finally:
         datasets.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
+        datasets.enable_progress_bars() if bars else None
     if len(rows) == 0:
         raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
     return rows
@@ -934,52 +894,45 @@ def load_rows(dataset, split):
 def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=""):
     """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
 
-    Returns (queries, answers, sources): the dataset's answer to each query (None where the task
-    has none) and the dataset text it came from. Rows whose text is in `exclude` are skipped, which
-    is how eval.py keeps its queries disjoint from the training ones; `where` ("FIELD=VALUE") keeps
-    only the rows whose FIELD, written as text, is VALUE; `field` names the column x comes from
-    (default: the first of the task's that the dataset has). Rows that give no query (an HH transcript
-    whose turns do not alternate) are skipped and counted; more of them than of queries is an error.
+    Returns (queries, the dataset's answer to each or None, the dataset text each came from). Rows whose
+    text is in `exclude` are skipped (eval.py's held-out queries); `where` ("FIELD=VALUE") keeps the rows
+    whose FIELD, as text, is VALUE; `field`: the column x comes from (default: the task's). Rows that give
+    no query (an HH transcript whose turns do not alternate) are counted; a majority of them is an error.
     """
     rows = load_rows(dataset, split)
     fields = [field] if field else list(TASKS[task].fields)
-    column = next((f for f in fields if f in rows.column_names), None)
+    column, name = next((f for f in fields if f in rows.column_names), None), where.split("=", 1)[0].strip()
     if column is None:
-        reader = "which --query_field names" if field else f"which task '{task}' reads"
-        raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, fields))} field, {reader}; its fields "
-                       f"are: {', '.join(rows.column_names)} (--query_field FIELD takes the queries from another)")
-    name = where.split("=", 1)[0].strip()
+        raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, fields))} field, which "
+                       f"{'--query_field names' if field else f'task {task!r} reads'}; its fields are: "
+                       f"{', '.join(rows.column_names)} (--query_field FIELD takes the queries from another)")
     if name and name not in rows.column_names:
-        raise PLEError(f"dataset '{dataset}' has no '{name}' field, which --where names; "
-                       f"its fields are: {', '.join(rows.column_names)}")
+        raise PLEError(f"dataset '{dataset}' has no '{name}' field, which --where names; its fields are: "
+                       f"{', '.join(rows.column_names)}")
     if where:
-        value = where.split("=", 1)[1].strip()
-        values = [str(v) for v in rows[name]]
+        value, values = where.split("=", 1)[1].strip(), [str(v) for v in rows[name]]
         if value not in values:
             raise PLEError(f"--where {where}: no row of dataset '{dataset}' (split '{split}') has {name} = {value}; "
                            f"its values there: {', '.join(sorted(set(values))[:10])}")
         rows = rows.select([i for i, v in enumerate(values) if v == value])
-    order = list(range(len(rows)))
+    order, rng = list(range(len(rows))), random.Random(seed)
     random.Random(seed).shuffle(order)
-    rng = random.Random(seed)
     queries, answers, sources, excluded, skipped = [], [], [], 0, []
     for i in order:
-        row = rows[i]
-        if row[column] is not None and not isinstance(row[column], str):
-            raise PLEError(f"dataset '{dataset}', row {i}: the '{column}' field is {type(row[column]).__name__} "
-                           f"{row[column]!r}, not text")
-        if not row[column] or not row[column].strip():
+        text = rows[i][column]
+        if text is not None and not isinstance(text, str):
+            raise PLEError(f"dataset '{dataset}', row {i}: the '{column}' field is {type(text).__name__} {text!r}, "
+                           "not text")
+        if not text or not text.strip() or text in exclude:
+            excluded += bool(text and text in exclude)
             continue
-        if row[column] in exclude:
-            excluded += 1
-            continue
-        query, answer = make_query(task, row, rng, column)
+        query, answer = make_query(task, rows[i], rng, column)
         if not query:
             skipped.append(i)
             continue
         queries.append(query)
         answers.append(answer)
-        sources.append(row[column])
+        sources.append(text)
         if limit and len(queries) == limit:
             break
     if skipped:
@@ -988,21 +941,16 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
         if len(skipped) > len(queries):
             raise PLEError(f"{said}: is it the right --task or --query_field?")
         print(f"note: skipped {said}", file=sys.stderr)
-    if not queries and excluded:
-        raise PLEError(f"every row of dataset '{dataset}' that gives a query was excluded as a training row of the "
-                       f"models ({excluded} rows); evaluate on another --dataset or --split")
     if not queries:
-        raise PLEError(f"dataset '{dataset}' gave no queries for task '{task}' (its {len(rows)} rows have no "
-                       f"usable '{column}' text)")
+        raise PLEError(f"every row of dataset '{dataset}' that gives a query was excluded as a training row of the "
+                       f"models ({excluded} rows); evaluate on another --dataset or --split" if excluded else
+                       f"dataset '{dataset}' gave no queries for task '{task}' (no usable '{column}' text)")
     return queries, answers, sources
 
 
 def sft_targets_for(tokenizer, answers, max_tokens=None):
-    """The dataset's answers as training targets, each closed by the end-of-sequence token.
-
-    With max_tokens, at most that many tokens: the answer length cap the sampled answers have (an
-    answer cut there keeps no end-of-sequence token, as a sampled answer cut there has none).
-    """
+    """The dataset's answers as training targets, each closed by the end-of-sequence token; with max_tokens, cut
+    to the sampled answers' length cap (then, as a sampled answer cut there, without end-of-sequence token)."""
     ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in answers]
     return [i[:max_tokens] for i in ids] if max_tokens else ids
 
@@ -1018,16 +966,6 @@ def join_text(query, answer):
     return query + " " + answer
 
 
-def vader_reward():
-    try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-    except ImportError:
-        raise PLEError("--reward vader needs the vaderSentiment package: pip install vaderSentiment") from None
-    analyzer = SentimentIntensityAnalyzer()
-    return lambda queries, answers: [analyzer.polarity_scores(join_text(q, a))["compound"]
-                                     for q, a in zip(queries, answers)]
-
-
 REWARD_INPUTS = {  # --reward_format: how a reward model reads a query x and an answer y
     "text": "x and y joined into one text",  # sentiment classifiers (e.g. lvwerra/distilbert-imdb)
     "pair": "(x, y) as a text pair, x truncated first",  # encoder reward models (OpenAssistant's DeBERTa)
@@ -1040,16 +978,17 @@ def reward_parts(name):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name), AutoConfig.from_pretrained(name)
+        return (AutoTokenizer.from_pretrained(name, trust_remote_code=False),
+                AutoConfig.from_pretrained(name, trust_remote_code=False))
     except Exception as e:
         raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}; "
                        "or pass --reward vader, or --reward module:function") from e
 
 
 def reward_input(spec, requested="auto", parts=None):
-    """--reward_format for --reward: what it asks, checked against the model, or (auto) what the model's
-    kind says: a classifier with a positive label reads text, a one-output model with a chat template
-    chat, one whose tokenizer marks text pairs pair, any other text. "" for vader and module:function."""
+    """--reward_format for --reward: what it asks, checked against the model, or (auto) what the model's kind
+    says: a classifier with a positive label reads text, a one-output model with a chat template chat, one
+    whose tokenizer marks text pairs pair, any other text. "" for vader and module:function."""
     if spec == "vader" or is_function_spec(spec):
         if requested != "auto":
             raise PLEError(f"--reward_format {requested} is for reward models; --reward {spec} reads the queries "
@@ -1075,8 +1014,8 @@ def reward_input(spec, requested="auto", parts=None):
 
 
 def classifier_reward(name, device, input_format="auto"):
-    """A sequence-classification model: reward = logit of the positive label (or its single output), on
-    the input --reward_format says (REWARD_INPUTS); the query is truncated from the left, never the answer."""
+    """A sequence-classification model: reward = logit of the positive label (or its single output), on the input
+    --reward_format says (REWARD_INPUTS); the query is truncated from the left, never the answer."""
     from transformers import AutoModelForSequenceClassification
 
     tokenizer, config = reward_parts(name)
@@ -1084,19 +1023,17 @@ def classifier_reward(name, device, input_format="auto"):
     try:
         model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False).to(device).eval()
     except Exception as e:
-        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}; "
-                       "or pass --reward vader, or --reward module:function") from e
+        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}") from e
     labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}  # reward_input found one of these:
     column = 0 if model.config.num_labels == 1 else labels.get("positive", labels.get("pos"))
     tokenizer.truncation_side = "left"  # keep the answer, drop the start of a long query
-    max_length = min(tokenizer.model_max_length, 512)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    cut = dict(max_length=min(tokenizer.model_max_length, 512), padding=True, return_tensors="pt")
 
     @torch.inference_mode()
     def reward(queries, answers):
-        cut = dict(max_length=max_length, padding=True, return_tensors="pt")
         if input_format == "pair":
             try:
                 batch = tokenizer(list(queries), list(answers), truncation="only_first", **cut)
@@ -1118,17 +1055,22 @@ def is_function_spec(spec):
 
 
 def load_reward(spec, device="cpu", input_format="auto"):
-    """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier
-    (input_format: --reward_format); its values checked on every call (checked_reward)."""
+    """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier (input_format:
+    --reward_format); every call's values checked (checked_reward)."""
     if spec == "vader":
-        return checked_reward(vader_reward())
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise PLEError("--reward vader needs the vaderSentiment package: pip install vaderSentiment") from None
+        analyzer = SentimentIntensityAnalyzer()
+        return checked_reward(lambda queries, answers: [analyzer.polarity_scores(join_text(q, a))["compound"]
+                                                        for q, a in zip(queries, answers)])
     if not is_function_spec(spec):
         return checked_reward(classifier_reward(spec, device, input_format))
     module_name, function_name = spec.split(":")
-    added = os.getcwd() not in sys.path
+    added, module = os.getcwd() not in sys.path, None
     if added:  # after the installed modules, never before: a file here named like one must not replace it
         sys.path.append(os.getcwd())
-    module = None
     try:
         module = importlib.import_module(module_name)
         function = getattr(module, function_name)
@@ -1138,16 +1080,15 @@ def load_reward(spec, device="cpu", input_format="auto"):
         hint = f" ({module_name} is an installed module, found before {here}: rename that file)" if clash else ""
         raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}{hint}") from e
     finally:
-        if added:
-            sys.path.remove(os.getcwd())
+        sys.path.remove(os.getcwd()) if added else None
     if not callable(function):
         raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
     return checked_reward(function)
 
 
 def checked_reward(reward_fn):
-    """reward_fn, whose every call must return one finite float32 number per answer (the losses compute in
-    float32), or stop the run with one line naming the batch."""
+    """reward_fn, each call of which must return one finite float32 number per answer (the losses compute in
+    float32), else the run stops with one line naming the batch."""
     def reward(queries, answers):
         where = f"a batch of {len(queries)} (first query {queries[0][:60]!r}, answer {answers[0][:60]!r})"
         try:
@@ -1163,20 +1104,19 @@ def checked_reward(reward_fn):
             raise PLEError(f"the reward returned {len(values)} values for {len(queries)} answers ({where})")
         for i, v in enumerate(values):
             try:
-                v = float(v)
+                ok = abs(float(v)) <= torch.finfo(torch.float32).max  # not NaN, inf, or beyond float32 (inf there)
             except (TypeError, ValueError):
-                v = float("nan")
-            if not abs(v) <= torch.finfo(torch.float32).max:  # NaN, inf, or beyond float32 (inf there)
-                raise PLEError(f"the reward returned {values[i]!r} for answer {i} of {where}; rewards must be finite "
-                               "float32 numbers")
+                ok = False
+            if not ok:
+                raise PLEError(f"the reward returned {v!r} for answer {i} of {where}; rewards must be finite float32 "
+                               "numbers")
         return [float(v) for v in values]
     return reward
 
 
 def probe_reward(reward_fn, queries, batch_size):
     """Call the reward once on empty answers: one that cannot score fails now, not after a model loads."""
-    queries = queries[:2]
-    score(reward_fn, queries, [""] * len(queries), batch_size)
+    score(reward_fn, queries[:2], [""] * len(queries[:2]), batch_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1190,45 +1130,36 @@ def find_gguf(name):
     folder = name if os.path.isdir(name) else None
     if folder is None and re.fullmatch(r"[A-Za-z_]\w*", name):  # maybe an installed pip package
         spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            folder = list(spec.submodule_search_locations)[0]
-    if folder is None:
-        return name, None
-    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf")))
-    if os.path.exists(os.path.join(folder, "config.json")) or not ggufs:
-        return folder, None
+        folder = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else None
+    ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf"))) if folder else []
+    if not ggufs or os.path.exists(os.path.join(folder, "config.json")):
+        return folder or name, None
     if len(ggufs) > 1:
         raise PLEError(f"{folder} holds {len(ggufs)} .gguf files; pass one of them as --model")
     return folder, os.path.basename(ggufs[0])
 
 
 def pick_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    return (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else getattr(torch, name)
 
 
 def load_policy(name, device, dtype):
-    """Load the policy and its tokenizer (Hub id, folder, .gguf file or pip package with a .gguf); no code
-    from a model's folder runs (trust_remote_code=False)."""
+    """The policy and its tokenizer (Hub id, folder, .gguf file or pip package with a .gguf); no code from a
+    model's folder runs (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, gguf = find_gguf(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
-    except PLEError:
-        raise
     except Exception as e:
         raise PLEError(f"could not load model '{name}': {load_hint(name, e)}") from e
     if gguf:  # a GGUF-loaded model refuses save_pretrained; an ordinary copy of it saves and reloads fast
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
         plain.load_state_dict(model.state_dict())
-        plain.generation_config = model.generation_config
-        model = plain
+        plain.generation_config, model = model.generation_config, plain
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
@@ -1236,8 +1167,7 @@ def load_policy(name, device, dtype):
 
 def load_trainable(args, resume_from, device, dtype):
     """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW; from a checkpoint's weights on --resume."""
-    full_resume = resume_from and not args.lora_r  # a full fine-tune resumes from the checkpoint's weights
-    model, tokenizer = load_policy(resume_from if full_resume else args.model, device, dtype)
+    model, tokenizer = load_policy(resume_from if resume_from and not args.lora_r else args.model, device, dtype)
     if args.lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers.pytorch_utils import Conv1D
@@ -1258,32 +1188,14 @@ def load_trainable(args, resume_from, device, dtype):
     model.config.use_cache = True
     if args.gradient_checkpointing:
         enable_checkpointing(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
-                                  weight_decay=0.0)
-    return model, tokenizer, optimizer
-
-
-def resume_trainer(resume_from, accelerator, model, optimizer):
-    """The AdamW state and this process's random states of a checkpoint; returns the iteration to go on from."""
-    state = read_trainer_state(os.path.join(resume_from, "trainer_state.pt"))
-    if is_sharded(accelerator):  # saved whole: each process takes its shard
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][accelerator.process_index])
-    accelerator.print(f"resuming from {resume_from}: iteration {state['iteration']}, tau {state['tau']:.4f}")
-    return state["iteration"]
+    return model, tokenizer, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                               lr=args.learning_rate, weight_decay=0.0)
 
 
 def enable_checkpointing(model):
-    """Activations recomputed in the backward pass (train_without_dropout keeps the layers that do it in
-    training mode)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    """Activations recomputed in the backward pass (train_without_dropout keeps the layers in training mode)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; older: the alias
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -1297,17 +1209,27 @@ def quiet_peft():
         yield
 
 
-def read_trainer_state(path):
-    """trainer_state.pt as --resume trusts it: tensors, numbers, text and lists only (weights_only), so a run
-    folder from elsewhere can hold no code that runs; anything else is refused."""
+def resume_trainer(resume_from, accelerator, model, optimizer):
+    """A checkpoint's AdamW state and this process's random states; returns the iteration to go on from. Its
+    trainer_state.pt is read as tensors, numbers and text only (weights_only): no code in a run folder runs."""
+    path = os.path.join(resume_from, "trainer_state.pt")
     try:
-        return torch.load(path, weights_only=True)
-    except Exception as e:  # a pickled object, a truncated or missing file
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # a pickled object, a truncated file
         lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
-        reason = reason.split(". ")[0]  # (not torch's advice on how to allow it anyway)
-        raise PLEError(f"{path} is not a trainer state that ple.py can read ({reason}); it must hold only the "
-                       "tensors, numbers and text ple.py writes") from None
+        raise PLEError(f"{path} is not a trainer state that ple.py can read ({reason.split('. ')[0]}); it must hold "
+                       "only the tensors, numbers and text ple.py writes") from None
+    if is_sharded(accelerator):  # saved whole: each process takes its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"][accelerator.process_index])
+    accelerator.print(f"resuming from {resume_from}: iteration {state['iteration']}, tau {state['tau']:.4f}")
+    return state["iteration"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1315,22 +1237,20 @@ def read_trainer_state(path):
 # ------------------------------------------------------------------------------------------------
 
 def start_accelerator(args):
-    """One process for a plain `python ple.py`; under a launcher each process takes a share of the queries and
-    Accelerate syncs the gradients: DDP, or FSDP2 sharding when the launcher's Accelerate config asks for it."""
+    """One process for a plain `python ple.py`; under a launcher each takes a share of the queries and Accelerate
+    averages the gradients: DDP, or FSDP2 sharding when the launch's Accelerate config asks for FSDP."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise PLEError("DeepSpeed is not supported by ple.py; shard with Accelerate's FSDP instead (accelerate "
                        "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in your accelerate config)")
-    accelerator = Accelerator(cpu=args.device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=args.output_dir)
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        if accelerator.distributed_type != DistributedType.FSDP:
-            raise PLEError(f"Accelerate shards with FSDP on GPUs only, not on {accelerator.device.type}: launch "
-                           "without --use_fsdp (data parallel)")
-        if accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise PLEError("ple.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in the config)")
+    accelerator = Accelerator(cpu=args.device == "cpu", project_dir=args.output_dir,
+                              log_with=None if args.report_to == "none" else args.report_to)
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not is_sharded(accelerator):
+        raise PLEError(f"Accelerate shards with FSDP on GPUs only, not on {accelerator.device.type}: launch without "
+                       "--use_fsdp (data parallel)")
+    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
+        raise PLEError("ple.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in the config)")
     if is_sharded(accelerator) and args.lora_r:
         raise PLEError("FSDP shards full fine-tuning: pass --lora_r 0 (under LoRA the base model is frozen, and data "
                        "parallel holds a copy of it on each process)")
@@ -1344,11 +1264,9 @@ def is_sharded(accelerator):
 
 
 def check_processes(n_queries, mini_batch_size, world):
-    """Every process gets the same number of queries and of pairs per step, so the averaged gradient is
-    the gradient of the mean over the whole mini-batch."""
-    if world == 1:
-        return
-    if n_queries < world:
+    """Every process gets as many queries and pairs per step as the others, so the averaged gradient is the
+    gradient of the mean over the whole mini-batch."""
+    if world > 1 and n_queries < world:
         raise PLEError(f"{world} processes for {n_queries} queries: launch at most {n_queries} processes")
     if n_queries % world:
         raise PLEError(f"{n_queries} queries do not divide across {world} processes: pass a --num_queries that "
@@ -1370,18 +1288,17 @@ def gathered_state(accelerator, model, optimizer=None):
             get_optimizer_state_dict(model, optimizer.optimizer, options=whole) if optimizer else None)
 
 
-PER_QUERY = ("answers", "rewards", "branches", "answers_p", "rewards_p", "weights", "candidates", "candidate_rewards")
-
-
-def gather_iteration(accelerator, it, device):
+def gather_iteration(accelerator, it):
     """One process's Iteration -> the whole query set's (unchanged with one process)."""
-    it = replace(it, peak_memory_mb=peak_memory_mb(device))
-    if accelerator.num_processes == 1:
-        return it
     from accelerate.utils import gather_object
 
+    it = replace(it, peak_memory_mb=peak_memory_mb(accelerator.device))
+    if accelerator.num_processes == 1:
+        return it
     parts = gather_object([it])
-    joined = {k: [x for p in parts for x in getattr(p, k)] for k in PER_QUERY if getattr(it, k) is not None}
+    per_query = ("answers", "rewards", "branches", "answers_p", "rewards_p", "weights", "candidates",
+                 "candidate_rewards")
+    joined = {k: [x for p in parts for x in getattr(p, k)] for k in per_query if getattr(it, k) is not None}
     losses = {"loss": float(np.mean([p.losses["loss"] for p in parts]))}  # equal steps on every process
     for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
         if key in it.losses:  # per-pair means, weighted by how many pairs each process had in the branch
@@ -1402,20 +1319,25 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
     --save_every). Under several processes every figure covers all of them; process 0 writes."""
     from accelerate.utils import gather_object
 
-    it = gather_iteration(accelerator, it, accelerator.device)
-    record = metrics_record(it, elapsed)
-    rng = gather_object([rng_state()])  # one per process, in process order
+    it = gather_iteration(accelerator, it)
+    record, rng = metrics_record(it, elapsed), gather_object([rng_state()])  # random states: one per process
     weights, optimizer_state = gathered_state(accelerator, state.model, state.optimizer)  # sharded: all take part
     if accelerator.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
         write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{it.t:03d}.jsonl"), sample_rows(all_queries, it),
                     mode="w")
         write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
         # iter-N/ (the run's path, for eval.py --frontier) before the checkpoint: a kill while it is written
         if args.save_every and (it.t + 1) % args.save_every == 0:  # leaves the iteration for --resume to redo
             save_model(os.path.join(args.output_dir, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
-        save_checkpoint(args, state, it.t + 1, rng, weights, optimizer_state)
+        trainer_state = {"iteration": it.t + 1, "tau": threshold_at(it.t + 1, args.tau0, args.alpha), "rng": rng,
+                         "optimizer": optimizer_state or state.optimizer.state_dict()}
+        save_model(os.path.join(args.output_dir, f"checkpoint-{it.t + 1}"), state.policy, state.tokenizer, weights,
+                   trainer_state)  # the model after it.t + 1 iterations and what --resume needs to go on exactly
+        for n, older in checkpoints(args.output_dir):  # the new one is complete: the older ones go
+            shutil.rmtree(older) if n != it.t + 1 else None
         print(progress_line(it, record), flush=True)
-    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # (trackers)
+    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # the trackers
     accelerator.wait_for_everyone()
 
 
@@ -1449,9 +1371,7 @@ def sample_rows(queries, it):
 
 
 def progress_line(it, record):
-    line = f"iter {it.t}: "
-    if it.tau is not None:
-        line += f"tau {it.tau:.3f} ranked {record['ranked_share']:.2f} | "
+    line = f"iter {it.t}: " + (f"tau {it.tau:.3f} ranked {record['ranked_share']:.2f} | " if it.tau is not None else "")
     line += f"reward x {record['reward_original']:+.3f}"
     if it.rewards_p is not None:
         line += f" x_p {record['reward_principle']:+.3f}"
@@ -1463,9 +1383,10 @@ def progress_line(it, record):
 
 
 def save_model(path, model, tokenizer, weights=None, trainer_state=None):
-    """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the adapter)
-    and the tokenizer, and trainer_state.pt when given; written under a temporary name and renamed, so that a
-    kill mid-write leaves no broken folder. weights: a sharded model's, gathered."""
+    """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the adapter), the
+    tokenizer, and trainer_state.pt when given; written under a temporary name and renamed, so that a kill
+    mid-write leaves no broken folder. weights: a sharded model's, gathered. (Accelerate's save_state would
+    write the whole model under LoRA, not the adapter.)"""
     lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1481,26 +1402,13 @@ def save_model(path, model, tokenizer, weights=None, trainer_state=None):
     os.replace(tmp, path)
 
 
-def save_checkpoint(args, state, done, rng, weights=None, optimizer_state=None):
-    """checkpoint-N holds the model after N iterations and what --resume needs to go on exactly (rng: the
-    random states, one per process; weights, optimizer_state: a sharded model's, gathered). Older ones go
-    once it is complete. (Accelerate's save_state would write the whole model, not the LoRA adapter alone.)"""
-    trainer_state = {"iteration": done, "tau": threshold_at(done, args.tau0, args.alpha), "rng": rng,
-                     "optimizer": optimizer_state if optimizer_state is not None else state.optimizer.state_dict()}
-    save_model(os.path.join(args.output_dir, f"checkpoint-{done}"), state.policy, state.tokenizer, weights,
-               trainer_state)
-    for n, older in checkpoints(args.output_dir):
-        if n != done:
-            shutil.rmtree(older)
-
-
 def save_final(args, state, accelerator):
     weights, _ = gathered_state(accelerator, state.model)
     if accelerator.is_main_process:
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
         print(f"saved {os.path.join(args.output_dir, 'final')}")
-        release_run(args.output_dir)
+        LOCKS_HELD.pop(os.path.realpath(args.output_dir)).release()
     accelerator.wait_for_everyone()
     accelerator.end_training()  # (closes the trackers and, under a launcher, the process group)
 
@@ -1517,9 +1425,7 @@ def rng_state():
     kind, keys, position, has_gauss, gauss = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+    return {**state, "cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else state
 
 
 def set_rng_state(state):
@@ -1538,36 +1444,31 @@ def peak_memory_mb(device):
         import resource  # POSIX only
     except ImportError:
         return None
-    scale = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, kB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def read_jsonl(path):
-    """Records of a JSON Lines file. A partial last line (an append cut short by a kill or a full disk)
-    is dropped with a warning; any other line that is not JSON is an error."""
+    """Records of a JSON Lines file; a partial last line (an append cut short by a kill) is dropped with a warning,
+    any other line that is not JSON is an error."""
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
+        lines = [line for line in f.read().split("\n") if line.strip()]
     records = []
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if any(rest.strip() for rest in lines[i + 1:]):
+            if i < len(lines) - 1:
                 raise PLEError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
             print(f"warning: {path}: dropped a partial last line ({len(line)} characters)", file=sys.stderr)
     return records
 
 
 def write_jsonl(path, records, mode="a"):
-    """Append records, or (mode "w") replace the file through a temporary one: a failed write never
-    leaves an old file cut short."""
-    target = path + ".tmp" if mode == "w" else path
-    with open(target, mode, encoding="utf-8") as f:
+    """Append records, or (mode "w") replace the file through a temporary one, never leaving it cut short."""
+    with open(path + ".tmp" if mode == "w" else path, mode, encoding="utf-8") as f:
         f.write("".join(json.dumps(record) + "\n" for record in records))
     if mode == "w":
-        os.replace(target, path)
+        os.replace(path + ".tmp", path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1580,18 +1481,13 @@ PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored rel
 
 def resolve_path(path):
     """Defaults such as principles.txt live beside this file; let them work from any folder."""
-    if os.path.exists(path) or os.path.isabs(path):
-        return path
     beside = os.path.join(HERE, path)
-    return beside if os.path.exists(beside) else path
+    return beside if not (os.path.exists(path) or os.path.isabs(path)) and os.path.exists(beside) else path
 
 
 def portable_path(path, exists=True):
-    """How output files store a local path: relative to this repository, never a machine's absolute path.
-
-    Anything that is not a local path (a Hub id, 'vader', 'module:function') is stored as given;
-    exists=False takes the path as local even before it exists (a file about to be written).
-    """
+    """A local path as output files store it: relative to this repository, never a machine's absolute path.
+    Other names (a Hub id, 'vader', 'module:function') as given; exists=False: a file about to be written."""
     if not path or (exists and not os.path.exists(path)):
         return path
     try:
@@ -1602,20 +1498,17 @@ def portable_path(path, exists=True):
 
 def stored_path(path):
     """The local path an output file meant (the inverse of portable_path); other names pass through."""
-    if not path or os.path.isabs(path):
-        return path
-    beside = os.path.join(HERE, path)
-    return beside if os.path.exists(beside) else path
+    beside = os.path.join(HERE, path or "")
+    return beside if path and not os.path.isabs(path) and os.path.exists(beside) else path
 
 
-def saved_args(args, processes=1, inputs=None):
-    """args.json: the resolved arguments, local paths relative to the repository, how many processes ran
-    (their shards and random states are what a resume continues), the hashes of what the run read
-    (inputs), and the mark that says ple.py wrote the folder."""
+def saved_args(args, processes, inputs):
+    """args.json: the arguments, local paths relative to the repository, how many processes ran (their shares
+    and random states are what a resume continues), the hashes of what the run read, ple.py's mark."""
     saved = asdict(args)
     for key in PATHS:
         saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
-    return {**saved, "num_processes": processes, **(inputs or {}), "written_by": "ple.py"}
+    return {**saved, "num_processes": processes, **inputs, "written_by": "ple.py"}
 
 
 def content_hash(value):
@@ -1623,13 +1516,9 @@ def content_hash(value):
 
 
 def prepare_output_dir(args, accelerator, inputs):
-    """Claim the folder, refuse to overwrite a run; on --resume check that the arguments and what the run
-    read (inputs: hashes) agree, and return its newest checkpoint.
-
-    A run that stopped before its first checkpoint left nothing to keep: a new run, with or without
-    --resume and with any arguments, starts in its folder afresh. Writes args.json (process 0), which
-    also checks that the folder is writable before anything is loaded.
-    """
+    """Claim the folder (refusing to overwrite a run); on --resume, check that the arguments and what the run read
+    (inputs: hashes) agree, and return its checkpoint. A run stopped before its first checkpoint left nothing to
+    keep: it starts afresh. args.json is written (process 0) before anything loads: the folder is writable."""
     path, world = os.path.join(args.output_dir, "args.json"), accelerator.num_processes
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
@@ -1639,15 +1528,11 @@ def prepare_output_dir(args, accelerator, inputs):
     if found and not args.resume:
         raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
     if found:
-        try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise PLEError(f"--resume: cannot read {path}: {e}") from None
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
         if saved.get("num_processes", 1) != world:
             raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now "
-                           f"with {world}; resume it with as many (each process continues its own share and random "
-                           "state)")
+                           f"with {world}; resume it with as many (each continues its own share and random state)")
         now, defaults = saved_args(args, world, inputs), asdict(Args())  # a flag added later: its default ran
         conflicts = [f"--{k} {saved.get(k, defaults[k])!r} there, {now[k]!r} now"
                      for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
@@ -1655,8 +1540,7 @@ def prepare_output_dir(args, accelerator, inputs):
                 "data_sha256": f"the rows of {args.dataset} that the queries come from",
                 "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
                                 f"there, {now['reward_input']!r} now)"}
-        conflicts += [f"{what} changed since the run started" for k, what in read.items()
-                      if saved.get(k, now[k]) != now[k]]
+        conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k) != now[k]]
         if conflicts:
             raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
     elif args.resume and not os.path.exists(path):
@@ -1671,29 +1555,31 @@ def prepare_output_dir(args, accelerator, inputs):
     return found[-1][1] if found else None
 
 
-LOCK = ".ple.lock"  # in the run folder; held while a process runs in it
-LOCKS_HELD = {}  # the run folders this process holds: real path -> its filelock
+LOCK, LOCKS_HELD = ".ple.lock", {}  # the lock file in a run folder; the folders this process holds (real path)
 
 
 def claim_output_dir(folder):
-    """Make the folder this run's, or refuse before a byte is written: a new run goes only into a missing
-    or empty folder or one of ple.py's own (args.json says so). Then take its lock for the life of the run
-    (a second run on the folder is refused; a killed run's lock goes with it) and remove what a kill left
-    half-written."""
+    """Make the folder this run's, or refuse before a byte is written: a new run goes only into a missing or empty
+    folder or one of ple.py's own (args.json says so). Then hold its lock for the life of the run (filelock: an
+    flock, opened with O_NOFOLLOW; a second run on the folder is refused, a killed run's lock goes with it)."""
     from filelock import FileLock, Timeout
 
-    if os.path.isdir(folder) and not is_run_folder(folder):
-        names = sorted(set(os.listdir(folder)) - {LOCK})
+    names = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
+    try:
+        with open(os.path.join(folder, "args.json"), encoding="utf-8") as f:
+            ours = json.load(f).get("written_by") == "ple.py"
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if names and not ours:
         raise PLEError(f"--output_dir {folder} holds files that are not a ple.py run ({', '.join(names[:4])}"
                        f"{', ...' if len(names) > 4 else ''}); ple.py writes only into a new or empty folder or one "
                        "of its own runs: pass another --output_dir")
     try:
         os.makedirs(folder, exist_ok=True)
-        key = os.path.realpath(folder)
-        if key not in LOCKS_HELD:  # (this process may have run here before: a run that failed still holds it)
-            lock = FileLock(os.path.join(folder, LOCK), is_singleton=False)  # flock, opened with O_NOFOLLOW
+        if os.path.realpath(folder) not in LOCKS_HELD:  # (a run of this process that failed here still holds it)
+            lock = FileLock(os.path.join(folder, LOCK), is_singleton=False)
             lock.acquire(timeout=0)
-            LOCKS_HELD[key] = lock
+            LOCKS_HELD[os.path.realpath(folder)] = lock
     except Timeout:
         raise PLEError(f"--output_dir {folder} is in use by another run; wait until it ends, or pass another "
                        "--output_dir") from None
@@ -1703,24 +1589,6 @@ def claim_output_dir(folder):
         name = os.path.relpath(tmp, folder).replace(os.sep, "/")  # ple.py's own, cut short by a kill
         if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
             shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
-
-
-def is_run_folder(folder):
-    names = set(os.listdir(folder)) - {LOCK}
-    if not names:
-        return True
-    try:
-        with open(os.path.join(folder, "args.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and saved.get("written_by") == "ple.py"
-
-
-def release_run(folder):
-    lock = LOCKS_HELD.pop(os.path.realpath(folder), None)
-    if lock:
-        lock.release()
 
 
 if __name__ == "__main__":

@@ -1729,9 +1729,8 @@ def test_multiprocess_sharded_step_equals_one_process_on_the_whole_mini_batch(to
     keys = ("prompts", "answers", "answers_p", "rewards", "rewards_p")
     settings = {"model": model_dir, "pad_id": tokenizer.eos_token_id, "max_grad_norm": clip, "shard": True,
                 **dict(zip(keys, pairs))}
-    rank0, rank1 = launch("step", tmp_path / "sharded", settings)
-    assert sorted(rank0) == sorted(whole)
-    assert max_difference(rank0, whole) < 1e-5 and max_difference(rank1, whole) < 1e-5
+    [rank0] = launch("step", tmp_path / "sharded", settings)  # the whole weights, gathered on process 0
+    assert sorted(rank0) == sorted(whole) and max_difference(rank0, whole) < 1e-5
 
 
 @pytest.mark.multiprocess

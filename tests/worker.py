@@ -4,7 +4,7 @@
 
 MODE run: ple.train(ple.Args(**settings)), then each process saves the weights it holds.
 MODE step: one ple_epoch step on this process's half of fixed pairs, through accelerator.prepare; each
-process saves the whole weights as weights-rank{RANK}.pt in OUT.
+process that holds the whole weights saves them as weights-rank{RANK}.pt in OUT.
 A "shard" setting selects Accelerate's FSDP2, as `accelerate launch --use_fsdp --fsdp_version 2` does on GPUs
 (Accelerate takes FSDP on GPUs only, so on these CPU processes its state is set as a GPU launch sets it).
 """
@@ -24,7 +24,9 @@ def accelerator_for(shard):
 
     accelerator = Accelerator(cpu=True)  # the state every later Accelerator of this process shares
     if shard:
-        accelerator.state.distributed_type = DistributedType.FSDP
+        from accelerate.state import PartialState  # (every AcceleratorState made later copies PartialState's type)
+
+        PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     return accelerator
 
@@ -44,7 +46,7 @@ def one_step(settings, accelerator):
                   settings["answers_p"][part], torch.tensor(settings["rewards"][part]),
                   torch.tensor(settings["rewards_p"][part]), 0.2, 1.0, pad_id=settings["pad_id"],
                   mini_batch_size=n, max_grad_norm=settings["max_grad_norm"])
-    return accelerator.get_state_dict(model)  # whole weights, gathered from the shards under FSDP
+    return accelerator.get_state_dict(model)  # whole weights (under FSDP gathered from the shards, on process 0)
 
 
 def main():
@@ -55,8 +57,8 @@ def main():
         state = ple.train(ple.Args(**settings))
         if not ple.is_sharded(accelerator):  # (a sharded run has ended its process group: its whole model is final/)
             torch.save(state.policy.state_dict(), path)
-    else:
-        torch.save(one_step(settings, accelerator), path)
+    elif weights := one_step(settings, accelerator):  # (under FSDP only process 0 holds the whole weights)
+        torch.save(weights, path)
 
 
 if __name__ == "__main__":
