@@ -680,27 +680,24 @@ def file_hash(path):
 
 
 def read_cache(path, args, queries, reference):
-    """A model's cached generations, or None when there are none or they do not fit this evaluation (a
-    file cut short, not eval.py's, or of another shape): then the model generates again."""
+    """A model's cached generations, or None when there are none or they do not fit this evaluation (a file cut
+    short, not eval.py's, or of another shape): then the model generates again."""
     try:
         with open(path, encoding="utf-8") as f:
             entry = json.load(f)
+        answers, kl = entry["answers"], entry.get("kl_samples") or {}
+        fits = (entry["cache_key"] == os.path.basename(path) and len(answers) == len(queries) ==
+                len(entry["answer_tokens"]) and all(len(a) == args.samples and all(isinstance(t, str) for t in a)
+                                                    for a in answers)
+                and (not args.perplexity or isinstance(entry.get("perplexity"), float))
+                and (not reference or len(kl.get("logp") or []) == len(queries) * args.kl_samples))
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # cut short by a kill, or not ours
-        entry = None
-    answers = entry.get("answers") if isinstance(entry, dict) else None
-    fits = (isinstance(answers, list) and entry.get("cache_key") == os.path.basename(path)
-            and len(answers) == len(queries) == len(entry.get("answer_tokens") or [])
-            and all(isinstance(a, list) and len(a) == args.samples and all(isinstance(t, str) for t in a)
-                    for a in answers)
-            and (not args.perplexity or isinstance(entry.get("perplexity"), float))
-            and (not reference or len((entry.get("kl_samples") or {}).get("logp") or []) ==
-                 len(queries) * args.kl_samples))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # cut short by a kill, or not ours
+        fits = False
     if not fits:
         print(f"note: the cached {path} does not fit this evaluation; generating again", file=sys.stderr)
-        return None
-    return entry
+    return entry if fits else None
 
 
 def write_json(path, data):
@@ -712,64 +709,48 @@ def write_json(path, data):
 
 
 def read_saved(path):
-    """The JSON that --rescore reads: eval.py's own output (complete or not)."""
+    """The JSON that --rescore reads: eval.py's own output (complete or not), whose generations pair up: the same
+    queries, the same number of answers per query for every model."""
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
     except FileNotFoundError:
         raise PLEError(f"--rescore {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise PLEError(f"--rescore {path} is not a readable JSON file: {e}") from None
     if not isinstance(saved, dict):
         raise PLEError(f"--rescore {path} holds a JSON {type(saved).__name__}, not the object eval.py writes")
-    record = saved.get("generations", saved)
-    check_generations(record)
-    return saved, record
+    check_generations(saved.get("generations", saved))
+    return saved, saved.get("generations", saved)
 
 
 def check_generations(record):
-    """Saved generations must pair up: the same queries, the same number of answers per query."""
-    queries = record.get("queries") if isinstance(record, dict) else None
-    models = record.get("models") if isinstance(record, dict) else None
+    queries, models = record.get("queries"), record.get("models")
     if not isinstance(queries, list) or not queries or not isinstance(models, dict) or len(models) < 2:
         raise PLEError("saved generations need 'queries' and at least two models under 'models'")
-    counts = None
-    for name, entry in models.items():
-        answers = entry.get("answers", []) if isinstance(entry, dict) else []
-        if len(answers) != len(queries):
-            raise PLEError(f"saved generations of '{name}' answer {len(answers)} queries, not {len(queries)}")
-        shape = [len(a) for a in answers]
-        if counts is not None and shape != counts:
+    shapes = {name: [len(a) for a in (entry.get("answers") or [])] if isinstance(entry, dict) else []
+              for name, entry in models.items()}
+    for name, shape in shapes.items():
+        if len(shape) != len(queries):
+            raise PLEError(f"saved generations of '{name}' answer {len(shape)} queries, not {len(queries)}")
+        if shape != next(iter(shapes.values())):
             raise PLEError(f"saved generations of '{name}' have a different number of answers per query "
                            "than the first model")
-        counts = shape
 
 
-def portable(report):
-    """A report, settings or generations record as the JSON stores it: every local path relative to the
-    repository (ple.portable_path), never a machine's absolute path; other names as given."""
-    path = ple.portable_path
-    out = dict(report)
-    if "settings" in out:
-        settings = {k: v for k, v in out["settings"].items() if k != "plot"}
-        settings["models"] = [path(m) for m in settings["models"]]
-        settings["frontier"] = [path(m) for m in settings["frontier"]]
-        for key in ("reward", "judge", "dataset", "rescore", "reference", "principles", "cache"):
-            settings[key] = path(settings[key])
-        out["settings"] = {**settings, "output": path(settings["output"], exists=False)}
-    if "candidate" in out:
-        out["candidate"], out["baselines"] = path(out["candidate"]), [path(b) for b in out["baselines"]]
-    for key in ("models", "win_rates", "judge_win_rates"):
-        if key in out:
-            out[key] = {path(name): value for name, value in out[key].items()}
-    if "generations" in out:
-        out["generations"] = portable(out["generations"])
-    if "frontier" in out:
-        frontier = out["frontier"]
-        out["frontier"] = {"reference": path(frontier["reference"]),
-                           "runs": {path(run): [{**p, "model": path(p["model"])} for p in line]
-                                    for run, line in frontier["runs"].items()}}
-    return out
+PATH_KEYS = {"reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "models",
+             "frontier", "candidate", "baselines", "model"}  # the settings and names that hold local paths
+
+
+def portable(value, key=None):
+    """A report as the JSON stores it: every local path in it (the settings, the models' names) relative to the
+    repository (ple.portable_path), never a machine's absolute path; queries, answers and figures as they are."""
+    if isinstance(value, dict):
+        named = key in ("models", "win_rates", "judge_win_rates", "runs")  # keyed by model or run
+        return {ple.portable_path(k) if named else k: portable(v, k) for k, v in value.items() if k != "plot"}
+    if isinstance(value, list):
+        return [portable(v, key) for v in value]
+    return ple.portable_path(value, exists=key != "output") if isinstance(value, str) and key in PATH_KEYS else value
 
 
 # ================================================================================================

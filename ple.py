@@ -551,20 +551,9 @@ def run(args, state, log_iteration=None):
 # Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints
 # ================================================================================================
 
-import difflib  # noqa: E402  (the machinery's imports, kept apart from the method's)
-import glob  # noqa: E402
-import hashlib  # noqa: E402
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import random  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import warnings  # noqa: E402
-from dataclasses import asdict, replace  # noqa: E402
+import difflib, glob, hashlib, importlib, importlib.util, json, os  # noqa: E401,E402
+import random, shlex, shutil, signal, sys, warnings  # noqa: E401,E402
+from dataclasses import asdict, replace  # noqa: E402  (the machinery's imports, apart from the method's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -685,9 +674,7 @@ def set_up(args):
     ), accelerator, all_queries
 
 
-# ------------------------------------------------------------------------------------------------
-# Checks: arguments, local paths, Hub names, prompt lengths, before anything long starts
-# ------------------------------------------------------------------------------------------------
+# --- Checks: arguments, local paths, Hub names, prompt lengths, before anything long starts ------------------------
 
 def check_args(args):
     """Every argument that can be wrong without loading anything: ranges, files that must exist, Hub names."""
@@ -791,9 +778,7 @@ def check_lengths(config, prompt_ids, queries, max_new_tokens):
                        "such rows out of the dataset")
 
 
-# ------------------------------------------------------------------------------------------------
-# Tasks, principles and queries: how a dataset row becomes x
-# ------------------------------------------------------------------------------------------------
+# --- Tasks, principles and queries: how a dataset row becomes x ----------------------------------------------------
 
 @dataclass
 class Task:
@@ -955,9 +940,7 @@ def sft_targets_for(tokenizer, answers, max_tokens=None):
     return [i[:max_tokens] for i in ids] if max_tokens else ids
 
 
-# ------------------------------------------------------------------------------------------------
-# Rewards: VADER, a sequence classifier, or any function; their values checked
-# ------------------------------------------------------------------------------------------------
+# --- Rewards: VADER, a sequence classifier, or any function; their values checked ----------------------------------
 
 def join_text(query, answer):
     """The text a reward sees: query and answer, with a space between them when neither has one."""
@@ -1119,9 +1102,7 @@ def probe_reward(reward_fn, queries, batch_size):
     score(reward_fn, queries[:2], [""] * len(queries[:2]), batch_size)
 
 
-# ------------------------------------------------------------------------------------------------
-# The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW, resume
-# ------------------------------------------------------------------------------------------------
+# --- The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW, resume -----------------------------
 
 def find_gguf(name):
     """Resolve --model to (folder, gguf file name or None) without importing anything."""
@@ -1232,9 +1213,7 @@ def resume_trainer(resume_from, accelerator, model, optimizer):
     return state["iteration"]
 
 
-# ------------------------------------------------------------------------------------------------
-# Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun
-# ------------------------------------------------------------------------------------------------
+# --- Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun ----------------
 
 def start_accelerator(args):
     """One process for a plain `python ple.py`; under a launcher each takes a share of the queries and Accelerate
@@ -1310,9 +1289,7 @@ def gather_iteration(accelerator, it):
                    peak_memory_mb=max(p.peak_memory_mb or 0 for p in parts))
 
 
-# ------------------------------------------------------------------------------------------------
-# Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/
-# ------------------------------------------------------------------------------------------------
+# --- Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/ -------------------------
 
 def log_iteration(args, state, accelerator, all_queries, it, elapsed):
     """samples/iter-NNN.jsonl, a metrics.jsonl record (and the tracker's), a checkpoint (and iter-N/ with
@@ -1471,9 +1448,7 @@ def write_jsonl(path, records, mode="a"):
         os.replace(path + ".tmp", path)
 
 
-# ------------------------------------------------------------------------------------------------
-# The output folder: args.json, one lock per folder, resume
-# ------------------------------------------------------------------------------------------------
+# --- The output folder: args.json, one lock per folder, resume -----------------------------------------------------
 
 RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every", "report_to"}  # may differ on --resume
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
