@@ -566,26 +566,37 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as it would on Ctrl-C."""
 
 
+def terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(Terminated()))  # as Ctrl-C does
-    said_once, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 speaks
+    signal.signal(signal.SIGTERM, terminate)  # a scheduler's stop ends the run as Ctrl-C does
+    speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
     try:
         args = parse_args(argv)
         train(args)
     except (PLEError, OSError) as e:  # bad input, a failed load, a full or read-only disk: one line
-        print(f"error: {e}", file=sys.stderr) if said_once else None
+        if speaks:
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
         how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        if said_once and args is not None:
-            found = checkpoints(args.output_dir)
-            command = shlex.join(["python", sys.argv[0], *argv, *([] if args.resume else ["--resume"])])
-            launcher = " under the same launcher with as many processes" if os.environ.get("WORLD_SIZE") else ""
-            print(f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was "
-                  f"under way is redone); continue with{launcher}: {command}" if found else f"stopped by {how} before "
-                  f"the first checkpoint: nothing to resume; run the same command again{launcher}", file=sys.stderr)
+        if speaks and args is not None:
+            print(stopped_message(args, argv, how), file=sys.stderr)
         sys.exit(143 if how == "SIGTERM" else 130)
+
+
+def stopped_message(args, argv, how):
+    """One line: what the stopped run has saved, and the exact command that continues it."""
+    found = checkpoints(args.output_dir)
+    command = shlex.join(["python", sys.argv[0], *argv, *([] if args.resume else ["--resume"])])
+    launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    if not found:
+        return f"stopped by {how} before the first checkpoint: nothing to resume; run the same command again{launcher}"
+    return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under "
+            f"way is redone); continue with{launcher}: {command}")
 
 
 def parse_args(argv, dataclass=None):
@@ -594,11 +605,15 @@ def parse_args(argv, dataclass=None):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass or Args, allow_abbrev=False)
-    parser.error = lambda message: (_ for _ in ()).throw(PLEError(message))
+
+    def error(message):  # (argparse would print its usage and exit)
+        raise PLEError(message)
+
+    parser.error = error
     args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
         unknown = next((r for r in rest if r.startswith("-")), rest[0])
-        near = difflib.get_close_matches(unknown.split("=")[0], [f for f in parser._option_string_actions], n=1)
+        near = difflib.get_close_matches(unknown.split("=")[0], list(parser._option_string_actions), n=1)
         raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
     home = [k for k in ("model", "reward", "dataset", "principles", "output_dir") if hasattr(args, k)]
     return replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in home})  # ~/x is a path, as in a shell
@@ -870,7 +885,8 @@ def load_rows(dataset, split):
                        ) from e
     finally:
         datasets.logging.set_verbosity(verbosity)
-        datasets.enable_progress_bars() if bars else None
+        if bars:
+            datasets.enable_progress_bars()
     if len(rows) == 0:
         raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
     return rows
@@ -1063,7 +1079,8 @@ def load_reward(spec, device="cpu", input_format="auto"):
         hint = f" ({module_name} is an installed module, found before {here}: rename that file)" if clash else ""
         raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}{hint}") from e
     finally:
-        sys.path.remove(os.getcwd()) if added else None
+        if added:
+            sys.path.remove(os.getcwd())
     if not callable(function):
         raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
     return checked_reward(function)
@@ -1312,7 +1329,8 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
         save_model(os.path.join(args.output_dir, f"checkpoint-{it.t + 1}"), state.policy, state.tokenizer, weights,
                    trainer_state)  # the model after it.t + 1 iterations and what --resume needs to go on exactly
         for n, older in checkpoints(args.output_dir):  # the new one is complete: the older ones go
-            shutil.rmtree(older) if n != it.t + 1 else None
+            if n != it.t + 1:
+                shutil.rmtree(older)
         print(progress_line(it, record), flush=True)
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # the trackers
     accelerator.wait_for_everyone()
@@ -1562,8 +1580,12 @@ def claim_output_dir(folder):
         raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
     for tmp in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "samples", "*.tmp")):
         name = os.path.relpath(tmp, folder).replace(os.sep, "/")  # ple.py's own, cut short by a kill
-        if re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
-            shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+        if not re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
+            continue
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        else:
+            os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC=${1:-HuggingFaceTB/SmolLM2-135M-Instruct}
 OUT=${2:-runs/gpu_check}
-DEVICE=${DEVICE:-cuda}   # DEVICE=cpu runs the same steps on the CPU (slowly)
+DEVICE=${DEVICE:-auto}   # auto: the GPU (Accelerate's pick); DEVICE=cpu runs the same steps on the CPU (slowly)
 rm -rf "$OUT"; mkdir -p "$OUT"
 python experiments/gpu_check/random_policy.py "$SRC" "$OUT/policy"
 # ple.py's defaults: 48 queries from data/review_openings.txt, answers of 24 tokens, VADER reward
