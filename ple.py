@@ -1325,7 +1325,7 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
         if args.save_every and (it.t + 1) % args.save_every == 0:  # leaves the iteration for --resume to redo
             save_model(os.path.join(args.output_dir, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
         trainer_state = {"iteration": it.t + 1, "tau": threshold_at(it.t + 1, args.tau0, args.alpha), "rng": rng,
-                         "optimizer": optimizer_state or state.optimizer.state_dict()}
+                         "optimizer": state.optimizer.state_dict() if optimizer_state is None else optimizer_state}
         save_model(os.path.join(args.output_dir, f"checkpoint-{it.t + 1}"), state.policy, state.tokenizer, weights,
                    trainer_state)  # the model after it.t + 1 iterations and what --resume needs to go on exactly
         for n, older in checkpoints(args.output_dir):  # the new one is complete: the older ones go
