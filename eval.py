@@ -725,7 +725,7 @@ def read_saved(path):
 
 
 def check_generations(record):
-    queries, models = record.get("queries"), record.get("models")
+    queries, models = (record.get("queries"), record.get("models")) if isinstance(record, dict) else (None, None)
     if not isinstance(queries, list) or not queries or not isinstance(models, dict) or len(models) < 2:
         raise PLEError("saved generations need 'queries' and at least two models under 'models'")
     shapes = {name: [len(a) for a in (entry.get("answers") or [])] if isinstance(entry, dict) else []

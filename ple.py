@@ -874,15 +874,15 @@ def load_rows(dataset, split):
         datasets.disable_progress_bars()
         datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        rows = datasets.load_dataset(*([builder] if builder else [dataset]), data_files=dataset if builder else None,
-                                     split=split)
+        rows = datasets.load_dataset(builder, data_files=dataset, split=split) if builder else \
+            datasets.load_dataset(dataset, split=split)
     except Exception as e:
         cause = e
         while cause.__cause__ is not None:  # datasets wraps the reader's error, which names the row
             cause = cause.__cause__
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): " + (f"{type(cause).__name__}: "
-                       f"{(str(cause).splitlines() or [''])[0]}" if builder else load_hint(dataset, e, "dataset"))
-                       ) from e
+        said = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}" if builder else \
+            load_hint(dataset, e, "dataset")
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {said}") from e
     finally:
         datasets.logging.set_verbosity(verbosity)
         if bars:
@@ -920,14 +920,17 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
     random.Random(seed).shuffle(order)
     queries, answers, sources, excluded, skipped = [], [], [], 0, []
     for i in order:
-        text = rows[i][column]
+        row = rows[i]
+        text = row[column]
         if text is not None and not isinstance(text, str):
             raise PLEError(f"dataset '{dataset}', row {i}: the '{column}' field is {type(text).__name__} {text!r}, "
                            "not text")
-        if not text or not text.strip() or text in exclude:
-            excluded += bool(text and text in exclude)
+        if not text or not text.strip():
             continue
-        query, answer = make_query(task, rows[i], rng, column)
+        if text in exclude:
+            excluded += 1
+            continue
+        query, answer = make_query(task, row, rng, column)
         if not query:
             skipped.append(i)
             continue
@@ -1533,7 +1536,8 @@ def prepare_output_dir(args, accelerator, inputs):
                 "data_sha256": f"the rows of {args.dataset} that the queries come from",
                 "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
                                 f"there, {now['reward_input']!r} now)"}
-        conflicts += [f"{what} changed since the run started" for k, what in read.items() if saved.get(k) != now[k]]
+        conflicts += [f"{what} changed since the run started" for k, what in read.items()
+                      if saved.get(k, now[k]) != now[k]]
         if conflicts:
             raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
     elif args.resume and not os.path.exists(path):
