@@ -1,6 +1,6 @@
 """Tests for ple.py and eval.py: offline, on tiny models built from a config.
 
-    pytest test_ple.py                                     # everything, about six minutes on 2 CPU cores
+    pytest test_ple.py                                     # everything, about five minutes on 2 CPU cores
     pytest test_ple.py -m "not slow and not multiprocess"  # without the subprocesses
 """
 import copy
