@@ -1039,6 +1039,40 @@ def test_resume_runs_no_code_from_the_run_folder(model_dir, data_file, principle
     with pytest.raises(ple.PLEError, match=r"is not a trainer state that ple.py can read"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
 
+def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_file, principles_file, tmp_path,
+                                                               monkeypatch):
+    out = tmp_path / "run"
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    straight = tmp_path / "straight"
+    ple.train(make_args(model_dir, data_file, principles_file, straight, iterations=2))
+    real = torch.save
+
+    def killed(obj, path, *args, **kwargs):  # the weights are written, then the process dies mid-write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert [n for n, _ in ple.checkpoints(str(out))] == [1]  # the checkpoint before it is whole and kept
+    monkeypatch.setattr(torch, "save", real)
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    assert read_jsonl(out / "samples" / "iter-001.jsonl") == read_jsonl(straight / "samples" / "iter-001.jsonl")
+    assert max_difference(state_of(str(out / "final")), state_of(str(straight / "final"))) == 0
+    # a full disk while a checkpoint is written: one line, its part removed, the last good checkpoint kept
+    again = tmp_path / "again"
+    ple.train(make_args(model_dir, data_file, principles_file, again, iterations=1))
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(ple.PLEError, match=r"could not write .*checkpoint-2 \(OSError: \[Errno 28\] No space left "
+                                           r"on device\); what was saved before is intact"):
+        ple.train(make_args(model_dir, data_file, principles_file, again, iterations=2, resume=True))
+    assert [n for n, _ in ple.checkpoints(str(again))] == [1] and not (again / "checkpoint-2.tmp").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # the run folder is the user's data: what ple.py writes, locks, verifies and refuses
 # ------------------------------------------------------------------------------------------------
