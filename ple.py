@@ -1449,13 +1449,15 @@ def read_jsonl(path):
     """Records of a JSON Lines file; a partial last line (an append cut short by a kill) is dropped with a warning,
     any other line that is not JSON is an error."""
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().split("\n") if line.strip()]
+        lines = f.read().split("\n")
     records = []
     for i, line in enumerate(lines):
+        if not line.strip():
+            continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if i < len(lines) - 1:
+            if any(rest.strip() for rest in lines[i + 1:]):  # (line numbers count blank lines too)
                 raise PLEError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
             print(f"warning: {path}: dropped a partial last line ({len(line)} characters)", file=sys.stderr)
     return records
