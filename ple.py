@@ -582,7 +582,8 @@ def main(argv=None):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
-        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
+        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
         if speaks and args is not None:
             print(stopped_message(args, argv, how), file=sys.stderr)
         sys.exit(143 if how == "SIGTERM" else 130)

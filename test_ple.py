@@ -761,6 +761,33 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exac
         after, direct = state_of(str(out / "final")), state_of(str(straight / "final"))
         assert all(torch.equal(after[k], direct[k]) for k in direct)
 
+STOPPED_INSIDE_A_PROGRESS_BAR = """
+import ple
+from tqdm.auto import tqdm
+
+class HalfBuilt(tqdm):
+    def __init__(self, *args, **kwargs):
+        self.disable = False
+        raise KeyboardInterrupt  # Ctrl-C lands inside the bar's constructor, before it has a position
+
+def train(args):
+    HalfBuilt(range(3))
+
+ple.train = train
+ple.main(["--output_dir", "unused"])
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_that_cuts_an_object_half_built_still_ends_in_one_line():
+    """The half-built bar fails as it is freed (tqdm's __del__): that must not print a traceback after the line."""
+    result = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_PROGRESS_BAR], cwd=HERE, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "stopped by Ctrl-C before the first checkpoint: nothing to resume; run the same command again"]
+
+
 @pytest.mark.slow
 def test_help_lists_every_flag():
     for script, fields in [("ple.py", ple.Args), ("eval.py", ple_eval.EvalArgs)]:
