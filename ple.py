@@ -62,6 +62,8 @@ class Args:
                                                                  "turn, or as the system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
+    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir: ple.py removes its own files there, no "
+                                            "other (a new run otherwise takes only a missing or empty folder)")
     save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (eval.py --frontier); 0: off")
     report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
         "none", "also log each iteration's metrics to this tracker (Accelerate's; metrics.jsonl is always written)")
@@ -563,39 +565,67 @@ class PLEError(Exception):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is, so that it stops as it would on Ctrl-C."""
+    """SIGTERM or SIGHUP, raised where the run is, so that it stops as it would on Ctrl-C."""
 
 
 def terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signal.Signals(signum).name)
+
+
+def stop_on_signals():
+    for name in ("SIGTERM", "SIGHUP"):  # a scheduler's stop, a closed terminal: as Ctrl-C (SIGHUP: POSIX only)
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), terminate)
+
+
+def error_line(e):
+    """Any failure as one line: ple.py's own messages as they are, anything else with its kind (a traceback too
+    with PLE_DEBUG=1)."""
+    if os.environ.get("PLE_DEBUG"):
+        import traceback
+
+        traceback.print_exception(e)
+    if isinstance(e, PLEError):
+        return f"error: {e}"
+    what = f"sys.exit({e.code!r}) was called" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+    return f"error: {what}" + ("" if os.environ.get("PLE_DEBUG") else " (PLE_DEBUG=1 shows where)")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, terminate)  # a scheduler's stop ends the run as Ctrl-C does
+    stop_on_signals()
     speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
     try:
         args = parse_args(argv)
         train(args)
-    except (PLEError, OSError) as e:  # bad input, a failed load, a full or read-only disk: one line
-        if speaks:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: what is saved, and the command that goes on from it
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: what is saved, and the command that goes on from it
         sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
-        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
+        how = e.args[0] if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
         if speaks and args is not None:
             print(stopped_message(args, argv, how), file=sys.stderr)
-        sys.exit(143 if how == "SIGTERM" else 130)
+        sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
+    except SystemExit:
+        if args is None:  # --help
+            raise
+        if speaks:  # something in the run (a reward function, a library) called sys.exit: an error, said so
+            print(error_line(sys.exc_info()[1]), file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # bad input, a failed load, a full disk, anything else: one line
+        if speaks:
+            print(error_line(e), file=sys.stderr)
+        sys.exit(2)
 
 
 def stopped_message(args, argv, how):
     """One line: what the stopped run has saved, and the exact command that continues it."""
-    found = checkpoints(args.output_dir)
-    command = shlex.join(["python", sys.argv[0], *argv, *([] if args.resume else ["--resume"])])
+    found = [] if args.overwrite_output_dir else checkpoints(args.output_dir)  # (replaced: only the new run counts)
+    flag = ["--resume"] if found else ["--overwrite_output_dir"]
+    command = shlex.join(["python", sys.argv[0], *[a for a in argv if a not in ("--resume", "--overwrite_output_dir")],
+                          *flag])
     launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if not found:
-        return f"stopped by {how} before the first checkpoint: nothing to resume; run the same command again{launcher}"
+        return (f"stopped by {how} before the first checkpoint: nothing to resume; start again{launcher} with: "
+                f"{command}")
     return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under "
             f"way is redone); continue with{launcher}: {command}")
 
@@ -605,7 +635,9 @@ def parse_args(argv, dataclass=None):
     unknown flag named with the nearest real one, argparse's own errors without the usage."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass or Args, allow_abbrev=False)
+    parser = HfArgumentParser(dataclass or Args, allow_abbrev=False, epilog="A failure ends in one line starting "
+                              "with 'error:'; with the environment variable PLE_DEBUG=1 its traceback is shown too.")
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)  # -1e-4 is a value
 
     def error(message):  # (argparse would print its usage and exit)
         raise PLEError(message)
@@ -643,7 +675,11 @@ def set_up(args):
                                                  args.seed, where=args.where, field=args.query_field)
     reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     inputs = {"principles_sha256": content_hash(principles), "reward_input": reward_format,  # kept in args.json:
-              "data_sha256": content_hash([all_queries, answers, sources])}  # a resume and eval.py see edits
+              "data_sha256": content_hash([all_queries, answers, sources]),  # a resume and eval.py see edits
+              "model_sha256": content_hash(model_fingerprint(args.model))}
+    if args.num_queries and len(all_queries) < args.num_queries:
+        say(f"note: --num_queries {args.num_queries}, but dataset {args.dataset} gives {len(all_queries)} queries: "
+            f"training on those {len(all_queries)}")
     needs_answers = args.loss == "sft" or args.sft_epochs
     if needs_answers and None in answers:
         raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
@@ -1097,7 +1133,7 @@ def checked_reward(reward_fn):
         where = f"a batch of {len(queries)} (first query {queries[0][:60]!r}, answer {answers[0][:60]!r})"
         try:
             values = reward_fn(queries, answers)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # (a reward that calls sys.exit has failed too)
             raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
         try:
             values = list(values)
@@ -1240,12 +1276,13 @@ def start_accelerator(args):
     """One process for a plain `python ple.py`; under a launcher each takes a share of the queries and Accelerate
     averages the gradients: DDP, or FSDP2 sharding when the launch's Accelerate config asks for FSDP."""
     from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise PLEError("DeepSpeed is not supported by ple.py; shard with Accelerate's FSDP instead (accelerate "
                        "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in your accelerate config)")
-    accelerator = Accelerator(cpu=args.device == "cpu", project_dir=args.output_dir,
-                              log_with=None if args.report_to == "none" else args.report_to)
+    accelerator = Accelerator(cpu=args.device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
+                              project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, "logs")))
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not is_sharded(accelerator):
         raise PLEError(f"Accelerate shards with FSDP on GPUs only, not on {accelerator.device.type}: launch without "
                        "--use_fsdp (data parallel)")
@@ -1407,7 +1444,7 @@ def save_final(args, state, accelerator):
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
         print(f"saved {os.path.join(args.output_dir, 'final')}")
-        LOCKS_HELD.pop(os.path.realpath(args.output_dir)).release()
+        release_lock(os.path.join(args.output_dir, LOCK))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # (closes the trackers and, under a launcher, the process group)
 
@@ -1474,8 +1511,15 @@ def write_jsonl(path, records, mode="a"):
 
 # --- The output folder: args.json, one lock per folder, resume -----------------------------------------------------
 
-RESUMABLE = {"resume", "iterations", "device", "output_dir", "save_every", "report_to"}  # may differ on --resume
+RESUMABLE = {"resume", "overwrite_output_dir", "iterations", "device", "output_dir", "save_every", "report_to"}
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
+# The files ple.py writes in a run folder (paths relative to it); a model folder holds what save_pretrained writes
+OWN = re.compile(r"(args\.json|metrics\.jsonl|samples/iter-\d+\.jsonl)(\.tmp)?|logs/[^/]+/events\.out\.tfevents\.[^/]+|"
+                 r"(checkpoint-\d+|iter-\d+|final)(\.tmp)?/((model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
+                 r"(adapter_|generation_|tokenizer_|preprocessor_)?config\.json|tokenizer\.json|special_tokens_map\.json|"
+                 r"added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|(tokenizer|spiece)\.model|"
+                 r"README\.md|trainer_state\.pt)|\.ple\.lock")
+OWN_FOLDER = re.compile(r"samples|logs|(checkpoint-\d+|iter-\d+|final)(\.tmp)?")  # what a run replaces whole
 
 
 def resolve_path(path):
@@ -1503,31 +1547,86 @@ def stored_path(path):
 
 def saved_args(args, processes, inputs):
     """args.json: the arguments, local paths relative to the repository, how many processes ran (their shares
-    and random states are what a resume continues), the hashes of what the run read, ple.py's mark."""
+    and random states are what a resume continues), the hashes of what the run read."""
     saved = asdict(args)
     for key in PATHS:
         saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
-    return {**saved, "num_processes": processes, **inputs, "written_by": "ple.py"}
+    return {**saved, "num_processes": processes, **inputs}
 
 
 def content_hash(value):
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
+def model_fingerprint(name):
+    """A local model as its files' names and contents (sha256: 0.4 s for 538 MB), a Hub id as the commit of the
+    files loading it takes (None if it cannot be resolved): what a resume and eval.py's cache check."""
+    folder, gguf = find_gguf(name)
+    path = os.path.join(folder, gguf) if gguf else folder
+    if not os.path.exists(path):
+        from transformers.utils import cached_file
+
+        try:  # .../snapshots/<commit>/config.json
+            return os.path.basename(os.path.dirname(cached_file(name, "config.json")))
+        except Exception:
+            return None
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
+    return [[os.path.basename(f), file_hash(f)] for f in files if os.path.isfile(f)]
+
+
+def file_hash(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def prepare_output_dir(args, accelerator, inputs):
-    """Claim the folder (refusing to overwrite a run); on --resume, check that the arguments and what the run read
-    (inputs: hashes) agree, and return its checkpoint. A run stopped before its first checkpoint left nothing to
-    keep: it starts afresh. args.json is written (process 0) before anything loads: the folder is writable."""
-    path, world = os.path.join(args.output_dir, "args.json"), accelerator.num_processes
-    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
-        raise PLEError(f"--output_dir {args.output_dir} is a file, not a folder")
+    """A new run takes a missing or empty folder; --resume continues the run a folder holds from its last
+    checkpoint, its arguments and inputs (hashes) checked against args.json; --overwrite_output_dir replaces it,
+    removing ple.py's own files only. Anything else is refused before a byte is written: a folder holding files,
+    a link anywhere in it (ple.py never writes through one), a file ple.py did not write inside a folder it
+    replaces. Then the folder is locked for the run and args.json written. Returns the checkpoint, or None."""
+    folder, world = args.output_dir, accelerator.num_processes
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise PLEError(f"--output_dir {folder} is a file, not a folder")
+    names = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
+    if args.resume and args.overwrite_output_dir:
+        raise PLEError("pass --resume (continue the run in --output_dir) or --overwrite_output_dir (replace it), "
+                       "not both")
+    if names and not (args.resume or args.overwrite_output_dir):
+        raise PLEError(f"--output_dir {folder} is not empty ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
+                       "pass --resume to continue the run it holds, --overwrite_output_dir to replace it (ple.py "
+                       "removes only its own files), or another --output_dir")
+    ours = [n for n in names + [LOCK] if OWN.fullmatch(n) or OWN_FOLDER.fullmatch(n)]  # where ple.py writes
+    files = [n for n in ours if os.path.islink(os.path.join(folder, n)) or os.path.isfile(os.path.join(folder, n))] + [
+        os.path.relpath(os.path.join(top, n), folder).replace(os.sep, "/") for name in ours
+        for top, dirs, found in os.walk(os.path.join(folder, name))
+        for n in found + [d for d in dirs if os.path.islink(os.path.join(top, d))]]
+    links = [f for f in files if os.path.islink(os.path.join(folder, f))]
+    if links:
+        raise PLEError(f"--output_dir {folder} holds a link, {links[0]}; ple.py never writes through one: remove it "
+                       "or pass another --output_dir")
+    if args.resume and not checkpoints(folder):
+        raise PLEError(f"--resume: {folder} holds no checkpoint to continue from" + (
+            "; pass --overwrite_output_dir to start its run again" if names else "; start a run there without --resume"))
+    foreign = sorted(f for f in files if not OWN.fullmatch(f)  # (continued, samples/ and logs/ are only added to)
+                     and (args.overwrite_output_dir or not f.startswith(("samples/", "logs/"))))
+    if foreign:
+        raise PLEError(f"--output_dir {folder}: ple.py did not write {', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}, in a folder it replaces: move them out first")
     if accelerator.is_main_process:
-        claim_output_dir(args.output_dir)
-    found = checkpoints(args.output_dir)
-    if found and not args.resume:
-        raise PLEError(f"{args.output_dir} already holds a run; pass --resume to continue it, or another --output_dir")
+        claim_output_dir(folder)
+        ours.remove(LOCK)
+        cut_short = [n for n in ours + files if n.endswith(".tmp") and (n in ours or OWN.fullmatch(n))]  # by a kill
+        for name in ours if args.overwrite_output_dir else cut_short:  # replaced: all of ple.py's own files
+            path = os.path.join(folder, name)
+            if os.path.lexists(path):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    found = [] if args.overwrite_output_dir else checkpoints(folder)
     if found:
-        with open(path, encoding="utf-8") as f:
+        with open(os.path.join(folder, "args.json"), encoding="utf-8") as f:
             saved = json.load(f)
         if saved.get("num_processes", 1) != world:
             raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now "
@@ -1537,62 +1636,55 @@ def prepare_output_dir(args, accelerator, inputs):
                      for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
         read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
                 "data_sha256": f"the rows of {args.dataset} that the queries come from",
+                "model_sha256": f"the files of --model {args.model}",
                 "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
                                 f"there, {now['reward_input']!r} now)"}
         conflicts += [f"{what} changed since the run started" for k, what in read.items()
                       if saved.get(k, now[k]) != now[k]]
+        if found[-1][0] > args.iterations:
+            conflicts.append(f"it has done {found[-1][0]} iterations, more than --iterations {args.iterations}")
         if conflicts:
             raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
-    elif args.resume and not os.path.exists(path):
-        raise PLEError(f"--resume: {args.output_dir} holds no run to resume")
-    elif os.path.exists(path):
-        accelerator.print(f"note: the run in {args.output_dir} stopped before its first checkpoint; starting afresh")
     accelerator.wait_for_everyone()  # every process has decided before process 0 writes
     if accelerator.is_main_process:
-        with open(path, "w", encoding="utf-8") as f:
+        with open(os.path.join(folder, "args.json.tmp"), "w", encoding="utf-8") as f:
             json.dump(saved_args(args, world, inputs), f, indent=2)
+        os.replace(os.path.join(folder, "args.json.tmp"), os.path.join(folder, "args.json"))
     accelerator.wait_for_everyone()
     return found[-1][1] if found else None
 
 
-LOCK, LOCKS_HELD = ".ple.lock", {}  # the lock file in a run folder; the folders this process holds (real path)
+LOCK, LOCKS_HELD = ".ple.lock", {}  # the lock file in a run folder; the locks this process holds (by real path)
 
 
 def claim_output_dir(folder):
-    """Make the folder this run's, or refuse before a byte is written: a new run goes only into a missing or empty
-    folder or one of ple.py's own (args.json says so). Then hold its lock for the life of the run (filelock: an
-    flock, opened with O_NOFOLLOW; a second run on the folder is refused, a killed run's lock goes with it)."""
-    from filelock import FileLock, Timeout
-
-    names = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
-    try:
-        with open(os.path.join(folder, "args.json"), encoding="utf-8") as f:
-            ours = json.load(f).get("written_by") == "ple.py"
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if names and not ours:
-        raise PLEError(f"--output_dir {folder} holds files that are not a ple.py run ({', '.join(names[:4])}"
-                       f"{', ...' if len(names) > 4 else ''}); ple.py writes only into a new or empty folder or one "
-                       "of its own runs: pass another --output_dir")
+    """Make the folder if need be and hold its lock for the life of the run (filelock: an flock, opened with
+    O_NOFOLLOW): a second run on the folder is refused; a killed run's lock goes with it."""
     try:
         os.makedirs(folder, exist_ok=True)
-        if os.path.realpath(folder) not in LOCKS_HELD:  # (a run of this process that failed here still holds it)
-            lock = FileLock(os.path.join(folder, LOCK), is_singleton=False)
-            lock.acquire(timeout=0)
-            LOCKS_HELD[os.path.realpath(folder)] = lock
-    except Timeout:
-        raise PLEError(f"--output_dir {folder} is in use by another run; wait until it ends, or pass another "
-                       "--output_dir") from None
     except OSError as e:
         raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
-    for tmp in glob.glob(os.path.join(folder, "*.tmp")) + glob.glob(os.path.join(folder, "samples", "*.tmp")):
-        name = os.path.relpath(tmp, folder).replace(os.sep, "/")  # ple.py's own, cut short by a kill
-        if not re.fullmatch(r"(checkpoint-\d+|iter-\d+|final|metrics\.jsonl|samples/iter-\d+\.jsonl)\.tmp", name):
-            continue
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        else:
-            os.remove(tmp)
+    hold_lock(os.path.join(folder, LOCK), f"--output_dir {folder} is in use by another run; wait until it ends, or "
+                                          "pass another --output_dir")
+
+
+def hold_lock(path, busy):
+    """Take the lock file's lock (once per process) or refuse with `busy`; held until released or the process ends."""
+    from filelock import FileLock, Timeout
+
+    if os.path.realpath(path) not in LOCKS_HELD:  # (a run of this process that failed here still holds it)
+        lock = FileLock(path, is_singleton=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise PLEError(busy) from None
+        except OSError as e:
+            raise PLEError(f"{path} cannot be written: {e}") from None
+        LOCKS_HELD[os.path.realpath(path)] = lock
+
+
+def release_lock(path):
+    LOCKS_HELD.pop(os.path.realpath(path)).release()
 
 
 if __name__ == "__main__":

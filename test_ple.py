@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -785,7 +786,8 @@ def test_a_stop_that_cuts_an_object_half_built_still_ends_in_one_line():
                             text=True, timeout=300)
     assert result.returncode == 130 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "stopped by Ctrl-C before the first checkpoint: nothing to resume; run the same command again"]
+        "stopped by Ctrl-C before the first checkpoint: nothing to resume; start again with: python -c --output_dir "
+        "unused --overwrite_output_dir"]
 
 
 @pytest.mark.slow
@@ -814,7 +816,7 @@ def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
 @pytest.mark.parametrize("argv, line", [
     (["--iteration", "2"], "error: unrecognized argument --iteration: did you mean --iterations?"),  # no abbreviations
     (["--iterashuns", "2"], "error: unrecognized argument --iterashuns: did you mean --iterations?"),
-    (["--learning_rate", "-1e-4"], "error: argument --learning_rate/--learning-rate: expected one argument"),
+    (["--iterations", "two"], "error: argument --iterations: invalid int value: 'two'"),
     (["--device", "cuda:7"], "error: argument --device: invalid choice: 'cuda:7' (choose from 'auto', 'cpu')"),
 ])
 def test_command_line_mistakes_get_one_line(argv, line, capsys, monkeypatch):
@@ -822,6 +824,19 @@ def test_command_line_mistakes_get_one_line(argv, line, capsys, monkeypatch):
     with pytest.raises(SystemExit) as stop:
         ple.main(argv)
     assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+
+
+def test_negative_numbers_are_values_and_bad_values_are_refused_before_anything_is_written(
+        model_dir, data_file, principles_file, tmp_path):
+    args = ple.parse_args(["--learning_rate", "-1e-4", "--tau0", "-.5", "--seed", "-1"])
+    assert (args.learning_rate, args.tau0, args.seed) == (-1e-4, -0.5, -1)
+    out = tmp_path / "o"
+    for bad, refused in [({"learning_rate": -1e-4}, "--learning_rate: must be a positive number"),
+                         ({"seed": -1}, r"--seed: must be in \[0, 2\*\*32\)"),
+                         ({"seed": 2**32}, r"--seed: must be in \[0, 2\*\*32\)")]:
+        with pytest.raises(ple.PLEError, match=refused):
+            ple.train(make_args(model_dir, data_file, principles_file, out, **bad))
+        assert not out.exists()
 
 
 def test_bad_principles(model_dir, data_file, tmp_path):
@@ -958,14 +973,12 @@ def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_f
     with pytest.raises(ple.PLEError, match="the reward raised RuntimeError"):
         ple.train(make_args(model_dir, data_file, principles_file, out, reward="tests.rewards:late_reward"))
     assert (out / "args.json").exists() and not ple.checkpoints(str(out))
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))  # corrected, no --resume
+    with pytest.raises(ple.PLEError, match=r"--resume: .*run holds no checkpoint to continue from; pass "
+                                           r"--overwrite_output_dir to start its run again"):
+        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=True))
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, overwrite_output_dir=True))
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
     assert json.loads((out / "args.json").read_text())["reward"] == "tests.rewards:word_reward"
-    again = tmp_path / "again"
-    with pytest.raises(ple.PLEError):
-        ple.train(make_args(model_dir, data_file, principles_file, again, reward="tests.rewards:late_reward"))
-    ple.train(make_args(model_dir, data_file, principles_file, again, iterations=1, resume=True))  # --resume too
-    assert [m["iteration"] for m in read_jsonl(again / "metrics.jsonl")] == [0]
 
 
 def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, data_file, principles_file, tmp_path,
@@ -1023,21 +1036,22 @@ def test_bad_reward_values_fail_before_training(model_dir, data_file, principles
 
 def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "run"
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
-    saved = (out / "final" / "model.safetensors").stat().st_mtime
-    with pytest.raises(ple.PLEError, match="already holds a run"):
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2))
+    before = listing(out)
+    with pytest.raises(ple.PLEError, match=r"run is not empty \(args.json, checkpoint-2, final, metrics.jsonl, "
+                                           r"\.\.\.\): pass --resume .* --overwrite_output_dir .* or another"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
     with pytest.raises(ple.PLEError, match=r"--tau0 0.2 there, 0.5 now"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, tau0=0.5, resume=True))
-    with pytest.raises(ple.PLEError, match="holds no run"):
-        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "empty", resume=True))
-    # a run stopped before its first checkpoint can be resumed: it starts again from iteration 0
-    early = tmp_path / "early"
-    early.mkdir()
-    (early / "args.json").write_text((out / "args.json").read_text().replace(str(out), str(early)))
-    ple.train(make_args(model_dir, data_file, principles_file, early, iterations=1, resume=True))
-    assert [m["iteration"] for m in read_jsonl(early / "metrics.jsonl")] == [0]
-    assert (out / "final" / "model.safetensors").stat().st_mtime == saved  # nothing saved was touched
+    with pytest.raises(ple.PLEError, match=r"it has done 2 iterations, more than --iterations 1"):
+        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=True))
+    with pytest.raises(ple.PLEError, match="not both"):
+        ple.train(make_args(model_dir, data_file, principles_file, out, resume=True, overwrite_output_dir=True))
+    assert listing(out) == before  # nothing saved was touched
+    missing = tmp_path / "missing"
+    with pytest.raises(ple.PLEError, match="missing holds no checkpoint to continue from; start a run there without"):
+        ple.train(make_args(model_dir, data_file, principles_file, missing, resume=True))
+    assert not missing.exists()  # (not even made, to hold a lock)
 
 
 
@@ -1114,26 +1128,72 @@ def listing(folder):
     return found
 
 
-def test_a_folder_that_is_not_a_run_is_refused_before_a_byte_is_written(model_dir, data_file, principles_file,
-                                                                        tmp_path, monkeypatch):
+@pytest.mark.parametrize("mark", ['{"written_by": "ple.py"}', '{"tau0": 0.2}'])
+def test_a_run_never_writes_into_a_folder_it_did_not_make(model_dir, data_file, principles_file, tmp_path,
+                                                          monkeypatch, mark):
     mine = tmp_path / "mine"
-    for name, text in [("final/notes.txt", "my notes"), ("iter-3/plan.md", "plan"), ("args.json", '{"my": 1}'),
-                       ("metrics.jsonl", "{}\n"), ("samples/iter-000.jsonl", "{}\n")]:
+    for name, text in [("final/notes.txt", "my notes"), ("iter-3/plan.md", "plan"), ("args.json", mark),
+                       ("metrics.jsonl", "{}\n"), ("samples/iter-000.jsonl", "{}\n"), ("checkpoint-7.tmp/x", "x")]:
         (mine / name).parent.mkdir(parents=True, exist_ok=True)
         (mine / name).write_text(text)
     before = listing(mine)
-    for resume in (False, True):
-        with pytest.raises(ple.PLEError, match=r"--output_dir .*mine holds files that are not a ple.py run "
-                                               r"\(args.json, final, iter-3, metrics.jsonl, \.\.\.\)"):
-            ple.train(make_args(model_dir, data_file, principles_file, mine, resume=resume))
+    for flags, refused in [({}, r"mine is not empty \(args.json, checkpoint-7.tmp, final, iter-3, \.\.\.\): pass "
+                                r"--resume to continue the run it holds, --overwrite_output_dir to replace it"),
+                           ({"resume": True}, r"mine holds no checkpoint to continue from"),
+                           ({"overwrite_output_dir": True}, r"mine: ple.py did not write checkpoint-7.tmp/x, "
+                                                            r"final/notes.txt, iter-3/plan.md, in a folder it "
+                                                            r"replaces: move them out first")]:
+        with pytest.raises(ple.PLEError, match=refused):  # no mark a user can write makes the folder ple.py's
+            ple.train(make_args(model_dir, data_file, principles_file, mine, **flags))
         assert listing(mine) == before  # nothing removed, overwritten or added (not even a lock)
+    (mine / "checkpoint-7.tmp" / "x").unlink()
+    (mine / "iter-3" / "plan.md").unlink()
+    with pytest.raises(ple.PLEError, match=r"ple.py did not write final/notes.txt, in a folder"):
+        ple.train(make_args(model_dir, data_file, principles_file, mine, overwrite_output_dir=True))
     monkeypatch.chdir(HERE)  # --output_dir . in the repository
-    with pytest.raises(ple.PLEError, match=r"--output_dir \. holds files that are not a ple.py run"):
+    with pytest.raises(ple.PLEError, match=r"--output_dir \. is not empty"):
         ple.train(make_args(model_dir, data_file, principles_file, "."))
     empty = tmp_path / "empty"
     empty.mkdir()
-    ple.train(make_args(model_dir, data_file, principles_file, empty, iterations=1))  # an empty folder is fine
-    assert json.loads((empty / "args.json").read_text())["written_by"] == "ple.py"
+    (empty / ".ple.lock").write_text("")  # a lock file alone (a refused or killed start) still leaves it empty
+    ple.train(make_args(model_dir, data_file, principles_file, empty, iterations=1))
+    assert [m["iteration"] for m in read_jsonl(empty / "metrics.jsonl")] == [0]
+
+
+def test_overwrite_replaces_only_what_ple_py_wrote(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "run"
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=3, save_every=1))
+    (out / "eval.json").write_text("{}")  # beside the run: an evaluation, the user's notes
+    (out / "notes.txt").write_text("mine")
+    shutil.rmtree(out / "checkpoint-3")  # a finished run whose checkpoint was deleted to save space
+    for flags in ({}, {"resume": True}):
+        with pytest.raises(ple.PLEError, match="not empty|no checkpoint"):
+            ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, **flags))
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3 and (out / "final").is_dir()
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, overwrite_output_dir=True))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
+    assert sorted(os.listdir(out)) == [".ple.lock", "args.json", "checkpoint-1", "eval.json", "final",
+                                       "metrics.jsonl", "notes.txt", "samples"]  # iter-1..3/ gone, with samples 1, 2
+    assert os.listdir(out / "samples") == ["iter-000.jsonl"] and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("link", [".ple.lock", "final", "samples/iter-000.jsonl", "checkpoint-1/trainer_state.pt"])
+def test_a_link_in_the_run_folder_is_refused_and_never_written_through(model_dir, data_file, principles_file,
+                                                                       tmp_path, link):
+    out, target = tmp_path / "run", tmp_path / "elsewhere"
+    target.write_text("not to be touched")
+    if link == ".ple.lock":  # a new folder whose lock file is a link
+        out.mkdir()
+    else:
+        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
+        shutil.rmtree(out / link) if (out / link).is_dir() else (out / link).unlink()
+    (out / link).symlink_to(target)
+    before = listing(out)
+    said = rf"run holds a link, {re.escape(link)}; ple.py never writes through one: remove it or pass another"
+    for flags in ({}, {"resume": True}, {"overwrite_output_dir": True}):  # (a new run: a full folder is refused)
+        with pytest.raises(ple.PLEError, match=said if flags or link == ".ple.lock" else "run is not empty"):
+            ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, **flags))
+    assert target.read_text() == "not to be touched" and listing(out) == before
 
 
 HOLD_LOCK = "import sys, time, ple; ple.claim_output_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"
@@ -1142,19 +1202,20 @@ HOLD_LOCK = "import sys, time, ple; ple.claim_output_dir(sys.argv[1]); print('he
 def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_does_not_block(
         model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    before = listing(out)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
-        for resume in (False, True):
+        for flags in ({"resume": True}, {"overwrite_output_dir": True}):
             with pytest.raises(ple.PLEError, match=r"--output_dir .*run is in use by another run"):
-                ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=resume))
-        assert os.listdir(out) == [".ple.lock"]  # the refused runs wrote nothing
+                ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, **flags))
+        assert listing(out) == before  # the refused runs wrote nothing
     finally:
         holder.kill()  # as SIGKILL would: the lock file stays, the lock goes with the process
         holder.wait()
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
-    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
 def test_resume_and_eval_refuse_inputs_that_changed_since_training(model_dir, data_file, principles_file, tmp_path):
