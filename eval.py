@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import List, Literal, Optional
@@ -389,7 +390,7 @@ def load_tokenizer(name):
 
     folder, gguf = ple.find_gguf(ple.stored_path(name))
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     except Exception as e:
         raise PLEError(f"could not load the tokenizer of '{name}': {ple.load_hint(name, e)}") from None
 
@@ -660,23 +661,11 @@ def cache_path(args, name, queries, output):
 
 
 def model_fingerprint(name):
-    """A local model as its files' names and contents (hashed; a LoRA adapter's base model too): what a
-    cached generation must match. None for a Hub id: its revision is the Hub's business."""
-    folder, gguf = ple.find_gguf(ple.stored_path(name))
-    path = os.path.join(folder, gguf) if gguf else folder
-    if not os.path.exists(path):
-        return None
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    found = [[os.path.basename(f), file_hash(f)] for f in files if os.path.isfile(f)]
-    return found + ([["base", model_fingerprint(adapter_base(folder))]] if is_adapter(folder) else [])
-
-
-def file_hash(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**24):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """ple.model_fingerprint (a local model's files, a Hub id's commit), a LoRA adapter's base model too: what a
+    cached generation must match."""
+    folder = ple.stored_path(name)
+    found = ple.model_fingerprint(folder)
+    return found + [["base", model_fingerprint(adapter_base(folder))]] if is_adapter(folder) else found
 
 
 def read_cache(path, args, queries, reference):
@@ -793,15 +782,31 @@ def check_models(names):
         if gguf or is_adapter(folder):
             continue
         try:
-            AutoConfig.from_pretrained(folder)
+            AutoConfig.from_pretrained(folder, trust_remote_code=False)
         except Exception as e:
             raise PLEError(f"could not load model '{name}': {ple.load_hint(name, e)}") from None
 
 
-def check_writable(path):
+def claim_output(path):
+    """--output: a new file, or one eval.py wrote (an evaluation, complete or not), held by this evaluation alone
+    (a lock beside it) until it is written: what is not eval.py's is never replaced, two evaluations never both
+    write it."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise PLEError(f"--output {path}: the folder {folder} does not exist")
+    if os.path.lexists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            ours = isinstance(saved, dict) and isinstance(saved.get("generations"), dict)
+        except (OSError, ValueError):
+            ours = False
+        if not ours or os.path.islink(path):
+            raise PLEError(f"--output {path} exists and is not an evaluation eval.py wrote: pass another --output "
+                           "(eval.py replaces only its own)")
+    ple.hold_lock(os.path.join(folder, f".{os.path.basename(path)}.lock"),
+                  f"--output {path} is being written by another evaluation; wait until it ends, or pass another "
+                  "--output")
     try:
         with open(path + ".tmp", "w"):
             pass
@@ -815,14 +820,27 @@ def check_writable(path):
 # ================================================================================================
 
 def main(argv=None):
+    ple.stop_on_signals()  # SIGTERM and SIGHUP end it as Ctrl-C does
+    args = None
     try:
         args = ple.parse_args(sys.argv[1:] if argv is None else argv, EvalArgs)
         home = os.path.expanduser  # ~/x is a path, as in a shell
         args = replace(args, models=[home(m) for m in args.models], frontier=[home(r) for r in args.frontier],
                        **{k: home(v) for k in PATHS if isinstance(v := getattr(args, k), str)})
         report = run(args)
-    except (PLEError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        sys.unraisablehook = lambda unraisable: None
+        how = e.args[0] if isinstance(e, ple.Terminated) else "Ctrl-C"
+        print(f"stopped by {how}: the generations of every model that finished are kept in the cache (--cache; "
+              "default eval_cache/ beside --output), and the same command reuses them", file=sys.stderr)
+        sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
+    except SystemExit:
+        if args is None:  # --help
+            raise
+        print(ple.error_line(sys.exc_info()[1]), file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # bad input, a failed load, a full disk, anything else: one line
+        print(ple.error_line(e), file=sys.stderr)
         sys.exit(2)
     if report is not None:
         print(frontier_markdown(report["frontier"]) if "frontier" in report else markdown(report))
@@ -895,7 +913,7 @@ def resolved(args):
         run = saved_run_args(args.models[0])
         args = replace(args, chat_template=run.get("chat_template", "auto") if run else "task")
     output = args.output or default_output(args)
-    check_writable(output)
+    claim_output(output)
     ple.read_principles(ple.resolve_path(args.principles), args.task)
     return args, output
 
@@ -923,6 +941,7 @@ def load_judges(args, queries, device):
 def write_report(report, record, output):
     report = portable({**report, "generations": record})
     write_json(output, report)
+    ple.release_lock(os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.lock"))
     print(f"wrote {output}")
     return report
 

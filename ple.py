@@ -15,10 +15,9 @@ Run it:
     python ple.py --model gpt2 --reward lvwerra/distilbert-imdb --dataset stanfordnlp/imdb
     accelerate launch --multi_gpu --num_processes 8 ple.py ...   # data parallel; an Accelerate FSDP config shards
 
-Reading order: the arguments, then the method in the order of Algorithm 1 (principle-guided query,
-sampling, reward, threshold, sequence log-probabilities, loss, one iteration, the loop). The method
-calls nothing below the marked line, so it can be copied alone; below it: the command line, loading,
-checks, checkpoints and output files. What the paper fixes and what this file decides is in README.md.
+Reading order: the arguments, then the method in the order of Algorithm 1 (principle-guided query, sampling, reward,
+threshold, sequence log-probabilities, loss, one iteration, the loop), which calls nothing below the marked line: copy
+it alone. Below: command line, loading, checks, checkpoints, output files. Paper and decisions: README.md.
 """
 import math
 import re
@@ -62,8 +61,7 @@ class Args:
                                                                  "turn, or as the system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
-    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir: ple.py removes its own files there, no "
-                                            "other (a new run otherwise takes only a missing or empty folder)")
+    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir (only the files ple.py wrote go)")
     save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (eval.py --frontier); 0: off")
     report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
         "none", "also log each iteration's metrics to this tracker (Accelerate's; metrics.jsonl is always written)")
@@ -618,7 +616,7 @@ def main(argv=None):
 
 def stopped_message(args, argv, how):
     """One line: what the stopped run has saved, and the exact command that continues it."""
-    found = [] if args.overwrite_output_dir else checkpoints(args.output_dir)  # (replaced: only the new run counts)
+    found = checkpoints(args.output_dir)
     flag = ["--resume"] if found else ["--overwrite_output_dir"]
     command = shlex.join(["python", sys.argv[0], *[a for a in argv if a not in ("--resume", "--overwrite_output_dir")],
                           *flag])
@@ -1281,8 +1279,9 @@ def start_accelerator(args):
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise PLEError("DeepSpeed is not supported by ple.py; shard with Accelerate's FSDP instead (accelerate "
                        "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in your accelerate config)")
+    trackers = ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, "logs"))  # (tensorboard: logs/)
     accelerator = Accelerator(cpu=args.device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
-                              project_config=ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, "logs")))
+                              project_config=trackers)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not is_sharded(accelerator):
         raise PLEError(f"Accelerate shards with FSDP on GPUs only, not on {accelerator.device.type}: launch without "
                        "--use_fsdp (data parallel)")
@@ -1514,11 +1513,12 @@ def write_jsonl(path, records, mode="a"):
 RESUMABLE = {"resume", "overwrite_output_dir", "iterations", "device", "output_dir", "save_every", "report_to"}
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
 # The files ple.py writes in a run folder (paths relative to it); a model folder holds what save_pretrained writes
-OWN = re.compile(r"(args\.json|metrics\.jsonl|samples/iter-\d+\.jsonl)(\.tmp)?|logs/[^/]+/events\.out\.tfevents\.[^/]+|"
-                 r"(checkpoint-\d+|iter-\d+|final)(\.tmp)?/((model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?|"
-                 r"(adapter_|generation_|tokenizer_|preprocessor_)?config\.json|tokenizer\.json|special_tokens_map\.json|"
-                 r"added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|(tokenizer|spiece)\.model|"
-                 r"README\.md|trainer_state\.pt)|\.ple\.lock")
+OWN = re.compile(r"(args\.json|metrics\.jsonl|samples/iter-\d+\.jsonl)(\.tmp)?|\.ple\.lock|"
+                 r"logs/[^/]+/events\.out\.tfevents\.[^/]+|(checkpoint-\d+|iter-\d+|final)(\.tmp)?/("
+                 r"(model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer\.json|"
+                 r"(adapter_|generation_|tokenizer_|preprocessor_)?config\.json|special_tokens_map\.json|"
+                 r"added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|"
+                 r"(tokenizer|spiece)\.model|README\.md|trainer_state\.pt)")
 OWN_FOLDER = re.compile(r"samples|logs|(checkpoint-\d+|iter-\d+|final)(\.tmp)?")  # what a run replaces whole
 
 
@@ -1596,21 +1596,21 @@ def prepare_output_dir(args, accelerator, inputs):
         raise PLEError("pass --resume (continue the run in --output_dir) or --overwrite_output_dir (replace it), "
                        "not both")
     if names and not (args.resume or args.overwrite_output_dir):
-        raise PLEError(f"--output_dir {folder} is not empty ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): "
-                       "pass --resume to continue the run it holds, --overwrite_output_dir to replace it (ple.py "
+        raise PLEError(f"--output_dir {folder} is not empty ({', '.join(names[:4])}{', ...' * (len(names) > 4)}): pass"
+                       " --resume to continue the run it holds, --overwrite_output_dir to replace it (ple.py "
                        "removes only its own files), or another --output_dir")
     ours = [n for n in names + [LOCK] if OWN.fullmatch(n) or OWN_FOLDER.fullmatch(n)]  # where ple.py writes
-    files = [n for n in ours if os.path.islink(os.path.join(folder, n)) or os.path.isfile(os.path.join(folder, n))] + [
-        os.path.relpath(os.path.join(top, n), folder).replace(os.sep, "/") for name in ours
-        for top, dirs, found in os.walk(os.path.join(folder, name))
-        for n in found + [d for d in dirs if os.path.islink(os.path.join(top, d))]]
+    files = [n for n in ours if os.path.islink(os.path.join(folder, n)) or os.path.isfile(os.path.join(folder, n))]
+    files += [os.path.relpath(os.path.join(top, n), folder).replace(os.sep, "/") for name in ours  # and what they hold
+              for top, dirs, found in os.walk(os.path.join(folder, name))
+              for n in found + [d for d in dirs if os.path.islink(os.path.join(top, d))]]
     links = [f for f in files if os.path.islink(os.path.join(folder, f))]
     if links:
         raise PLEError(f"--output_dir {folder} holds a link, {links[0]}; ple.py never writes through one: remove it "
                        "or pass another --output_dir")
     if args.resume and not checkpoints(folder):
         raise PLEError(f"--resume: {folder} holds no checkpoint to continue from" + (
-            "; pass --overwrite_output_dir to start its run again" if names else "; start a run there without --resume"))
+            "; pass --overwrite_output_dir to start its run again" if names else "; start one without --resume"))
     foreign = sorted(f for f in files if not OWN.fullmatch(f)  # (continued, samples/ and logs/ are only added to)
                      and (args.overwrite_output_dir or not f.startswith(("samples/", "logs/"))))
     if foreign:

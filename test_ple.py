@@ -579,7 +579,7 @@ def test_metrics_also_go_to_a_tracker(model_dir, data_file, principles_file, tmp
 
     out = tmp_path / "run"
     ple.train(make_args(model_dir, data_file, principles_file, out, report_to="tensorboard"))
-    [events] = glob.glob(str(out / "run" / "events.out.tfevents.*"))  # Accelerate's tracker, named for the run
+    [events] = glob.glob(str(out / "logs" / "run" / "events.out.tfevents.*"))  # Accelerate's tracker, in logs/
     board = EventAccumulator(events)
     board.Reload()
     metrics = read_jsonl(out / "metrics.jsonl")
@@ -703,9 +703,9 @@ def test_model_that_always_ends_at_once(tokenizer, tmp_path, data_file, principl
 # the command line and bad input
 # ------------------------------------------------------------------------------------------------
 
-def cli(*argv, env=None):
+def cli(*argv, env=None, input=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "ple.py"), *argv], cwd=HERE, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+                          text=True, timeout=600, env={**os.environ, **(env or {})}, input=input)
 
 
 @pytest.mark.slow
@@ -734,7 +734,8 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exac
              "4", "--lora_r", "0", "--learning_rate", "1e-2", "--device", "cpu", "--iterations", "40"]
     straight = tmp_path / "straight"
     assert cli(*flags, "--output_dir", str(straight)).returncode == 0
-    for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")):
+    for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM"),
+                            (signal.SIGHUP, 129, "SIGHUP")):  # (a closed terminal)
         out = tmp_path / name
         run = subprocess.Popen([sys.executable, os.path.join(HERE, "ple.py"), *flags, "--output_dir", str(out)],
                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -839,6 +840,127 @@ def test_negative_numbers_are_values_and_bad_values_are_refused_before_anything_
         assert not out.exists()
 
 
+@pytest.mark.parametrize("failure, line", [
+    (RuntimeError("boom"), "error: RuntimeError: boom (PLE_DEBUG=1 shows where)"),
+    (SystemExit(3), "error: sys.exit(3) was called (PLE_DEBUG=1 shows where)"),  # (a library, a callback)
+    (ple.PLEError("--x: bad"), "error: --x: bad"),
+])
+@pytest.mark.parametrize("program", ["ple", "eval"])
+def test_any_failure_ends_in_one_line_and_ple_debug_shows_its_traceback(failure, line, program, capsys,
+                                                                        monkeypatch):
+    module = ple if program == "ple" else ple_eval
+
+    def fails(args):
+        raise failure
+
+    monkeypatch.setattr(module, "train" if program == "ple" else "run", fails)
+    monkeypatch.delenv("PLE_DEBUG", raising=False)
+    for debug in (False, True):
+        if debug:
+            monkeypatch.setenv("PLE_DEBUG", "1")
+        with pytest.raises(SystemExit) as stop:
+            module.main(["--output_dir", "unused"] if program == "ple" else ["--plot", "unused"])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.strip().splitlines()[-1] == (
+            line.replace(" (PLE_DEBUG=1 shows where)", "") if debug else line)
+        assert ("Traceback" in err) == debug
+
+
+def test_ctrl_c_in_eval_ends_in_one_line_that_says_what_is_kept(capsys, monkeypatch):
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ple_eval, "run", stopped)
+    with pytest.raises(SystemExit) as stop:
+        ple_eval.main(["--plot", "unused"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip().splitlines() == [
+        "stopped by Ctrl-C: the generations of every model that finished are kept in the cache (--cache; default "
+        "eval_cache/ beside --output), and the same command reuses them"]
+
+
+def test_fewer_rows_than_num_queries_is_said_before_training(model_dir, data_file, principles_file, tmp_path,
+                                                             capsys):
+    ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o", iterations=1, num_queries=500))
+    found = len(read_jsonl(tmp_path / "o" / "samples" / "iter-000.jsonl"))
+    out = capsys.readouterr().out
+    assert f"note: --num_queries 500, but dataset {data_file} gives {found} queries: training on those {found}" in out
+    assert out.index("note: --num_queries") < out.index("iter 0:")
+
+
+CUSTOM_CODE = """
+open({marker!r}, "w").close()  # what a folder's code could do, had it been run
+from transformers import GPT2Config
+class Custom(GPT2Config):
+    model_type = "custom"
+"""
+
+
+def test_no_code_from_a_model_folder_runs_asked_or_not(model_dir, other_model_dir, data_file, principles_file,
+                                                       tmp_path):
+    custom = tmp_path / "custom"
+    shutil.copytree(model_dir, custom)
+    config = json.loads((custom / "config.json").read_text())
+    del config["model_type"]
+    config["auto_map"] = {"AutoConfig": "custom_code.Custom", "AutoModelForCausalLM": "custom_code.Custom"}
+    (custom / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "code-ran"
+    (custom / "custom_code.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
+    result = cli("--model", str(custom), "--reward", "tests.rewards:word_reward", "--dataset", data_file,
+                 "--principles", principles_file, "--output_dir", str(tmp_path / "o"), "--device", "cpu",
+                 input="y\n")  # were transformers to ask whether to run the folder's code, the answer is yes
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "[y/N]" not in result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: could not load model '{custom}'")
+    with pytest.raises(ple.PLEError, match="could not load model"):
+        ple_eval.run(eval_args([str(custom), other_model_dir], data_file, tmp_path / "e.json"))
+    assert not marker.exists()
+
+
+def test_resume_refuses_a_base_model_whose_files_changed(model_dir, data_file, principles_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(model_dir, base)
+    ple.train(make_args(str(base), data_file, principles_file, out, iterations=1, lora_r=4))
+    weights = load_file(base / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1e-3  # the same path, other weights under the adapter
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ple.PLEError, match=r"--resume: .*the files of --model .*base changed since the run started"):
+        ple.train(make_args(str(base), data_file, principles_file, out, iterations=2, lora_r=4, resume=True))
+    shutil.copytree(model_dir, base, dirs_exist_ok=True)  # the files as they were: it goes on
+    ple.train(make_args(str(base), data_file, principles_file, out, iterations=2, lora_r=4, resume=True))
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+
+
+def test_eval_never_replaces_a_file_it_did_not_write_and_one_output_has_one_writer(model_dir, other_model_dir,
+                                                                                   data_file, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    for text in ("my notes", '{"generations": []}', "[1, 2]"):
+        notes.write_text(text)
+        with pytest.raises(ple.PLEError, match=r"--output .*notes.txt exists and is not an evaluation eval.py wrote"):
+            ple_eval.run(eval_args([model_dir, other_model_dir], data_file, notes))
+        assert notes.read_text() == text
+    out = tmp_path / "e.json"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_EVAL_LOCK, str(out)], cwd=HERE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(ple.PLEError, match=r"--output .*e.json is being written by another evaluation"):
+            ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))
+    ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))  # its own file: replaced
+    assert json.loads(out.read_text())["generations"]["queries"]
+
+
+HOLD_EVAL_LOCK = ("import sys, time, eval; eval.claim_output(sys.argv[1]); print('held', flush=True); "
+                  "time.sleep(60)")
+
+
 def test_bad_principles(model_dir, data_file, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing but a comment\n")
@@ -894,6 +1016,7 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
      r"the reward raised ValueError: the reward server is down on a batch of 2"),
     (dict(reward="tests.rewards:scalar_reward"), r"returned 3.0 for a batch of 2 .*one number per answer"),
     (dict(reward="tests.rewards:none_reward"), r"returned None for a batch of 2"),
+    (dict(reward="tests.rewards:exiting_reward"), r"the reward raised SystemExit: 0 on a batch of 2"),
     (dict(reward="tests.rewards:huge_reward"), r"returned 1e\+39 for answer 0 of a batch .*finite float32"),
     (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
     (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
@@ -1049,7 +1172,7 @@ def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principle
         ple.train(make_args(model_dir, data_file, principles_file, out, resume=True, overwrite_output_dir=True))
     assert listing(out) == before  # nothing saved was touched
     missing = tmp_path / "missing"
-    with pytest.raises(ple.PLEError, match="missing holds no checkpoint to continue from; start a run there without"):
+    with pytest.raises(ple.PLEError, match="missing holds no checkpoint to continue from; start one without --resume"):
         ple.train(make_args(model_dir, data_file, principles_file, missing, resume=True))
     assert not missing.exists()  # (not even made, to hold a lock)
 
@@ -1292,7 +1415,7 @@ def test_weights_that_hold_nan_and_prompts_too_long_for_the_model_fail_before_sa
         ple.train(make_args(str(damaged), data_file, principles_file, tmp_path / "o"))
     with pytest.raises(ple.PLEError, match=r"6 of 6 queries do not fit the model's 256 positions: the longest, .* "
                                            r"tokens with the principles, plus --max_new_tokens 250"):
-        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o", max_new_tokens=250))
+        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o2", max_new_tokens=250))
 
 
 def test_bad_data_files_are_named_in_one_line_with_datasets_own_reason(model_dir, data_file, principles_file, tmp_path,

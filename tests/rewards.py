@@ -46,3 +46,9 @@ def late_reward(queries, answers):
     if any(answers):
         raise RuntimeError("fails only on real answers")
     return [0.0] * len(answers)
+
+
+def exiting_reward(queries, answers):
+    import sys
+
+    sys.exit(0)  # a reward that ends the process: the run must not end as if it succeeded
