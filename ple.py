@@ -1615,7 +1615,8 @@ def prepare_output_dir(args, accelerator, inputs):
                      and (args.overwrite_output_dir or not f.startswith(("samples/", "logs/"))))
     if foreign:
         raise PLEError(f"--output_dir {folder}: ple.py did not write {', '.join(foreign[:3])}"
-                       f"{', ...' if len(foreign) > 3 else ''}, in a folder it replaces: move them out first")
+                       f"{', ...' if len(foreign) > 3 else ''}, in a folder it replaces: move "
+                       f"{'it' if len(foreign) == 1 else 'them'} out first")
     if accelerator.is_main_process:
         claim_output_dir(folder)
         ours.remove(LOCK)
