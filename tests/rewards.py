@@ -52,3 +52,12 @@ def exiting_reward(queries, answers):
     import sys
 
     sys.exit(0)  # a reward that ends the process: the run must not end as if it succeeded
+
+
+SCORED = []  # every batch of values logged_length_reward returned
+
+
+def logged_length_reward(queries, answers):
+    values = [float(len(a)) for a in answers]
+    SCORED.append(values)
+    return values
