@@ -1331,7 +1331,7 @@ def test_a_run_never_writes_into_a_folder_it_did_not_make(model_dir, data_file, 
         assert listing(mine) == before  # nothing removed, overwritten or added (not even a lock)
     (mine / "checkpoint-7.tmp" / "x").unlink()
     (mine / "iter-3" / "plan.md").unlink()
-    with pytest.raises(ple.PLEError, match=r"did not write final/notes.txt, in a folder it replaces: move it out first"):
+    with pytest.raises(ple.PLEError, match=r"did not write final/notes.txt, in a folder it replaces: move it out"):
         ple.train(make_args(model_dir, data_file, principles_file, mine, overwrite_output_dir=True))
     monkeypatch.chdir(HERE)  # --output_dir . in the repository
     with pytest.raises(ple.PLEError, match=r"--output_dir \. is not empty"):
