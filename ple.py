@@ -1374,7 +1374,7 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
             if n != it.t + 1:
                 shutil.rmtree(older)
         print(progress_line(it, record), flush=True)
-        if it.t == 0 and guidance_note(record):
+        if it.t == 0 and args.loss == "ple" and guidance_note(record):
             print(guidance_note(record), flush=True)
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # the trackers
     accelerator.wait_for_everyone()
@@ -1450,10 +1450,12 @@ def summary(args, records, n_queries):
         ranked = sum(r["ranked_share"] * n_queries for r in records)
         clearly = "" if first["guidance_gain"] > 2 * first["guidance_gain_se"] else ": not clearly above 0"
         lines.append(f"guidance gain at iteration {first['iteration']}: g = mean(r_p - r) = "
-                     f"{first['guidance_gain']:+.3f} ± {first['guidance_gain_se']:.3f}{clearly}; pairs ranked: "
-                     f"{ranked:.0f} of {n_queries * len(records)}, the rest weighted SFT")
+                     f"{first['guidance_gain']:+.3f} ± {first['guidance_gain_se']:.3f}{clearly}" + (
+                         f"; pairs ranked: {ranked:.0f} of {n_queries * len(records)}, the rest weighted SFT"
+                         if args.loss == "ple" else ""))
     flags = ["--task", args.task] if args.task != "sentiment" else []
     flags += ["--dataset", args.dataset] if args.dataset != Args.dataset else []
+    flags += ["--principles", args.principles] if args.principles != Args.principles else []
     evaluate = shlex.join(["python", "eval.py", "--models", final, args.model, "--reward", args.reward, *flags])
     return "\n".join(lines + [f"the model: {final}", f"next: {evaluate}   # against the untrained model",
                                f"      python eval.py --plot {shlex.quote(args.output_dir)}   # the training curve"])
