@@ -1869,8 +1869,14 @@ def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
     pytest.importorskip("matplotlib")
     run_dir = tmp_path / "run"
     ple.train(make_args(model_dir, data_file, principles_file, run_dir, iterations=2))
+    import matplotlib.pyplot as plt
+    plt.close("all")
     ple_eval.run(ple_eval.EvalArgs(plot=str(run_dir)))
     assert (run_dir / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = plt.gcf().axes  # every curve on an axis of its own unit, and every axis says what it shows
+    assert len(axes) == 3 and all(ax.get_xlabel() == "iteration" and ax.get_ylabel() for ax in axes[:2])
+    assert {line.get_ydata()[0] for line in axes[2].lines} == {0.2}, "tau (reward units) has an axis of its own"
+    assert "tau" in axes[2].get_ylabel() and "ranked" in axes[1].get_ylabel()
     with pytest.raises(ple.PLEError, match="no metrics.jsonl"):
         ple_eval.run(ple_eval.EvalArgs(plot=str(tmp_path)))
 
