@@ -638,7 +638,7 @@ def plot_run(run_dir):
     left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
     left.plot(t, [r["reward_principle"] for r in records], "s--", label="answer to x_p (with principle)")
     left.set(xlabel="iteration", ylabel="mean reward", title="The principle being internalised")
-    left.legend()
+    fig.legend(*left.get_legend_handles_labels(), loc="lower left", ncol=2, frameon=False)  # below, off the lines
     right.plot(t, [r["ranked_share"] for r in records], "o-", color="C0")
     right.set(xlabel="iteration", ylim=(0, 1), title="Ranking branch and threshold")
     right.set_ylabel("share of pairs ranked", color="C0")
@@ -646,7 +646,9 @@ def plot_run(run_dir):
     tau.plot(t, [r["tau"] for r in records], "s--", color="C1")
     tau.set(ylim=(0, None))
     tau.set_ylabel("threshold tau (reward units)", color="C1")
-    fig.tight_layout()
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # iterations are whole numbers
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = os.path.join(run_dir, "training_curve.png")
     fig.savefig(out, dpi=120)
     return out

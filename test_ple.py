@@ -245,6 +245,13 @@ def test_build_principle_query_and_read_principles(tmp_path):
         assert ple.read_principles(os.path.join(HERE, "principles.txt"), task)
 
 
+def test_the_shipped_sentiment_principles_are_the_guidance_the_default_was_chosen_with():
+    # experiments/default measured this text's guidance gain and chose the default's settings with it
+    praise = os.path.join(HERE, "experiments", "imdb", "guidance", "texts", "praise.txt")
+    assert ple.read_principles(os.path.join(HERE, "principles.txt"), "sentiment") == \
+        ple.read_principles(praise, "sentiment")
+
+
 def test_chat_models_get_queries_through_their_template_base_models_plain_text(tokenizer):
     tokenizer = copy.deepcopy(tokenizer)  # changed below: a copy
     prefix = ple.TASKS["sentiment"].chat_prefix
@@ -764,6 +771,31 @@ def test_a_run_reports_its_guidance_gain_and_ends_with_a_summary_whose_command_r
                                timeout=600)  # the next command, as printed, evaluates the run
     assert evaluated.returncode == 0 and f"wrote {out / 'eval.json'}" in evaluated.stdout, evaluated.stderr
     assert lines[-1].split("   #")[0].split() == ["python", "eval.py", "--plot", str(out)]
+
+
+def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_bounds(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "experiments", "default", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    loops, fresh = "a fine film a fine film", "a fine film with a great cast"
+    paths = []
+    # (learning rate, iteration, reward, distinct-2, answers): the best reward loops, another is too repetitive
+    for lr, it, reward, d2, answer in ((1e-4, 4, 0.20, 0.7, fresh), (1e-4, 8, 0.50, 0.7, loops),
+                                       (5e-5, 6, 0.25, 0.7, fresh), (5e-5, 12, 0.30, 0.5, fresh)):
+        run = tmp_path / f"lr{lr}"
+        run.mkdir(exist_ok=True)
+        (run / "args.json").write_text(json.dumps({"learning_rate": lr, "iterations": 12}))
+        stats = {"mean_reward": reward, "stderr": 0.05, "kl": 1.0, "kl_stderr": 0.1, "distinct_2": d2}
+        models = {str(run / f"iter-{it}"): stats, "untrained": {**stats, "mean_reward": 0.1}}
+        paths.append(tmp_path / f"val_{lr}_{it}.json")
+        paths[-1].write_text(json.dumps({
+            "candidate": str(run / f"iter-{it}"), "baselines": ["untrained"], "models": models,
+            "win_rates": {"untrained": {"rate": 0.6, "ci_low": 0.5, "ci_high": 0.7}},
+            "generations": {"models": {name: {"answers": [[answer, fresh]] * 10} for name in models}}}))
+    assert report.select([str(p) for p in paths]) == (5e-5, 6)
+    assert "chosen: learning rate 5e-5, 6 iterations" in capsys.readouterr().out
+    assert report.select([str(paths[1])]) is None  # nothing within the bounds: nothing chosen
 
 
 def test_eval_measures_the_guidance_gain_of_principles_files_before_training(model_dir, data_file, principles_file,

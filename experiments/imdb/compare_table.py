@@ -29,6 +29,8 @@ from eval import copying_share, distinct_n, mean_and_error, win_rate  # noqa: E4
 from methods import METHODS, NAMES, method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
 
+TODAY = "experiments/imdb/guidance/texts/today.txt"  # the principles every comparison run read
+
 
 def merged(folder, prefix):
     """The results files whose names start with prefix as one: their models side by side."""
@@ -97,7 +99,7 @@ def main(folder, untrained=NAMES["untrained"], against=None):
         r = win_rate(pooled(judge[a]), pooled(judge[b]))
         return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
 
-    principles = ple.read_principles(ple.resolve_path(report["settings"].get("principles", "principles.txt")),
+    principles = ple.read_principles(ple.resolve_path(report["settings"].get("principles", TODAY)),
                                      report["settings"]["task"])
     n = len(report["generations"]["queries"])
     print(f"{n} held-out test queries, one answer each per model; {'baseline' if against else 'strongest baseline'}: "

@@ -74,7 +74,8 @@ EOF
     rm -f "$RUNS/gemma-3-270m-q4_k_m.gguf" ;;
   gain)
     python experiments/imdb/prompt_formats.py --model "$MODEL" --reward "$RM" --dataset "$TRAIN_DATA" --n 100 \
-      --samples 4 --guidance principles.txt experiments/imdb/guidance/texts/fewshot.txt --output "$OUT/gain.json" \
+      --samples 4 --guidance experiments/imdb/guidance/texts/today.txt experiments/imdb/guidance/texts/fewshot.txt \
+      --output "$OUT/gain.json" \
       2>/dev/null | tee "$OUT/gain.md"
     python - "$OUT/gain.json" > "$OUT/guidance.txt" <<'EOF'
 import json, sys

