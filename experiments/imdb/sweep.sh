@@ -37,7 +37,7 @@ for method in $METHODS; do
     start=$(date +%s)
     read -ra command <<< "$(python experiments/imdb/methods.py command "$method")"   # script and method flags
     python "${command[@]}" "${common[@]}" --learning_rate "$lr" --output_dir "$RUNS/$name" \
-      2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|error" || true
+      2>&1 | tr '\r' '\n' | grep -a "^iter\|^rloo\|^dpo\|^sdft\|error" || true
     trained=$(( $(date +%s) - start ))
     [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
     python eval.py --models "$RUNS/$name/final" "$MODEL" --reward "$RM" --dataset "$DATA" \

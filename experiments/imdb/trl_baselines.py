@@ -1,9 +1,10 @@
-"""The paper's TRL baselines on ple.py's task: online DPO and RLOO, with the same queries, prompts and reward.
+"""The TRL baselines on ple.py's task: online DPO, RLOO and SDFT, with the same queries, prompts and reward.
 
     pip install -r experiments/imdb/requirements.txt
     python experiments/imdb/trl_baselines.py --method rloo --reward runs/imdb/rm --dataset stanfordnlp/imdb \
         --lora_r 8 --lora_alpha 16 --learning_rate 1e-4 --output_dir runs/imdb/rloo_s0
     python experiments/imdb/trl_baselines.py --method dpo ...
+    python experiments/imdb/trl_baselines.py --method sdft --teacher live --chat_template off ...   # no reward model
 
 Every flag of ple.py means the same here (`--help`); the loss is TRL's. The same budget as a ple.py run:
 --iterations passes over the --num_queries training queries, 2 answers to each query per pass, and
@@ -12,6 +13,10 @@ Every flag of ple.py means the same here (`--help`); the loss is TRL's. The same
   starting model through DPO's beta (--kl_coef).
 - rloo: TRL's RLOOTrainer (REINFORCE with a leave-one-out baseline over the 2 answers; TRL 1.x ships no
   PPOTrainer, and RLOO is the PPO family's critic-free member); KL penalty --kl_coef.
+- sdft: TRL's SDFT (trl.experimental), on-policy context distillation: the student answers x, the teacher
+  (--teacher: the current model, as PLE's y_p; the starting one; or an EMA of it) is shown ple.py's x_p exactly, the
+  --principles, a blank line, x, and the student is distilled toward the teacher's top-k token distribution
+  on the student's own answers. No reward model: --reward only checks the set-up and names the judge.
 Writes args.json (ple.py's fields, so eval.py holds out the training rows and finds the starting model),
 iter-N/ every --save_every passes (LoRA: the adapter; for eval.py --frontier) and final/ (merged).
 """
@@ -30,8 +35,14 @@ from ple import arg  # noqa: E402
 
 @dataclass
 class BaselineArgs(ple.Args):
-    method: Literal["dpo", "rloo"] = arg("rloo", "dpo: TRL's online DPO; rloo: TRL's RLOO")
+    method: Literal["dpo", "rloo", "sdft"] = arg("rloo", "dpo: TRL's online DPO; rloo: TRL's RLOO; sdft: TRL's "
+                                                          "SDFT, the principles as the teacher's context")
     kl_coef: float = arg(-1.0, "dpo: beta (default 0.1); rloo: KL penalty (default 0.05); -1: TRL's default")
+    teacher: Literal["base", "live", "ema"] = arg("live", "sdft: the model shown x_p: the current one (live, as PLE's "
+                                                          "y_p), the starting one (base, TRL's default) or an EMA")
+
+# SDFT's teacher prompt: the privileged context (the principles, one per line), a blank line, then x: ple.py's x_p
+TEACHER_TEMPLATE = "{privileged_context}\n\n{prompt}"
 
 
 def reward_function(reward, batch_size):
@@ -74,6 +85,10 @@ def run(args):
     ple.check_args(args)
     if args.loss != "ple" or args.sft_epochs:
         raise ple.PLEError("--loss and --sft_epochs are ple.py's; here the method is --method")
+    chat = ple.chat_prompts(args.chat_template, args.task)
+    if args.method == "sdft" and chat:
+        raise ple.PLEError("--method sdft needs plain-text prompts (--chat_template off): under a chat template the "
+                           "teacher's prompt would not be ple.py's x_p")
     queries, answers, sources = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task,
                                                  args.num_queries, args.seed, where=args.where)
     if ple.prepare_output_dir(args, PartialState(), {"data_sha256": ple.content_hash([queries, answers, sources])}):
@@ -86,10 +101,12 @@ def run(args):
 
     set_seed(args.seed)
     model, tokenizer = ple.load_policy(args.model, device, ple.pick_dtype(args.dtype, device))
-    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                                    chat=ple.chat_prompts(args.chat_template, args.task))
+    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix, chat=chat)
     prompts = [tokenizer.decode(ids) for ids in prompt_ids]  # rendered exactly as ple.py renders x
     data = Dataset.from_dict({"prompt": prompts, "query": queries})
+    if args.method == "sdft":  # plain text: TRL tokenizes x and x_p as ple.py does, special tokens included
+        principles = ple.read_principles(ple.resolve_path(args.principles), args.task)
+        data = Dataset.from_dict({"prompt": queries, "privileged_context": ["\n".join(principles)] * len(queries)})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM") if args.lora_r else None
     common = dict(output_dir=args.output_dir, learning_rate=args.learning_rate, num_train_epochs=args.iterations,
@@ -99,9 +116,17 @@ def run(args):
                   gradient_accumulation_steps=args.gradient_accumulation_steps,
                   gradient_checkpointing=args.gradient_checkpointing, lr_scheduler_type="constant",
                   weight_decay=0.0)
-    if args.kl_coef >= 0:
+    if args.kl_coef >= 0 and args.method != "sdft":
         common["beta"] = args.kl_coef
-    if args.method == "rloo":
+    if args.method == "sdft":
+        from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+        config = SDFTConfig(**common, num_generations=2, max_completion_length=args.max_new_tokens,
+                            per_device_train_batch_size=2 * args.mini_batch_size // args.gradient_accumulation_steps,
+                            teacher_model_kind=args.teacher, teacher_prompt_template=TEACHER_TEMPLATE)
+        trainer = SDFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                              peft_config=lora, callbacks=[save_passes(tokenizer, args)])
+    elif args.method == "rloo":
         from trl import RLOOConfig, RLOOTrainer
 
         config = RLOOConfig(**common, num_generations=2, max_completion_length=args.max_new_tokens,
