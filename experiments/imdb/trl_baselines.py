@@ -13,10 +13,10 @@ Every flag of ple.py means the same here (`--help`); the loss is TRL's. The same
   starting model through DPO's beta (--kl_coef).
 - rloo: TRL's RLOOTrainer (REINFORCE with a leave-one-out baseline over the 2 answers; TRL 1.x ships no
   PPOTrainer, and RLOO is the PPO family's critic-free member); KL penalty --kl_coef.
-- sdft: TRL's SDFT (trl.experimental), on-policy context distillation: the student answers x, the teacher
-  (--teacher: the current model, as PLE's y_p; the starting one; or an EMA of it) is shown ple.py's x_p exactly, the
-  --principles, a blank line, x, and the student is distilled toward the teacher's top-k token distribution
-  on the student's own answers. No reward model: --reward only checks the set-up and names the judge.
+- sdft: TRL's SDFT (trl.experimental), on-policy context distillation: the student answers x; the teacher
+  (--teacher: the current model, as PLE's y_p; the starting one; or an EMA of it) is shown ple.py's x_p
+  exactly (the --principles, a blank line, x); the student is distilled toward the teacher's top-k token
+  distribution on its own answers. Plain-text prompts only. No reward: --reward is loaded and checked, not used.
 Writes args.json (ple.py's fields, so eval.py holds out the training rows and finds the starting model),
 iter-N/ every --save_every passes (LoRA: the adapter; for eval.py --frontier) and final/ (merged).
 """
