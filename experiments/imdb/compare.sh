@@ -28,7 +28,7 @@ if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); el
 mkdir -p "$RUNS" "$OUT"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
         --chat_template off --principles "$TODAY")
-METHODS="ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"   # each one's script, flags and rate: methods.py
+METHODS=${METHODS:-"ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"}   # each one's script, flags, rate: methods.py
 sweep_rate() {  # a rate as sweep.sh names its runs (1e-4, 3e-5)
   python -c "import sys; print(f'{float(sys.argv[1]):.0e}'.replace('e-0', 'e-'))" "$1"
 }
