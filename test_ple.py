@@ -773,11 +773,17 @@ def test_a_run_reports_its_guidance_gain_and_ends_with_a_summary_whose_command_r
     assert lines[-1].split("   #")[0].split() == ["python", "eval.py", "--plot", str(out)]
 
 
-def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_bounds(tmp_path, capsys):
+def experiment_script(*path):
+    """An experiments/ script as a module (they are scripts, not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("report", os.path.join(HERE, "experiments", "default", "report.py"))
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    spec = importlib.util.spec_from_file_location(path[-1][:-3], os.path.join(HERE, "experiments", *path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_bounds(tmp_path, capsys):
+    report = experiment_script("default", "report.py")
     loops, fresh = "a fine film a fine film", "a fine film with a great cast"
     paths = []
     # (learning rate, iteration, reward, distinct-2, answers): the best reward loops, another is too repetitive
@@ -802,13 +808,9 @@ def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_
 def test_trl_sdft_baseline_shows_the_teacher_exactly_x_p_and_the_student_exactly_x(model_dir, data_file, tmp_path,
                                                                                  monkeypatch):
     pytest.importorskip("trl", reason="experiments/imdb/requirements.txt")
-    import importlib.util
     from transformers import AutoTokenizer
     from trl.experimental.sdft import SDFTTrainer
-    spec = importlib.util.spec_from_file_location("trl_baselines",
-                                                  os.path.join(HERE, "experiments", "imdb", "trl_baselines.py"))
-    baselines = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(baselines)
+    baselines = experiment_script("imdb", "trl_baselines.py")
     seen, tokenize = [], SDFTTrainer._tokenize_prompts
 
     def recording(self, prompts):  # every prompt the trainer tokenizes: the student's and the teacher's

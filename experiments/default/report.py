@@ -47,12 +47,11 @@ def main(run_dir, evaluation=None):
           "review | answer tokens | win rate of the PLE model [95% CI] | W / T / L |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, stats in report["models"].items():
-        answers = [a for query in models[name]["answers"] for a in query]
+        rep, cont = answer_stats(report, name)
         wr = report["win_rates"].get(name)
         print(f"| {names[name]} | {stats['mean_reward']:+.3f} ± {stats['stderr']:.3f} | "
-              f"{stats['kl']:.1f} ± {stats['kl_stderr']:.1f} | {stats['distinct_2']:.2f} | "
-              f"{sum(map(repeats, answers)) / len(answers):.2f} | "
-              f"{sum(map(continues, answers)) / len(answers):.2f} | {stats['mean_answer_tokens']:.1f} | "
+              f"{stats['kl']:.1f} ± {stats['kl_stderr']:.1f} | {stats['distinct_2']:.2f} | {rep:.2f} | "
+              f"{cont:.2f} | {stats['mean_answer_tokens']:.1f} | "
               + (f"{wr['rate']:.2f} [{wr['ci_low']:.2f}, {wr['ci_high']:.2f}] | {wr['wins']} / {wr['ties']} / "
                  f"{wr['losses']} |" if wr else "| |"))
     print()

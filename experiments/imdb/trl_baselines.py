@@ -89,6 +89,8 @@ def run(args):
     if args.method == "sdft" and chat:
         raise ple.PLEError("--method sdft needs plain-text prompts (--chat_template off): under a chat template the "
                            "teacher's prompt would not be ple.py's x_p")
+    if args.method == "sdft":  # read before any model loads: a bad file fails now
+        principles = ple.read_principles(ple.resolve_path(args.principles), args.task)
     queries, answers, sources = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task,
                                                  args.num_queries, args.seed, where=args.where)
     if ple.prepare_output_dir(args, PartialState(), {"data_sha256": ple.content_hash([queries, answers, sources])}):
@@ -101,12 +103,12 @@ def run(args):
 
     set_seed(args.seed)
     model, tokenizer = ple.load_policy(args.model, device, ple.pick_dtype(args.dtype, device))
-    prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix, chat=chat)
-    prompts = [tokenizer.decode(ids) for ids in prompt_ids]  # rendered exactly as ple.py renders x
-    data = Dataset.from_dict({"prompt": prompts, "query": queries})
     if args.method == "sdft":  # plain text: TRL tokenizes x and x_p as ple.py does, special tokens included
-        principles = ple.read_principles(ple.resolve_path(args.principles), args.task)
         data = Dataset.from_dict({"prompt": queries, "privileged_context": ["\n".join(principles)] * len(queries)})
+    else:
+        prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix, chat=chat)
+        prompts = [tokenizer.decode(ids) for ids in prompt_ids]  # rendered exactly as ple.py renders x
+        data = Dataset.from_dict({"prompt": prompts, "query": queries})
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
                       task_type="CAUSAL_LM") if args.lora_r else None
     common = dict(output_dir=args.output_dir, learning_rate=args.learning_rate, num_train_epochs=args.iterations,
