@@ -839,16 +839,16 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         sys.unraisablehook = lambda unraisable: None
         how = e.args[0] if isinstance(e, ple.Terminated) else "Ctrl-C"
-        print(f"stopped by {how}: the generations of every model that finished are kept in the cache (--cache; "
-              "default eval_cache/ beside --output), and the same command reuses them", file=sys.stderr)
+        ple.say(f"stopped by {how}: the generations of every model that finished are kept in the cache (--cache; "
+                "default eval_cache/ beside --output), and the same command reuses them")
         sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
     except SystemExit:
         if args is None:  # --help
             raise
-        print(ple.error_line(sys.exc_info()[1]), file=sys.stderr)
+        ple.say(ple.error_line(sys.exc_info()[1]))
         sys.exit(2)
     except Exception as e:  # bad input, a failed load, a full disk, anything else: one line
-        print(ple.error_line(e), file=sys.stderr)
+        ple.say(ple.error_line(e))
         sys.exit(2)
     if report is not None:
         print(frontier_markdown(report["frontier"]) if "frontier" in report else markdown(report))

@@ -589,6 +589,16 @@ def error_line(e):
     return f"error: {what}" + ("" if os.environ.get("PLE_DEBUG") else " (PLE_DEBUG=1 shows where)")
 
 
+def say(line):
+    """A stop or a failure, said on stderr on a line of its own: progress bars it cut off are closed (cleared) first."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except AttributeError:  # a bar the stop cut half-built has nothing on screen
+            pass
+    print(line, file=sys.stderr)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     stop_on_signals()
@@ -600,17 +610,17 @@ def main(argv=None):
         sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
         how = e.args[0] if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
         if speaks and args is not None:
-            print(stopped_message(args, argv, how), file=sys.stderr)
+            say(stopped_message(args, argv, how))
         sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
     except SystemExit:
         if args is None:  # --help
             raise
         if speaks:  # something in the run (a reward function, a library) called sys.exit: an error, said so
-            print(error_line(sys.exc_info()[1]), file=sys.stderr)
+            say(error_line(sys.exc_info()[1]))
         sys.exit(2)
     except Exception as e:  # bad input, a failed load, a full disk, anything else: one line
         if speaks:
-            print(error_line(e), file=sys.stderr)
+            say(error_line(e))
         sys.exit(2)
 
 

@@ -924,6 +924,15 @@ def test_a_stop_that_cuts_an_object_half_built_still_ends_in_one_line():
         "unused --overwrite_output_dir"]
 
 
+def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
+    """A stop or failure mid-bar: the bar is cleared, and the line stands alone (not "sampling: 40%|..|stopped")."""
+    bar = iter(ple.tqdm(range(5), desc="sampling", leave=False))
+    next(bar), next(bar)
+    ple.say("stopped by SIGHUP: x")
+    err = capfd.readouterr().err
+    assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by SIGHUP: x"
+
+
 @pytest.mark.slow
 def test_help_lists_every_flag():
     for script, fields in [("ple.py", ple.Args), ("eval.py", ple_eval.EvalArgs)]:

@@ -28,12 +28,17 @@ CONDITIONS=${CONDITIONS:-$(grep -v '^#' "$OUT/conditions.txt" 2>/dev/null | awk 
 train() {  # condition, method, seed
   local name=${1}_${2}_s${3} lr
   [ -d "$RUNS/$name/final" ] && { echo "$name: done already"; return; }
+  # SDFT reads no reward, so under today's principles its runs are the comparison's (same flags and seed): linked
+  if [ "$1" = today ] && [ "$2" = sdft ] && [ -d "runs/imdb/compare/sdft_s$3/final" ]; then
+    rm -rf "${RUNS:?}/$name"; ln -s "$(realpath "runs/imdb/compare/sdft_s$3")" "$RUNS/$name"
+    cp "$RUNS/$name/metrics.jsonl" "$OUT/metrics/$name.jsonl"; echo "$name: the comparison's run"; return
+  fi
   lr=$(python experiments/imdb/methods.py rate "$2")
   rm -rf "${RUNS:?}/$name"
   local start=$(date +%s)
   read -ra command <<< "$(python experiments/imdb/methods.py command "$2")"   # script and method flags
   python "${command[@]}" "${common[@]}" --principles "$(text_of "$1")" --seed "$3" --learning_rate "$lr" \
-    --output_dir "$RUNS/$name" 2>&1 | tr '\r' '\n' | grep -a "^iter\|error" || true
+    --output_dir "$RUNS/$name" 2>&1 | tr '\r' '\n' | grep -a "^iter\|^sdft\|error" || true
   [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
   cp "$RUNS/$name/metrics.jsonl" "$OUT/metrics/$name.jsonl"   # the ranked share per iteration, kept
   echo "$name $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt"
@@ -53,7 +58,7 @@ case $PART in
     SEEDS=${3:?usage: guidance.sh RM_FOLDER eval SEEDS}
     for seed in $SEEDS; do
       models=()
-      for condition in $CONDITIONS; do for method in ple cd; do
+      for condition in $CONDITIONS; do for method in ${METHODS:-ple cd}; do
         [ -d "$RUNS/${condition}_${method}_s$seed/final" ] && models+=("$RUNS/${condition}_${method}_s$seed/final")
       done; done
       rm_out=$OUT/eval_rm_s$seed${TAG:-}.json
