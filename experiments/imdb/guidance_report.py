@@ -83,8 +83,8 @@ def main(folder):
 
     print(f"{len(queries)} test openings; rewards by the training reward model (rebuilt, see the text), VADER "
           "beside; the mean over the seeds ± the standard deviation across them (one seed: ± the standard error "
-          "over queries); win rates against RAFT (best of 2) and against PLE under the same guidance pooled over seeds, 95% bootstrap "
-          "intervals.\n")
+          "over queries); win rates against RAFT (best of 2) and against PLE under the same guidance pooled over "
+          "seeds, 95% bootstrap intervals.\n")
     print("| guidance | g (validation) ± s.e. | method | seeds | reward, training RM | VADER | KL to untrained | "
           "distinct-2 | continues | copies the guidance | win rate vs RAFT-2, RM | vs RAFT-2, VADER | vs PLE, RM | "
           "vs PLE, VADER |")
@@ -93,6 +93,7 @@ def main(folder):
     for condition, path in chosen.items():
         g = gain[path]
         principles = ple.read_principles(ple.resolve_path(path), "sentiment")
+        ple_r = ple_v = None  # PLE's rewards under this guidance, the other methods' opponent
         for method in METHOD_NAMES:
             seeds = runs.get((condition, method), {})
             if not seeds:
@@ -109,6 +110,8 @@ def main(folder):
             win_v = win_rate(pooled(v), pooled(raft_vd))
             if method == "ple":
                 ple_r, ple_v, vs_ple = r, v, "— | —"
+            elif ple_r is None:
+                vs_ple = "— | —"
             else:
                 vs_ple = " | ".join(interval(win_rate(pooled(mine), pooled(ples)))
                                     for mine, ples in ((r, ple_r), (v, ple_v)))
