@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# When does PLE pay off? PLE and context distillation under guidance texts of growing gain g, on the
-# comparison's task, policy, reward, queries and budget (compare.sh), three seeds, at their kept rates.
+# When does PLE pay off? PLE and context distillation (and, with METHODS=sdft, TRL's SDFT) under guidance
+# texts of growing gain g, on the comparison's task, policy, reward, queries and budget (compare.sh), three
+# seeds, at their kept rates.
 #
 #   bash experiments/imdb/guidance.sh RM_FOLDER gain          # g of every candidate text, 100 validation queries
 #   bash experiments/imdb/guidance.sh RM_FOLDER train "0"     # seed 0 of every condition (about 5 min a run)
