@@ -57,8 +57,11 @@ def main():
         state = ple.train(ple.Args(**settings))
         if not ple.is_sharded(accelerator):  # (a sharded run has ended its process group: its whole model is final/)
             torch.save(state.policy.state_dict(), path)
-    elif weights := one_step(settings, accelerator):  # (under FSDP only process 0 holds the whole weights)
-        torch.save(weights, path)
+    else:
+        if weights := one_step(settings, accelerator):  # (under FSDP only process 0 holds the whole weights)
+            torch.save(weights, path)
+        accelerator.wait_for_everyone()  # then the process group ends, as ple.train ends it: one left to the
+        accelerator.end_training()       # exit tears gloo's threads down mid-use at times (terminate, SIGABRT)
 
 
 if __name__ == "__main__":
