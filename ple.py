@@ -590,13 +590,15 @@ def error_line(e):
 
 
 def say(line):
-    """A stop or a failure, said on stderr on a line of its own: progress bars it cut off are closed (cleared) first."""
-    for bar in list(getattr(tqdm, "_instances", ())):
+    """A stop or a failure, said on stderr on a line of its own: progress bars it cut off are closed first (one
+    cut inside its own code may not clear its line: a line break ends it)."""
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
         try:
             bar.close()
-        except AttributeError:  # a bar the stop cut half-built has nothing on screen
+        except AttributeError:  # cut half-built
             pass
-    print(line, file=sys.stderr)
+    print("\n" * bool(bars) + line, file=sys.stderr)
 
 
 def main(argv=None):

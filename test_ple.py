@@ -931,6 +931,11 @@ def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
     ple.say("stopped by SIGHUP: x")
     err = capfd.readouterr().err
     assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by SIGHUP: x"
+    cut = ple.tqdm(range(5), desc="sampling", leave=False)  # drawn, then cut inside its constructor's last lines
+    del cut.start_t
+    ple.say("stopped by SIGTERM: x")
+    err = capfd.readouterr().err
+    assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by SIGTERM: x"
 
 
 @pytest.mark.slow
