@@ -63,6 +63,11 @@ def pooled(rewards):  # per query, the rewards of every seed (and sample)
     return [[x for seed in query for x in as_list(seed)] for query in zip(*rewards)]
 
 
+def interval(win):
+    """A win rate and its 95% interval, as the tables print them."""
+    return f"{win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]"
+
+
 def spread(values, rewards):
     """'mean ± sd across seeds', or with one seed 'mean ± s.e. over queries'."""
     if len(values) > 1:
@@ -96,8 +101,7 @@ def main(folder, untrained=NAMES["untrained"], against=None):
     def rate(judge, a, b):
         if a == b:
             return "-"
-        r = win_rate(pooled(judge[a]), pooled(judge[b]))
-        return f"{r['rate']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}]"
+        return interval(win_rate(pooled(judge[a]), pooled(judge[b])))
 
     principles = ple.read_principles(ple.resolve_path(report["settings"].get("principles", TODAY)),
                                      report["settings"]["task"])

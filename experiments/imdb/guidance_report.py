@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 import ple  # noqa: E402
 from eval import copying_share, distinct_n, mean_and_error, win_rate  # noqa: E402
-from compare_table import as_list, merged, pooled  # noqa: E402
+from compare_table import as_list, interval, merged, pooled  # noqa: E402
 from methods import method_of  # noqa: E402
 from prompt_formats import continues  # noqa: E402
 
@@ -42,10 +42,6 @@ def load(folder, name):
 def sd(xs, one):
     """The standard deviation across seeds; with one seed, `one` (the standard error over queries)."""
     return np.std(xs, ddof=1) if len(xs) > 1 else one
-
-
-def interval(win):
-    return f"{win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]"
 
 
 def conditions(folder):
@@ -109,12 +105,9 @@ def main(folder):
             win = win_rate(pooled(r), pooled(raft_rm))
             win_v = win_rate(pooled(v), pooled(raft_vd))
             if method == "ple":
-                ple_r, ple_v, vs_ple = r, v, "— | —"
-            elif ple_r is None:
-                vs_ple = "— | —"
-            else:
-                vs_ple = " | ".join(interval(win_rate(pooled(mine), pooled(ples)))
-                                    for mine, ples in ((r, ple_r), (v, ple_v)))
+                ple_r, ple_v = r, v
+            vs_ple = "— | —" if method == "ple" or ple_r is None else " | ".join(
+                interval(win_rate(pooled(mine), pooled(ples))) for mine, ples in ((r, ple_r), (v, ple_v)))
             r_sd, v_sd = sd(means, mean_and_error(r[0])[1]), sd(vmeans, mean_and_error(v[0])[1])
             kl_sd = sd(kls, rm["models"][models[0]].get("kl_stderr", float("nan")))
             points[method].append((g["g"], np.mean(means), r_sd, win["rate"], win["ci_low"], win["ci_high"],
