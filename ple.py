@@ -93,6 +93,9 @@ class Args:
     merge_lora: Literal["auto", "on", "off"] = arg(
         "auto", "LoRA: fold the adapters into the weights while sampling, the base weights restored bit for bit "
                 "after (costs a copy of the adapted weights while sampling); auto: on on CUDA, off on CPU")
+    static_cache: Literal["auto", "on", "off"] = arg(
+        "auto", "sample with transformers' static KV cache, every generate call padded to one shape (on CUDA it "
+                "compiles the decoding step once: experiments/gpu_check); auto: on on CUDA, off on CPU")
     reward_batch_size: int = arg(64, "texts per reward call")
     # --- optimizer ---
     learning_rate: float = arg(1e-4, "AdamW learning rate (1e-4: the rate experiments/imdb kept for PLE with LoRA)")
@@ -160,8 +163,8 @@ def encode_prompts(tokenizer, queries, principles=None, chat_prefix="", chat=Tru
 # Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) from the current model, no gradients
 # ================================================================================================
 
-def left_pad(sequences, pad_id):
-    width = max(len(s) for s in sequences)
+def left_pad(sequences, pad_id, width=None):
+    width = width or max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -178,40 +181,48 @@ def eos_ids(model, tokenizer):
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0):
+def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0, shape=None):
     """Sample one answer per prompt in a single left-padded generate call.
 
-    Returns the answers' token ids, each ending at (and including) its first end-of-sequence token.
+    shape=(rows, width): transformers' static KV cache, every call padded to that one shape (extra rows repeat
+    the last prompt and are dropped), so that on CUDA generate compiles its decoding step once. Returns the
+    answers' token ids, each ending at (and including) its first end-of-sequence token.
     """
     from transformers import GenerationConfig
 
-    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id)
+    n, rows, width = len(prompt_ids), *(shape or (len(prompt_ids), None))
+    ids, mask = left_pad(prompt_ids + prompt_ids[-1:] * (rows - n), tokenizer.pad_token_id, width)
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
-                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos))
+                              top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
+                              cache_implementation="static" if shape else None)
     out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), generation_config=config)
     answers = []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out[:n, ids.shape[1]:].tolist():
         end = next((i + 1 for i, tok in enumerate(row) if tok in eos), len(row))
         answers.append(row[:end])
     return answers
 
 
-def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, temperature, top_p):
-    """One answer per prompt, batch_size prompts per generate call, dropout off."""
+def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, temperature, top_p, static_cache=False):
+    """One answer per prompt, batch_size prompts per generate call, dropout off. static_cache: every call of the
+    run in one shape, batch_size rows of the longest prompt's width rounded up to 64 tokens (the same prompts each
+    iteration: one compile a run)."""
     model.eval()
+    shape = (batch_size, -(-max(map(len, prompt_ids)) // 64) * 64) if static_cache else None
     answer_ids = []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
         answer_ids += generate_answers(model, tokenizer, prompt_ids[start:start + batch_size], max_new_tokens,
-                                       temperature, top_p)
+                                       temperature, top_p, shape)
     return answer_ids
 
 
-def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p):
+def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p,
+                 static_cache=False):
     """Answer every query twice (x and x_p); each generate call holds both prompts of batch_size queries."""
     chunks = [slice(start, start + batch_size) for start in range(0, len(prompt_ids), batch_size)]
     answers = sample_answers(model, tokenizer, [p for c in chunks for p in prompt_ids[c] + prompt_ids_p[c]],
-                             2 * batch_size, max_new_tokens, temperature, top_p)
+                             2 * batch_size, max_new_tokens, temperature, top_p, static_cache)
     answer_ids, answer_ids_p, at = [], [], 0
     for c in chunks:  # each call's first half answered x, its second half x_p
         n = len(prompt_ids[c])
@@ -450,6 +461,7 @@ class RunState:
     step: dict  # how to take an optimizer step: pad_id, mini_batch_size (per process), max_grad_norm, accumulation
     start: int = 0  # the first iteration to run: 0, or a resumed checkpoint's
     merge_lora: bool = False  # sampling with the LoRA adapters folded into the weights (fast_sampling)
+    static_cache: bool = False  # sampling with transformers' static KV cache, in one shape (sample_answers)
     print: Callable = print  # progress messages (under several processes: process 0's only)
 
 
@@ -493,7 +505,8 @@ def ple_iteration(t, args, state):
     # 1. y ~ pi(.|x) and y_p ~ pi(.|x_p) from the current model (fast_sampling: the same model, only faster)
     with clock("sample"), fast_sampling(state.policy, state.merge_lora):
         answer_ids, answer_ids_p = sample_pairs(state.policy, state.tokenizer, state.prompt_ids, state.prompt_ids_p,
-                                                args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
+                                                args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
+                                                state.static_cache)
     answers = state.tokenizer.batch_decode(answer_ids, skip_special_tokens=True)
     answers_p = state.tokenizer.batch_decode(answer_ids_p, skip_special_tokens=True)
     with clock("score"):  # 2. r = R(x, y) and r_p = R(x, y_p), both on the original query x
@@ -517,7 +530,7 @@ def raft_iteration(t, args, state):
     k, clock = args.raft_k, Stopwatch()
     with clock("sample"), fast_sampling(state.policy, state.merge_lora):  # prompts per call: PLE's
         ids = sample_answers(state.policy, state.tokenizer, [p for p in state.prompt_ids for _ in range(k)],
-                             2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
+                             2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p, state.static_cache)
     texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
     with clock("score"):
         rewards = score(state.reward_fn, [q for q in state.queries for _ in range(k)], texts, args.reward_batch_size)
@@ -551,11 +564,13 @@ def run(args, state, log_iteration=None):
 # Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints
 # ================================================================================================
 
-import difflib, glob, hashlib, importlib, importlib.util, json, os  # noqa: E401,E402
-import random, shlex, shutil, signal, sys, warnings  # noqa: E401,E402
+import difflib, errno, glob, hashlib, importlib, importlib.util, json, os  # noqa: E401,E402
+import random, shlex, shutil, signal, sys, tempfile, warnings  # noqa: E401,E402
 from dataclasses import asdict, replace  # noqa: E402  (the machinery's imports, apart from the method's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 class PLEError(Exception):
@@ -566,32 +581,32 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP, raised where the run is, so that it stops as it would on Ctrl-C."""
 
 
-def terminate(signum, frame):
-    raise Terminated(signal.Signals(signum).name)
-
-
 def stop_on_signals():
+    def terminate(signum, frame):
+        raise Terminated(signal.Signals(signum).name)
     for name in ("SIGTERM", "SIGHUP"):  # a scheduler's stop, a closed terminal: as Ctrl-C (SIGHUP: POSIX only)
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), terminate)
 
 
 def error_line(e):
-    """Any failure as one line: ple.py's own messages as they are, anything else with its kind (a traceback too
-    with PLE_DEBUG=1)."""
+    """Any failure as one line: ple.py's own messages, a full disk as such, anything else as its kind and its
+    message's first line (the libraries' messages say what is wrong; PLE_DEBUG=1 shows the traceback too)."""
     if os.environ.get("PLE_DEBUG"):
         import traceback
-
         traceback.print_exception(e)
+    said = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, PLEError):
         return f"error: {e}"
-    what = f"sys.exit({e.code!r}) was called" if isinstance(e, SystemExit) else f"{type(e).__name__}: {e}"
+    if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in said:  # (torch's writer on a full disk)
+        return f"error: the disk is full ({type(e).__name__}: {said})"
+    what = f"sys.exit({e.code!r}) was called" if isinstance(e, SystemExit) else f"{type(e).__name__}: {said}"
     return f"error: {what}" + ("" if os.environ.get("PLE_DEBUG") else " (PLE_DEBUG=1 shows where)")
 
 
 def say(line):
-    """A stop or a failure, said on stderr on a line of its own: progress bars it cut off are closed first (one
-    cut inside its own code may not clear its line: a line break ends it)."""
+    """A stop or a failure on stderr, on a line of its own: the progress bars it cut off are closed first (one cut
+    inside its own code may not clear its line: a line break ends it)."""
     bars = list(getattr(tqdm, "_instances", ()))
     for bar in bars:
         try:
@@ -612,51 +627,48 @@ def main(argv=None):
         sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
         how = e.args[0] if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
         if speaks and args is not None:
-            say(stopped_message(args, argv, how))
+            say(f"stopped by {how}" + resume_hint(args, argv))
         sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
-    except SystemExit:
-        if args is None:  # --help
+    except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, a library's sys.exit: one line
+        if isinstance(e, SystemExit) and args is None:  # --help
             raise
-        if speaks:  # something in the run (a reward function, a library) called sys.exit: an error, said so
-            say(error_line(sys.exc_info()[1]))
-        sys.exit(2)
-    except Exception as e:  # bad input, a failed load, a full disk, anything else: one line
-        if speaks:
-            say(error_line(e))
+        if speaks:  # a failure in the loop (a reward's, a full disk) can go on from the last checkpoint
+            say(error_line(e) + (resume_hint(args, argv) if getattr(e, "in_loop", 0) and checkpoints(args.output_dir)
+                                 else ""))
         sys.exit(2)
 
 
-def stopped_message(args, argv, how):
-    """One line: what the stopped run has saved, and the exact command that continues it."""
+def resume_hint(args, argv):
+    """What the stopped run has saved, and the exact command that continues it."""
     found = checkpoints(args.output_dir)
-    flag = ["--resume"] if found else ["--overwrite_output_dir"]
     command = shlex.join(["python", sys.argv[0], *[a for a in argv if a not in ("--resume", "--overwrite_output_dir")],
-                          *flag])
+                          "--resume" if found else "--overwrite_output_dir"])
     launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if not found:
-        return (f"stopped by {how} before the first checkpoint: nothing to resume; start again{launcher} with: "
-                f"{command}")
-    return (f"stopped by {how}: {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under "
-            f"way is redone); continue with{launcher}: {command}")
+        return f" before the first checkpoint: nothing to resume; start again{launcher} with: {command}"
+    return (f"; {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under way is redone); "
+            f"continue with{launcher}: {command}")
 
 
 def parse_args(argv, dataclass=None):
     """HfArgumentParser, every mistake in one line: no abbreviated flags (--iteration is not --iterations), an
-    unknown flag named with the nearest real one, argparse's own errors without the usage."""
+    unknown flag named with the one it most likely meant, argparse's own errors without the usage."""
     from transformers import HfArgumentParser
-
     parser = HfArgumentParser(dataclass or Args, allow_abbrev=False, epilog="A failure ends in one line starting "
                               "with 'error:'; with the environment variable PLE_DEBUG=1 its traceback is shown too.")
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)  # -1e-4 is a value
 
     def error(message):  # (argparse would print its usage and exit)
         raise PLEError(message)
-
     parser.error = error
     args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:
+    if rest:  # the flag whose words the given ones begin (--lr, --learn_rate: --learning_rate), else the nearest
         unknown = next((r for r in rest if r.startswith("-")), rest[0])
-        near = difflib.get_close_matches(unknown.split("=")[0], list(parser._option_string_actions), n=1)
+        given, flags = unknown.split("=")[0].lstrip("-"), list(parser._option_string_actions)
+        words = given.split("_") if "_" in given else list(given)  # (the longest such flag: abbreviations shorten)
+        near = sorted([f for f in flags if f.startswith("--") and len(f[2:].split("_")) == len(words) > 1 and all(
+            p.startswith(w) for w, p in zip(words, f[2:].split("_")))], key=len)[-1:]
+        near = near or difflib.get_close_matches(unknown.split("=")[0], flags, n=1)
         raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
     home = [k for k in ("model", "reward", "dataset", "principles", "output_dir") if hasattr(args, k)]
     return replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in home})  # ~/x is a path, as in a shell
@@ -666,7 +678,11 @@ def train(args):
     """`python ple.py`: set up, Algorithm 1 (run) with metrics, samples and checkpoints, then final/."""
     state, accelerator, all_queries = set_up(args)
     started = time.time()
-    run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started))
+    try:
+        run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started))
+    except Exception as e:
+        e.in_loop = True  # (main then says how to resume)
+        raise
     save_final(args, state, accelerator)
     if accelerator.is_main_process:
         print(summary(args, read_jsonl(os.path.join(args.output_dir, "metrics.jsonl")), len(all_queries)))
@@ -677,7 +693,6 @@ def set_up(args):
     """Check what can be checked, then load reward, queries and model, resuming if asked. Returns the RunState,
     the Accelerator and every process's queries in process order."""
     from transformers import set_seed
-
     check_args(args)
     accelerator = start_accelerator(args)
     world, rank, device, say = (accelerator.num_processes, accelerator.process_index, accelerator.device,
@@ -687,21 +702,21 @@ def set_up(args):
                                                  args.seed, where=args.where, field=args.query_field)
     reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     inputs = {"principles_sha256": content_hash(principles), "reward_input": reward_format,  # kept in args.json:
-              "data_sha256": content_hash([all_queries, answers, sources]),  # a resume and eval.py see edits
-              "model_sha256": content_hash(model_fingerprint(args.model))}
+              "data_sha256": content_hash([all_queries, answers, sources])}  # a resume and eval.py see edits
     if args.num_queries and len(all_queries) < args.num_queries:
         say(f"note: --num_queries {args.num_queries}, but dataset {args.dataset} gives {len(all_queries)} queries: "
             f"training on those {len(all_queries)}")
     needs_answers = args.loss == "sft" or args.sft_epochs
-    if needs_answers and None in answers:
-        raise PLEError(f"--loss sft and --sft_epochs need an answer for every query; dataset '{args.dataset}' "
-                       f"lacks some for task '{args.task}'")
-    check_processes(len(all_queries), args.mini_batch_size, world)
+    require(not needs_answers or None not in answers, "dataset", f"{args.dataset} lacks an answer for some queries "
+            f"of task '{args.task}': --loss sft and --sft_epochs need one for every query")
+    require(len(all_queries) % world == 0 == args.mini_batch_size % world, "mini_batch_size", f"{args.mini_batch_size}"
+            f" and the {len(all_queries)} queries must both divide across {world} processes (equal shares: the "
+            "averaged gradient is then the mean's); pass multiples of it, and a --num_queries that is one")
     share = slice(rank * len(all_queries) // world, (rank + 1) * len(all_queries) // world)
     queries, answers = all_queries[share], answers[share]  # this process's share of D_query
     resume_from = prepare_output_dir(args, accelerator, inputs)
     reward_fn = load_reward(args.reward, device, reward_format or "auto")
-    probe_reward(reward_fn, queries, args.reward_batch_size)
+    score(reward_fn, queries[:2], [""] * len(queries[:2]), 2)  # a reward that cannot score fails now, not later
     if reward_format:
         say(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
     dtype = pick_dtype(args.dtype, device)
@@ -720,13 +735,11 @@ def set_up(args):
         set_seed(args.seed + rank)  # initialisation, a GGUF rebuild); a resume restored its random states
     if args.report_to != "none":
         accelerator.init_trackers(os.path.basename(os.path.abspath(args.output_dir)), config=asdict(args))
-    metrics = os.path.join(args.output_dir, "metrics.jsonl")
-    if accelerator.is_main_process and os.path.exists(metrics):  # drop records after the checkpoint
-        write_jsonl(metrics, [r for r in read_jsonl(metrics) if r.get("iteration", math.inf) < start], "w")
     prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
                   placement=args.principle_placement)  # x and x_p, rendered once; training always uses x
     prompt_ids_p = encode_prompts(tokenizer, queries, principles, **prompt)
     check_lengths(policy.config, prompt_ids_p, queries, args.max_new_tokens)
+    on = {"on": True, "off": False}  # (auto: on CUDA, where they were measured to pay)
     return RunState(
         policy=accelerator.unwrap_model(policy), model=model, tokenizer=tokenizer, optimizer=optimizer,
         reward_fn=reward_fn, queries=queries, prompt_ids=encode_prompts(tokenizer, queries, **prompt),
@@ -734,11 +747,12 @@ def set_up(args):
         if needs_answers else None, start=start, print=say,
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
-        merge_lora=bool(args.lora_r) and {"on": True, "off": False}.get(args.merge_lora, device.type == "cuda"),
+        merge_lora=bool(args.lora_r) and on.get(args.merge_lora, device.type == "cuda"),
+        static_cache=on.get(args.static_cache, device.type == "cuda"),
     ), accelerator, all_queries
 
 
-# --- Checks: arguments, local paths, Hub names, prompt lengths, before anything long starts ------------------------
+# --- Checks: arguments, Hub names, prompt lengths, before anything long starts -------------------------------------
 
 def check_args(args):
     """Every argument that can be wrong without loading anything: ranges, files that must exist, Hub names."""
@@ -755,8 +769,11 @@ def check_args(args):
     require(0 <= args.seed < 2**32, "seed", "must be in [0, 2**32)")
     require(not args.where or args.where.split("=", 1)[0].strip() and "=" in args.where, "where",
             f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
-    require(args.merge_lora != "on" or args.lora_r, "merge_lora", "folds LoRA adapters into the weights: it needs "
-            "--lora_r above 0")
+    require(args.merge_lora != "on" or args.lora_r, "merge_lora", "on needs --lora_r above 0 (it folds the adapters)")
+    require(args.report_to == "none" or importlib.util.find_spec(args.report_to), "report_to",
+            f"{args.report_to} is not installed: pip install {args.report_to}")
+    require(not is_adapter(args.model), "model", f"{args.model} is a LoRA adapter (a run's checkpoint-N/ or iter-N/): "
+            "continue its run with --resume, or train from its run's final/ (merged) or from its base model")
     check_hub([("--model", args.model), ("--reward", args.reward), ("--dataset", resolve_path(args.dataset))])
 
 
@@ -765,81 +782,51 @@ def require(ok, name, what):
         raise PLEError(f"--{name}: {what}")
 
 
-def check_local(name, flag):
-    """A name that can only be a local path (never a Hub id, 'name' or 'org/name') must exist: said at once."""
-    local = name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or name.lower().endswith(
-        (".gguf", ".jsonl", ".json", ".csv", ".txt", ".gz", ".safetensors", ".bin", ".pt"))
-    if (local or "/" in name and os.path.isdir(name.split("/")[0])) and not os.path.exists(name):  # 'models/x'
-        raise PLEError(f"{flag} {name}: no such file or folder")  # beside a folder 'models' is local too
-
-
-INSTEAD = {"model": "a local folder, .gguf file or installed package", "dataset": "a local .jsonl, .json, .csv or "
-           ".txt file", "reward model": "a local folder, vader or module:function"}  # when a Hub name cannot load
+def is_adapter(folder):
+    """A LoRA adapter folder (a checkpoint's or iter-N/ under LoRA): adapter weights without a model config."""
+    return os.path.isfile(os.path.join(folder, "adapter_config.json")) and \
+        not os.path.isfile(os.path.join(folder, "config.json"))
 
 
 def check_hub(named):
-    """Each (flag, name) that names a Hub repository (--dataset a dataset, --reward a reward model, others a
-    model) must exist, checked in one pass before anything loads, all missing ones named at once: on the Hub
-    (huggingface_hub's repo_exists) or, offline or unreachable, in the Hub's and datasets' caches."""
+    """Each (flag, name): a local path must exist, and a Hub repository too, all missing ones said at once before
+    anything loads: one pass of huggingface_hub's repo_exists; offline or unreachable, the local caches answer."""
+    from datasets import config
     from huggingface_hub import constants, repo_exists
     from huggingface_hub.file_download import repo_folder_name
-
-    missing, unreachable = [], "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    missing, offline = [], constants.HF_HUB_OFFLINE
     for flag, name in named:
-        if not name or name == "vader" or is_function_spec(name) or os.path.exists(name):
+        if not name or name == "vader" or is_function_spec(name) or os.path.exists(name) or (
+                re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name)):  # an installed package
             continue
-        check_local(name, flag)
-        if re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name):
-            continue  # an installed package
-        what = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model")
-        kind, found = "dataset" if what == "dataset" else "model", None
-        if not unreachable:
-            try:
-                found = repo_exists(name, repo_type=kind)
-            except Exception as e:  # no answer: the Hub is unreachable (then the caches say), or loading will tell
-                unreachable = f"{constants.ENDPOINT}: {type(e).__name__}" if is_connection_error(e) else None
-                found = None if unreachable else True
+        require(not (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or re.search(  # only a path
+            r"\.(gguf|jsonl?|csv|txt|gz|safetensors|bin|pt)$", name, re.I) or os.path.isdir(name.split("/")[0])),
+            flag[2:], f"{name}: no such file or folder")  # (beside a folder 'models', 'models/x' is a path too)
+        kind = "dataset" if flag == "--dataset" else "model"
+        try:
+            found = None if offline else repo_exists(name, repo_type=kind)
+        except Exception as e:  # no answer: the Hub is unreachable (then the caches say), or loading will tell
+            offline = bool(re.search(r"connect|timeout|offline|resolve", f"{type(e).__name__} {e}", re.I))
+            found = None if offline else True
         if found is None:
-            from datasets import config  # (the datasets library keeps prepared data in a cache of its own)
             found = any(os.path.isdir(p) for p in [os.path.join(constants.HF_HUB_CACHE, repo_folder_name(
                 repo_id=name, repo_type=kind)), os.path.join(config.HF_DATASETS_CACHE, name.replace("/", "___"))])
         if not found:
-            missing.append(f"could not load {what} '{name}' ({flag}: pass {INSTEAD[what]} instead)")
-    if missing:
-        raise PLEError((f"the Hugging Face Hub could not be reached ({unreachable}), and there is no local file or "
-                        "cached copy: " if unreachable else "not on the Hugging Face Hub, and no local file or "
-                        "folder: ") + "; ".join(missing))
-
-
-def is_connection_error(error):
-    """Whether a failed load (or any error in its chain) was the Hub being unreachable."""
-    chain = [error]
-    while len(chain) < 20 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
-        chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    return bool(re.search(r"couldn't connect|couldn't reach|Connect|Timeout|LocalEntryNotFound|OfflineMode|offline",
-                          " ".join(f"{type(c).__name__} {c}" for c in chain), re.I))
-
-
-def load_hint(name, error, what="model"):
-    """Say whether a failed load was the Hub being unreachable, and what to pass instead."""
-    if is_connection_error(error):
-        return (f"there is no local file or folder '{name}', and the Hugging Face Hub could not be reached to look "
-                f"it up as a Hub id (nor is it in the local cache); pass {INSTEAD[what]} instead, or connect and retry")
-    if os.sep in name and not os.path.exists(name):
-        return f"no such file or folder: {name}"
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            missing.append(f"{flag} {name} (pass a local " + ("file" if kind == "dataset" else "folder") + " instead)")
+    require(not missing, missing[0].split()[0][2:] if missing else "", (
+        "the Hugging Face Hub could not be reached, and there is no cached copy of: " if offline else
+        "not on the Hugging Face Hub, nor a local file or folder: ") + "; ".join(missing))
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
-    """Every prompt x_p (the longer one) with its longest answer must fit in the model's positions."""
+    """Every prompt (x_p, the longer one, in training) with its longest answer must fit in the model's positions."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     too_long = [i for i, ids in enumerate(prompt_ids) if limit and len(ids) + max_new_tokens > limit]
     if too_long:
         i = max(too_long, key=lambda i: len(prompt_ids[i]))
         raise PLEError(f"{len(too_long)} of {len(queries)} queries do not fit the model's {limit} positions: the "
-                       f"longest, {queries[i][:60]!r}..., is {len(prompt_ids[i])} tokens with the principles, plus "
-                       f"--max_new_tokens {max_new_tokens}; lower --max_new_tokens, shorten the principles, or keep "
-                       "such rows out of the dataset")
+                       f"longest, {queries[i][:60]!r}..., is {len(prompt_ids[i])} tokens, plus --max_new_tokens "
+                       f"{max_new_tokens}; lower --max_new_tokens, shorten the principles, or keep such rows out")
 
 
 # --- Tasks, principles and queries: how a dataset row becomes x ----------------------------------------------------
@@ -847,19 +834,16 @@ def check_lengths(config, prompt_ids, queries, max_new_tokens):
 @dataclass
 class Task:
     fields: tuple  # the dataset columns a query can come from: the first the dataset has (--query_field: another)
-    usable: str  # what a row must hold to give a query (said when rows are skipped)
     answers: tuple = ()  # columns holding the dataset's answer (summarize); the other tasks cut it from the text
     chat_prefix: str = ""  # what a chat model is told before x (base models see x alone)
     chat: bool = True  # --chat_template task: chat models get the chat template (False: plain text)
 
 
 TASKS = {  # sentiment continues a review: plain text keeps even a chat model continuing it (experiments/imdb)
-    "sentiment": Task(("text",), "text", chat_prefix="Continue this movie review:\n", chat=False),  # IMDb
-    "dialogue": Task(("chosen",), "an Anthropic HH transcript whose Human and Assistant turns alternate, up to a "
-                                  "last Assistant turn"),  # Anthropic/hh-rlhf
-    "summarize": Task(("post", "prompt"), "a post (or a prompt that ends in TL;DR:)",  # Reddit TL;DR: the posts
-                      answers=("summary", "label", "completion")),  # of openai/summarize_from_feedback or prompts
-}                                                                   # of CarperAI/openai_summarize_tldr, trl-lib/tldr
+    "sentiment": Task(("text",), chat_prefix="Continue this movie review:\n", chat=False),  # IMDb
+    "dialogue": Task(("chosen",)),  # Anthropic/hh-rlhf
+    "summarize": Task(("post", "prompt"), answers=("summary", "label", "completion")),  # Reddit TL;DR: the posts
+}  # of openai/summarize_from_feedback, or the prompts of CarperAI/openai_summarize_tldr and trl-lib/tldr
 
 
 def chat_prompts(chat_template, task):
@@ -885,59 +869,40 @@ def make_query(task, row, rng, column=None):
 
 def read_principles(path, task):
     """Parse principles.txt: '[task]' headers, one principle per line, '#' comments."""
+    require(os.path.isfile(path) and os.path.getsize(path) < 2**20, "principles", f"{path}: " + (
+        "not a text file of at most 1 MB" if os.path.exists(path) else "no such file (see principles.txt)"))
     try:
         with open(path, encoding="utf-8-sig") as f:
-            lines = [line.strip() for line in f.read().splitlines()]
-    except FileNotFoundError:
-        raise PLEError(f"principles file not found: {path} (pass --principles FILE; see principles.txt)") from None
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()[:1] not in ("", "#")]
     except (OSError, UnicodeDecodeError) as e:
         raise PLEError(f"cannot read principles file {path}: {e}") from None
     sections, current = {}, None
-    for line in [line for line in lines if line and not line.startswith("#")]:
+    for line in lines:
         if header := re.fullmatch(r"\[(\w+)\]", line):
             current = sections.setdefault(header.group(1), [])
-        elif current is None:
-            raise PLEError(f"{path}: principle '{line[:40]}' comes before any [task] header")
         else:
+            require(current is not None, "principles", f"{path}: '{line[:40]}' comes before any [task] header")
             current.append(line)
-    if not sections.get(task):
-        raise PLEError(f"{path} has no principles for task '{task}' (tasks with principles: "
-                       f"{', '.join(k for k, v in sections.items() if v) or 'none'}); add a [{task}] section")
+    require(sections.get(task), "principles", f"{path} has no principles for task '{task}' (it has: "
+            f"{', '.join(k for k, v in sections.items() if v) or 'none'}); add a [{task}] section")
     return sections[task]
 
 
 def load_rows(dataset, split):
     """A Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too), read by `datasets`; its error in one line."""
     import datasets
-
-    builder = None
-    if os.path.exists(dataset):
-        base = dataset[:-3] if dataset.endswith(".gz") else dataset
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
-        if builder is None:
-            raise PLEError(f"cannot read {dataset}: use a .jsonl, .json, .csv or .txt file (gzip allowed)")
-        if os.path.isfile(dataset) and os.path.getsize(dataset) == 0:
-            raise PLEError(f"dataset file {dataset} is empty")
-    bars, verbosity = datasets.is_progress_bar_enabled(), datasets.logging.get_verbosity()
-    if builder:  # a local file is read in a moment: no "Generating train split" bar, and its error said once, below
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    base = dataset[:-3] if dataset.endswith(".gz") else dataset
+    builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
+    require(builder or not os.path.exists(dataset), "dataset", f"{dataset}: use a .jsonl, .json, .csv or .txt file "
+            "(gzip allowed)")
     try:
-        rows = datasets.load_dataset(builder, data_files=dataset, split=split) if builder else \
+        rows = datasets.load_dataset(builder, data_files=dataset, split=split) if os.path.exists(dataset) else \
             datasets.load_dataset(dataset, split=split)
     except Exception as e:
-        cause = e
-        while cause.__cause__ is not None:  # datasets wraps the reader's error, which names the row
-            cause = cause.__cause__
-        said = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}" if builder else \
-            load_hint(dataset, e, "dataset")
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {said}") from e
-    finally:
-        datasets.logging.set_verbosity(verbosity)
-        if bars:
-            datasets.enable_progress_bars()
-    if len(rows) == 0:
-        raise PLEError(f"dataset '{dataset}' (split '{split}') has no rows")
+        while e.__cause__ is not None:  # datasets wraps the reader's error, which names the row
+            e = e.__cause__
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {error_line(e)[7:]}") from None
+    require(len(rows), "dataset", f"'{dataset}' (split '{split}') has no rows")
     return rows
 
 
@@ -950,54 +915,43 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
     no query (an HH transcript whose turns do not alternate) are counted; a majority of them is an error.
     """
     rows = load_rows(dataset, split)
-    fields = [field] if field else list(TASKS[task].fields)
-    column, name = next((f for f in fields if f in rows.column_names), None), where.split("=", 1)[0].strip()
-    if column is None:
-        raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, fields))} field, which "
-                       f"{'--query_field names' if field else f'task {task!r} reads'}; its fields are: "
-                       f"{', '.join(rows.column_names)} (--query_field FIELD takes the queries from another)")
-    if name and name not in rows.column_names:
-        raise PLEError(f"dataset '{dataset}' has no '{name}' field, which --where names; its fields are: "
-                       f"{', '.join(rows.column_names)}")
+    fields, name = [field] if field else list(TASKS[task].fields), where.split("=", 1)[0].strip()
+    column = next((f for f in fields if f in rows.column_names), None)
+    require(column is not None, "query_field" if field else "task", f"dataset '{dataset}' has no "
+            f"{' or '.join(fields)} field; its fields are: {', '.join(rows.column_names)}")
+    require(not name or name in rows.column_names, "where", f"dataset '{dataset}' has no '{name}' field; its fields "
+            f"are: {', '.join(rows.column_names)}")
     if where:
         value, values = where.split("=", 1)[1].strip(), [str(v) for v in rows[name]]
-        if value not in values:
-            raise PLEError(f"--where {where}: no row of dataset '{dataset}' (split '{split}') has {name} = {value}; "
-                           f"its values there: {', '.join(sorted(set(values))[:10])}")
+        require(value in values, "where", f"{where}: no row of '{dataset}' (split '{split}') has {name} = {value}; "
+                f"its values there: {', '.join(sorted(set(values))[:10])}")
         rows = rows.select([i for i, v in enumerate(values) if v == value])
     order, rng = list(range(len(rows))), random.Random(seed)
     random.Random(seed).shuffle(order)
     queries, answers, sources, excluded, skipped = [], [], [], 0, []
     for i in order:
-        row = rows[i]
-        text = row[column]
-        if text is not None and not isinstance(text, str):
-            raise PLEError(f"dataset '{dataset}', row {i}: the '{column}' field is {type(text).__name__} {text!r}, "
-                           "not text")
-        if not text or not text.strip():
-            continue
-        if text in exclude:
+        text = rows[i][column]
+        require(text is None or isinstance(text, str), "query_field", f"'{column}' of dataset '{dataset}', row {i}, "
+                f"is {type(text).__name__} {text!r}, not text")
+        if text and text in exclude:
             excluded += 1
-            continue
-        query, answer = make_query(task, row, rng, column)
-        if not query:
-            skipped.append(i)
-            continue
-        queries.append(query)
-        answers.append(answer)
-        sources.append(text)
+        elif text and text.strip():
+            query, answer = make_query(task, rows[i], rng, column)
+            skipped += [] if query else [i]
+            if query:
+                queries.append(query)
+                answers.append(answer)
+                sources.append(text)
         if limit and len(queries) == limit:
             break
     if skipped:
         said = (f"{len(skipped)} of the {len(skipped) + len(queries) + excluded} rows of dataset '{dataset}' read "
-                f"give no query for task '{task}' (first: row {skipped[0]}); a row must hold {TASKS[task].usable}")
-        if len(skipped) > len(queries):
-            raise PLEError(f"{said}: is it the right --task or --query_field?")
+                f"give no query for task '{task}' (first: row {skipped[0]}), such as HH turns that do not alternate")
+        require(len(skipped) <= len(queries), "task", f"{said}: is it the right --task or --query_field?")
         print(f"note: skipped {said}", file=sys.stderr)
-    if not queries:
-        raise PLEError(f"every row of dataset '{dataset}' that gives a query was excluded as a training row of the "
-                       f"models ({excluded} rows); evaluate on another --dataset or --split" if excluded else
-                       f"dataset '{dataset}' gave no queries for task '{task}' (no usable '{column}' text)")
+    require(queries, "dataset", f"every row of '{dataset}' that gives a query was excluded as a training row of the "
+            f"models ({excluded} rows); evaluate on another --dataset or --split" if excluded else
+            f"'{dataset}' gave no queries for task '{task}' (no usable '{column}' text)")
     return queries, answers, sources
 
 
@@ -1024,63 +978,41 @@ REWARD_INPUTS = {  # --reward_format: how a reward model reads a query x and an 
 }
 
 
-def reward_parts(name):
-    """A reward model's tokenizer and config (no weights), or one line on why they cannot be loaded."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        return (AutoTokenizer.from_pretrained(name, trust_remote_code=False),
-                AutoConfig.from_pretrained(name, trust_remote_code=False))
-    except Exception as e:
-        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}; "
-                       "or pass --reward vader, or --reward module:function") from e
-
-
-def reward_input(spec, requested="auto", parts=None):
-    """--reward_format for --reward: what it asks, checked against the model, or (auto) what the model's kind
-    says: a classifier with a positive label reads text, a one-output model with a chat template chat, one
-    whose tokenizer marks text pairs pair, any other text. "" for vader and module:function."""
+def reward_input(spec, requested="auto"):
+    """--reward_format for --reward: what it asks, or (auto) what the model's kind says: a classifier with a
+    positive label reads text, a one-output model with a chat template chat, one whose tokenizer marks text pairs
+    pair, any other text. "" for vader and module:function. Loads the tokenizer and config only."""
     if spec == "vader" or is_function_spec(spec):
-        if requested != "auto":
-            raise PLEError(f"--reward_format {requested} is for reward models; --reward {spec} reads the queries "
-                           "and answers as they are")
+        require(requested == "auto", "reward_format", f"is for reward models; --reward {spec} reads x and y as they are")
         return ""
-    tokenizer, config = parts or reward_parts(spec)
-    pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
-    if requested == "chat" and not tokenizer.chat_template:
-        raise PLEError(f"--reward_format chat: the tokenizer of '{spec}' has no chat template; pass pair or text")
-    if requested == "pair" and not pairs:
-        raise PLEError(f"--reward_format pair: the tokenizer of '{spec}' puts nothing between two texts (no "
-                       "pair template); pass chat or text")
+    from transformers import AutoConfig, AutoTokenizer
+    try:
+        tokenizer, config = (AutoTokenizer.from_pretrained(spec, trust_remote_code=False),
+                             AutoConfig.from_pretrained(spec, trust_remote_code=False))
+    except Exception as e:
+        raise PLEError(f"could not load reward model '{spec}' ({error_line(e)[7:]}); or pass --reward vader, or "
+                       "--reward module:function") from e
     labels = {str(v).lower() for v in config.id2label.values()}
-    if config.num_labels != 1 and not labels & {"positive", "pos"}:
-        raise PLEError(f"reward model '{spec}' has labels {sorted(labels)}: neither one output (a reward model, read "
-                       "as --reward_format says) nor a label named 'positive' (a sentiment classifier); pass --reward "
-                       "module:function to choose the score yourself")
-    if requested != "auto":
-        return requested
-    if config.num_labels != 1:
-        return "text"  # a sentiment classifier: its positive label on the joined text
+    require(config.num_labels == 1 or labels & {"positive", "pos"}, "reward", f"{spec} has labels {sorted(labels)}: "
+            "neither one output (a reward model) nor a label named 'positive' (a sentiment classifier); pass "
+            "--reward module:function to choose the score yourself")
+    pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
+    if requested != "auto" or config.num_labels != 1:  # a sentiment classifier: its positive label on the text
+        return requested if requested != "auto" else "text"
     return "chat" if tokenizer.chat_template else "pair" if pairs else "text"
 
 
 def classifier_reward(name, device, input_format="auto"):
     """A sequence-classification model: reward = logit of the positive label (or its single output), on the input
     --reward_format says (REWARD_INPUTS); the query is truncated from the left, never the answer."""
-    from transformers import AutoModelForSequenceClassification
-
-    tokenizer, config = reward_parts(name)
-    input_format = reward_input(name, input_format, (tokenizer, config))
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False).to(device).eval()
-    except Exception as e:
-        raise PLEError(f"could not load reward model '{name}': {load_hint(name, e, 'reward model')}") from e
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    input_format = reward_input(name, input_format)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False, truncation_side="left")
+    model = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=False).to(device).eval()
     labels = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}  # reward_input found one of these:
     column = 0 if model.config.num_labels == 1 else labels.get("positive", labels.get("pos"))
-    tokenizer.truncation_side = "left"  # keep the answer, drop the start of a long query
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
+        tokenizer.pad_token, model.config.pad_token_id = tokenizer.eos_token, tokenizer.eos_token_id
     cut = dict(max_length=min(tokenizer.model_max_length, 512), padding=True, return_tensors="pt")
 
     @torch.inference_mode()
@@ -1090,14 +1022,13 @@ def classifier_reward(name, device, input_format="auto"):
                 batch = tokenizer(list(queries), list(answers), truncation="only_first", **cut)
             except Exception:  # (tokenizers' own error) an answer over the limit by itself: then both are cut
                 batch = tokenizer(list(queries), list(answers), truncation="longest_first", **cut)
-        elif input_format == "chat":
-            texts = [tokenizer.apply_chat_template(conversation(q) + [{"role": "assistant", "content": a.strip()}],
-                                                   tokenize=False) for q, a in zip(queries, answers)]
-            batch = tokenizer(texts, truncation=True, add_special_tokens=False, **cut)  # the template has them
+        elif input_format == "chat":  # (the template holds the special tokens)
+            batch = tokenizer([tokenizer.apply_chat_template(conversation(q) + [{"role": "assistant", "content":
+                               a.strip()}], tokenize=False) for q, a in zip(queries, answers)],
+                              truncation=True, add_special_tokens=False, **cut)
         else:
             batch = tokenizer([join_text(q, a) for q, a in zip(queries, answers)], truncation=True, **cut)
         return model(**batch.to(device)).logits[:, column].float().tolist()
-
     return reward
 
 
@@ -1106,35 +1037,34 @@ def is_function_spec(spec):
 
 
 def load_reward(spec, device="cpu", input_format="auto"):
-    """--reward: 'vader', 'module:function' (a callable on queries and answers), or a classifier (input_format:
-    --reward_format); every call's values checked (checked_reward)."""
+    """--reward: 'vader', 'module:function' (a callable on queries and answers, found after the installed modules,
+    the user's own file named when another comes first), or a classifier (input_format: --reward_format); every
+    call's values checked (checked_reward)."""
     if spec == "vader":
-        try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        except ImportError:
-            raise PLEError("--reward vader needs the vaderSentiment package: pip install vaderSentiment") from None
+        require(importlib.util.find_spec("vaderSentiment"), "reward", "vader needs vaderSentiment: pip install "
+                "vaderSentiment")
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         analyzer = SentimentIntensityAnalyzer()
         return checked_reward(lambda queries, answers: [analyzer.polarity_scores(join_text(q, a))["compound"]
                                                         for q, a in zip(queries, answers)])
     if not is_function_spec(spec):
         return checked_reward(classifier_reward(spec, device, input_format))
     module_name, function_name = spec.split(":")
-    added, module = os.getcwd() not in sys.path, None
-    if added:  # after the installed modules, never before: a file here named like one must not replace it
-        sys.path.append(os.getcwd())
+    here = os.path.join(os.getcwd(), *module_name.split("."))  # the user's own file, if there is one
+    mine = next((f for f in (here + ".py", os.path.join(here, "__init__.py")) if os.path.isfile(f)), None)
+    sys.path.append(os.getcwd())  # after the installed modules: a file here named like one must not replace it
     try:
-        module = importlib.import_module(module_name)
-        function = getattr(module, function_name)
+        function = getattr(importlib.import_module(module_name), function_name)
     except Exception as e:  # ImportError, AttributeError, or the module's own SyntaxError or crash
-        here = os.path.join(os.getcwd(), module_name.split(".")[0] + ".py")
-        clash = module is not None and os.path.isfile(here) and getattr(module, "__file__", None) != here
-        hint = f" ({module_name} is an installed module, found before {here}: rename that file)" if clash else ""
-        raise PLEError(f"could not load reward '{spec}': {type(e).__name__}: {e}{hint}") from e
+        function = e
     finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    if not callable(function):
-        raise PLEError(f"reward '{spec}' is a {type(function).__name__}, not a function")
+        sys.path.remove(os.getcwd())
+    found = getattr(sys.modules.get(module_name), "__file__", None)  # an installed module, or this repository's
+    require(not mine or not found or os.path.samefile(found, mine), "reward", f"{spec}: {module_name} is {found}, "
+            f"found before your {mine}: rename that file")
+    require(not isinstance(function, Exception), "reward", f"could not load {spec}: {type(function).__name__}: "
+            f"{function}")
+    require(callable(function), "reward", f"{spec} is a {type(function).__name__}, not a function")
     return checked_reward(function)
 
 
@@ -1148,27 +1078,14 @@ def checked_reward(reward_fn):
         except (Exception, SystemExit) as e:  # (a reward that calls sys.exit has failed too)
             raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
         try:
-            values = list(values)
-        except TypeError:
-            raise PLEError(f"the reward returned {values!r} for {where}; it must return one number per answer, "
-                           f"a list of {len(queries)}") from None
-        if len(values) != len(queries):
-            raise PLEError(f"the reward returned {len(values)} values for {len(queries)} answers ({where})")
-        for i, v in enumerate(values):
-            try:
-                ok = abs(float(v)) <= torch.finfo(torch.float32).max  # not NaN, inf, or beyond float32 (inf there)
-            except (TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise PLEError(f"the reward returned {v!r} for answer {i} of {where}; rewards must be finite float32 "
-                               "numbers")
-        return [float(v) for v in values]
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            numbers = []
+        require(len(numbers) == len(queries) and all(abs(v) <= torch.finfo(torch.float32).max for v in numbers),
+                "reward", f"returned {str(values)[:200]} for {where}; it must return one finite float32 number per "
+                f"answer, a list of {len(queries)}")
+        return numbers
     return reward
-
-
-def probe_reward(reward_fn, queries, batch_size):
-    """Call the reward once on empty answers: one that cannot score fails now, not after a model loads."""
-    score(reward_fn, queries[:2], [""] * len(queries[:2]), batch_size)
 
 
 # --- The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW, resume -----------------------------
@@ -1184,8 +1101,7 @@ def find_gguf(name):
     ggufs = sorted(glob.glob(os.path.join(folder, "*.gguf"))) if folder else []
     if not ggufs or os.path.exists(os.path.join(folder, "config.json")):
         return folder or name, None
-    if len(ggufs) > 1:
-        raise PLEError(f"{folder} holds {len(ggufs)} .gguf files; pass one of them as --model")
+    require(len(ggufs) == 1, "model", f"{folder} holds {len(ggufs)} .gguf files; pass one of them")
     return folder, os.path.basename(ggufs[0])
 
 
@@ -1197,13 +1113,12 @@ def load_policy(name, device, dtype):
     """The policy and its tokenizer (Hub id, folder, .gguf file or pip package with a .gguf); no code from a
     model's folder runs (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, gguf = find_gguf(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
     except Exception as e:
-        raise PLEError(f"could not load model '{name}': {load_hint(name, e)}") from e
+        raise PLEError(f"could not load model '{name}': {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
     if gguf:  # a GGUF-loaded model refuses save_pretrained; an ordinary copy of it saves and reloads fast
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -1215,69 +1130,52 @@ def load_policy(name, device, dtype):
     return model.to(device), tokenizer
 
 
+# peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
 def load_trainable(args, resume_from, device, dtype):
     """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW; from a checkpoint's weights on --resume."""
     model, tokenizer = load_policy(resume_from if resume_from and not args.lora_r else args.model, device, dtype)
     if args.lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model
         from transformers.pytorch_utils import Conv1D
-
-        with quiet_peft():
-            if resume_from:
-                model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-            else:
-                conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 keeps its weights transposed
-                model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                         target_modules="all-linear", task_type="CAUSAL_LM",
-                                                         fan_in_fan_out=conv1d))
-    damaged = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    if damaged:
-        raise PLEError(f"the weights loaded from {resume_from or args.model} hold NaN or infinite values (first: "
-                       f"{damaged}): the files are damaged, or the run diverged before they were saved (then start "
-                       "it again with a lower --learning_rate)")
+        if resume_from:
+            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        else:
+            conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 keeps its weights transposed
+            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                     target_modules="all-linear", task_type="CAUSAL_LM",
+                                                     fan_in_fan_out=conv1d))
     model.config.use_cache = True
-    if args.gradient_checkpointing:
-        enable_checkpointing(model)
+    if args.gradient_checkpointing:  # train_without_dropout keeps the checkpointing layers in training mode
+        if hasattr(model, "activation_checkpointing_enable"):  # (its name since transformers 5.x; before, the other)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=0.0)
 
 
-def enable_checkpointing(model):
-    """Activations recomputed in the backward pass (train_without_dropout keeps the layers in training mode)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; older: the alias
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-@contextmanager
-def quiet_peft():
-    """peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated",
-                                category=FutureWarning)
-        yield
-
-
 def resume_trainer(resume_from, accelerator, model, optimizer):
-    """A checkpoint's AdamW state and this process's random states; returns the iteration to go on from. Its
+    """A checkpoint's AdamW state and this process's random state; returns the iteration to go on from. Its
     trainer_state.pt is read as tensors, numbers and text only (weights_only): no code in a run folder runs."""
     path = os.path.join(resume_from, "trainer_state.pt")
     try:
         state = torch.load(path, weights_only=True)
     except Exception as e:  # a pickled object, a truncated file
-        lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(e).__name__)
-        raise PLEError(f"{path} is not a trainer state that ple.py can read ({reason.split('. ')[0]}); it must hold "
-                       "only the tensors, numbers and text ple.py writes") from None
+        raise PLEError(f"{path} is not a trainer state that ple.py can read ({type(e).__name__}); it must hold only "
+                       "the tensors, numbers and text ple.py writes") from None
     if is_sharded(accelerator):  # saved whole: each process takes its shard
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"][accelerator.process_index])
+    rng = state["rng"][accelerator.process_index]  # torch's: what sampling draws from
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
     accelerator.print(f"resuming from {resume_from}: iteration {state['iteration']}, tau {state['tau']:.4f}")
     return state["iteration"]
 
@@ -1289,41 +1187,23 @@ def start_accelerator(args):
     averages the gradients: DDP, or FSDP2 sharding when the launch's Accelerate config asks for FSDP."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise PLEError("DeepSpeed is not supported by ple.py; shard with Accelerate's FSDP instead (accelerate "
-                       "launch --use_fsdp --fsdp_version 2, or fsdp_version: 2 in your accelerate config)")
+    require(os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true", "use_deepspeed", "DeepSpeed is not "
+            "supported by ple.py; shard with Accelerate's FSDP instead (accelerate launch --use_fsdp --fsdp_version 2)")
     trackers = ProjectConfiguration(args.output_dir, os.path.join(args.output_dir, "logs"))  # (tensorboard: logs/)
     accelerator = Accelerator(cpu=args.device == "cpu", log_with=None if args.report_to == "none" else args.report_to,
                               project_config=trackers)
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not is_sharded(accelerator):
-        raise PLEError(f"Accelerate shards with FSDP on GPUs only, not on {accelerator.device.type}: launch without "
-                       "--use_fsdp (data parallel)")
-    if is_sharded(accelerator) and accelerator.state.fsdp_plugin.fsdp_version != 2:
-        raise PLEError("ple.py shards with FSDP2: launch with --fsdp_version 2 (fsdp_version: 2 in the config)")
-    if is_sharded(accelerator) and args.lora_r:
-        raise PLEError("FSDP shards full fine-tuning: pass --lora_r 0 (under LoRA the base model is frozen, and data "
-                       "parallel holds a copy of it on each process)")
+    sharding = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    require(not sharding or is_sharded(accelerator), "use_fsdp", f"Accelerate shards with FSDP on GPUs only, not on "
+            f"{accelerator.device.type}: launch without --use_fsdp (data parallel)")
+    require(not is_sharded(accelerator) or accelerator.state.fsdp_plugin.fsdp_version == 2 and not args.lora_r,
+            "use_fsdp", "ple.py shards full fine-tuning with FSDP2: launch with --fsdp_version 2 and pass --lora_r 0 "
+            "(under LoRA the base model is frozen, and data parallel holds a copy of it on each process)")
     return accelerator
 
 
 def is_sharded(accelerator):
     from accelerate.utils import DistributedType
-
     return accelerator.distributed_type == DistributedType.FSDP
-
-
-def check_processes(n_queries, mini_batch_size, world):
-    """Every process gets as many queries and pairs per step as the others, so the averaged gradient is the
-    gradient of the mean over the whole mini-batch."""
-    if world > 1 and n_queries < world:
-        raise PLEError(f"{world} processes for {n_queries} queries: launch at most {n_queries} processes")
-    if n_queries % world:
-        raise PLEError(f"{n_queries} queries do not divide across {world} processes: pass a --num_queries that "
-                       f"is a multiple of {world}")
-    if mini_batch_size % world:
-        raise PLEError(f"--mini_batch_size {mini_batch_size} does not divide across {world} processes: pass a "
-                       f"multiple of {world}")
 
 
 def gathered_state(accelerator, model, optimizer=None):
@@ -1332,17 +1212,20 @@ def gathered_state(accelerator, model, optimizer=None):
     if not is_sharded(accelerator):
         return None, None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on the CPU of process 0 only
     return (accelerator.get_state_dict(model),  # Accelerate gathers the weights from the shards
             get_optimizer_state_dict(model, optimizer.optimizer, options=whole) if optimizer else None)
 
 
 def gather_iteration(accelerator, it):
-    """One process's Iteration -> the whole query set's (unchanged with one process)."""
+    """One process's Iteration -> the whole query set's (unchanged with one process), with its peak memory."""
     from accelerate.utils import gather_object
-
-    it = replace(it, peak_memory_mb=peak_memory_mb(accelerator.device))
+    if accelerator.device.type == "cuda":
+        it = replace(it, peak_memory_mb=torch.cuda.max_memory_allocated(accelerator.device) / 2**20)
+    elif sys.platform != "win32":
+        import resource
+        it = replace(it, peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(
+            20 if sys.platform == "darwin" else 10))
     if accelerator.num_processes == 1:
         return it
     parts = gather_object([it])
@@ -1363,26 +1246,41 @@ def gather_iteration(accelerator, it):
 # --- Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/ -------------------------
 
 def log_iteration(args, state, accelerator, all_queries, it, elapsed):
-    """samples/iter-NNN.jsonl, a metrics.jsonl record (and the tracker's), a checkpoint (and iter-N/ with
-    --save_every). Under several processes every figure covers all of them; process 0 writes."""
+    """samples/iter-NNN.jsonl (a record per query), a metrics.jsonl record (and the tracker's), a checkpoint (and
+    iter-N/ with --save_every). Under several processes every figure covers all of them; process 0 writes."""
     from accelerate.utils import gather_object
-
-    it = gather_iteration(accelerator, it)
-    record, rng = metrics_record(it, elapsed), gather_object([rng_state()])  # random states: one per process
+    it, rng = gather_iteration(accelerator, it), {"torch": torch.get_rng_state()}  # what sampling draws from
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng = gather_object([rng])  # one per process: tensors, which torch.load(weights_only=True) reads back
     weights, optimizer_state = gathered_state(accelerator, state.model, state.optimizer)  # sharded: all take part
+    gain, gain_se = guidance_gain(it.rewards, it.rewards_p) if it.rewards_p is not None else (None, None)
+    record = {"iteration": it.t, "tau": it.tau, "ranked_share": mean32([b == "rank" for b in it.branches]),
+              "reward_original": it.reward_x, "reward_principle": it.rewards_p and mean32(it.rewards_p),
+              "guidance_gain": gain, "guidance_gain_se": gain_se, **it.losses, "answer_tokens": it.answer_tokens,
+              **{f"{k}_s": v for k, v in it.seconds.items()}, "sample_tokens_per_s": it.answer_tokens /
+              it.seconds["sample"], "score_answers_per_s": it.answers_scored / it.seconds["score"],
+              "train_tokens_per_s": it.train_tokens / it.seconds["train"], "elapsed_s": elapsed,
+              "peak_memory_mb": it.peak_memory_mb}
     if accelerator.is_main_process:
-        os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-        write_jsonl(os.path.join(args.output_dir, "samples", f"iter-{it.t:03d}.jsonl"), sample_rows(all_queries, it),
-                    mode="w")
-        write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), [record])
-        # iter-N/ (the run's path, for eval.py --frontier) before the checkpoint: a kill while it is written
+        folder, metrics, absent = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl"), [None] * len(it.answers)
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        write_jsonl(os.path.join(folder, "samples", f"iter-{it.t:03d}.jsonl"), [  # RAFT: its K answers as candidates
+            {"iteration": it.t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
+             "branch": b, "weights": w, **({"candidates": c, "candidate_rewards": c_r} if it.candidates else {})}
+            for q, a, a_p, r, r_p, b, w, c, c_r in zip(all_queries, it.answers, it.answers_p or absent, it.rewards,
+                                                       it.rewards_p or absent, it.branches, it.weights or absent,
+                                                       it.candidates or absent, it.candidate_rewards or absent)])
+        kept = [r for r in read_jsonl(metrics) if r["iteration"] < it.t] if os.path.exists(metrics) else []
+        write_jsonl(metrics, kept + [record])  # (records of iterations a resume redoes go)
+        # iter-N/ (the run's path, for experiments/frontier.py) before the checkpoint: a kill while it is written
         if args.save_every and (it.t + 1) % args.save_every == 0:  # leaves the iteration for --resume to redo
-            save_model(os.path.join(args.output_dir, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
+            save_model(os.path.join(folder, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
         trainer_state = {"iteration": it.t + 1, "tau": threshold_at(it.t + 1, args.tau0, args.alpha), "rng": rng,
                          "optimizer": state.optimizer.state_dict() if optimizer_state is None else optimizer_state}
-        save_model(os.path.join(args.output_dir, f"checkpoint-{it.t + 1}"), state.policy, state.tokenizer, weights,
+        save_model(os.path.join(folder, f"checkpoint-{it.t + 1}"), state.policy, state.tokenizer, weights,
                    trainer_state)  # the model after it.t + 1 iterations and what --resume needs to go on exactly
-        for n, older in checkpoints(args.output_dir):  # the new one is complete: the older ones go
+        for n, older in checkpoints(folder):  # the new one is complete: the older ones go
             if n != it.t + 1:
                 shutil.rmtree(older)
         print(progress_line(it, record), flush=True)
@@ -1404,32 +1302,6 @@ def guidance_gain(rewards, rewards_p):
     return float(gap.mean()), float(gap.std(ddof=1) / math.sqrt(len(gap))) if len(gap) > 1 else math.nan
 
 
-def metrics_record(it, elapsed):
-    seconds = it.seconds
-    gain, gain_se = guidance_gain(it.rewards, it.rewards_p) if it.rewards_p is not None else (None, None)
-    return {"iteration": it.t, "tau": it.tau, "ranked_share": mean32([b == "rank" for b in it.branches]),
-            "reward_original": it.reward_x,
-            "reward_principle": mean32(it.rewards_p) if it.rewards_p is not None else None,
-            "guidance_gain": gain, "guidance_gain_se": gain_se,
-            **it.losses, "answer_tokens": it.answer_tokens,
-            "sample_s": seconds["sample"], "sample_tokens_per_s": it.answer_tokens / seconds["sample"],
-            "score_s": seconds["score"], "score_answers_per_s": it.answers_scored / seconds["score"],
-            "train_s": seconds["train"], "train_tokens_per_s": it.train_tokens / seconds["train"],
-            "elapsed_s": elapsed, "peak_memory_mb": it.peak_memory_mb}
-
-
-def sample_rows(queries, it):
-    """One JSON record per query: both answers, their rewards, the branch and the SFT weights."""
-    absent = [None] * len(queries)
-    rows = [{"iteration": it.t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
-             "branch": b, "weights": w}
-            for q, a, a_p, r, r_p, b, w in zip(queries, it.answers, it.answers_p or absent, it.rewards,
-                                               it.rewards_p or absent, it.branches, it.weights or absent)]
-    for row, answers, rewards in zip(rows, it.candidates or [], it.candidate_rewards or []):
-        row.update(candidates=answers, candidate_rewards=rewards)  # RAFT: all K answers; "answer" is the best
-    return rows
-
-
 def guidance_note(record):
     """One line when the principles do not clearly help (g not above two standard errors), else None."""
     if record["guidance_gain"] is None or record["guidance_gain"] > 2 * record["guidance_gain_se"]:
@@ -1443,10 +1315,8 @@ def guidance_note(record):
 def progress_line(it, record):
     line = f"iter {it.t}: " + (f"tau {it.tau:.3f} ranked {record['ranked_share']:.2f} | " if it.tau is not None else "")
     line += f"reward x {record['reward_original']:+.3f}"
-    if it.rewards_p is not None:
-        line += f" x_p {record['reward_principle']:+.3f}"
-    if it.candidates is not None:
-        line += f", best of {len(it.candidates[0])} {mean32(it.rewards):+.3f}"
+    line += f" x_p {record['reward_principle']:+.3f}" if it.rewards_p is not None else ""
+    line += f", best of {len(it.candidates[0])} {mean32(it.rewards):+.3f}" if it.candidates is not None else ""
     return (line + f" | loss {record['loss']:.4f} | sample {it.seconds['sample']:.1f}s "
             f"({record['sample_tokens_per_s']:.0f} tok/s) score {it.seconds['score']:.1f}s "
             f"train {it.seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)")
@@ -1465,32 +1335,44 @@ def summary(args, records, n_queries):
                      f"{first['guidance_gain']:+.3f} ± {first['guidance_gain_se']:.3f}{clearly}" + (
                          f"; pairs ranked: {ranked:.0f} of {n_queries * len(records)}, the rest weighted SFT"
                          if args.loss == "ple" else ""))
-    flags = ["--task", args.task] if args.task != "sentiment" else []
-    flags += ["--dataset", args.dataset] if args.dataset != Args.dataset else []
-    flags += ["--principles", args.principles] if args.principles != Args.principles else []
+    flags = [x for k in ("task", "dataset", "principles") if getattr(args, k) != getattr(Args, k)
+             for x in (f"--{k}", getattr(args, k))]
     evaluate = shlex.join(["python", "eval.py", "--models", final, args.model, "--reward", args.reward, *flags])
     return "\n".join(lines + [f"the model: {final}", f"next: {evaluate}   # against the untrained model",
                                f"      python eval.py --plot {shlex.quote(args.output_dir)}   # the training curve"])
 
 
+def write_file(path, content):
+    """How ple.py and eval.py write every file: a fresh temporary file beside it (created exclusively, so never
+    through a link), then a rename into place, which replaces a link instead of writing through it; a kill
+    leaves the old file or the new one. content: text, or a function that writes into the open binary file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode()) if isinstance(content, str) else content(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
 def save_model(path, model, tokenizer, weights=None, trainer_state=None):
-    """Every model folder the project writes: save_pretrained weights in the run's dtype (LoRA: the adapter), the
-    tokenizer, and trainer_state.pt when given; written under a temporary name and renamed, so that a kill
-    mid-write leaves no broken folder. weights: a sharded model's, gathered. (Accelerate's save_state would
-    write the whole model under LoRA, not the adapter.)"""
+    """Every model folder ple.py writes: save_pretrained weights in the run's dtype (LoRA: the adapter), the
+    tokenizer, and trainer_state.pt when given, into a fresh folder then renamed into place, as write_file does.
+    weights: a sharded model's, gathered. (Accelerate's save_state would write the whole model under LoRA.)"""
     lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
+                           suffix=".tmp")
     try:
         model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    except Exception as e:  # a full disk (torch and safetensors say so in errors of their own): one line
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise PLEError(f"could not write {path} ({type(e).__name__}: {e}); what was saved before is intact") from e
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
 
 
 def save_final(args, state, accelerator):
@@ -1499,7 +1381,7 @@ def save_final(args, state, accelerator):
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
         print(f"saved {os.path.join(args.output_dir, 'final')}")
-        release_lock(os.path.join(args.output_dir, LOCK))
+        LOCKS.pop(os.path.realpath(args.output_dir)).release(force=True)  # the run is done with its folder
     accelerator.wait_for_everyone()
     accelerator.end_training()  # (closes the trackers and, under a launcher, the process group)
 
@@ -1510,72 +1392,28 @@ def checkpoints(output_dir):
     return sorted(found)
 
 
-def rng_state():
-    """Every random state a run draws from, as tensors, numbers and lists: what torch.load(weights_only=True)
-    reads back without unpickling any object."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), position, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    return {**state, "cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
 def read_jsonl(path):
-    """Records of a JSON Lines file; a partial last line (an append cut short by a kill) is dropped with a warning,
-    any other line that is not JSON is an error."""
+    """The records of a JSON Lines file; a line that is not JSON is an error naming it."""
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if any(rest.strip() for rest in lines[i + 1:]):  # (line numbers count blank lines too)
-                raise PLEError(f"{path}, line {i + 1}, is not JSON: {line[:80]!r}") from None
-            print(f"warning: {path}: dropped a partial last line ({len(line)} characters)", file=sys.stderr)
-    return records
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in lines]
+    except json.JSONDecodeError as e:
+        raise PLEError(f"{path} is damaged ({e}); start its run again with --overwrite_output_dir") from None
 
 
-def write_jsonl(path, records, mode="a"):
-    """Append records, or (mode "w") replace the file through a temporary one, never leaving it cut short."""
-    with open(path + ".tmp" if mode == "w" else path, mode, encoding="utf-8") as f:
-        f.write("".join(json.dumps(record) + "\n" for record in records))
-    if mode == "w":
-        os.replace(path + ".tmp", path)
+def write_jsonl(path, records):
+    write_file(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 # --- The output folder: args.json, one lock per folder, resume -----------------------------------------------------
 
 RESUMABLE = {"resume", "overwrite_output_dir", "iterations", "device", "output_dir", "save_every", "report_to"}
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
-# The files ple.py writes in a run folder (paths relative to it); a model folder holds what save_pretrained writes
-OWN = re.compile(r"(args\.json|metrics\.jsonl|samples/iter-\d+\.jsonl)(\.tmp)?|\.ple\.lock|"
-                 r"logs/[^/]+/events\.out\.tfevents\.[^/]+|(checkpoint-\d+|iter-\d+|final)(\.tmp)?/("
-                 r"(model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?|tokenizer\.json|"
-                 r"(adapter_|generation_|tokenizer_|preprocessor_)?config\.json|special_tokens_map\.json|"
-                 r"added_tokens\.json|chat_template\.(jinja|json)|vocab\.(json|txt)|merges\.txt|"
-                 r"(tokenizer|spiece)\.model|README\.md|trainer_state\.pt)")
-OWN_FOLDER = re.compile(r"samples|logs|(checkpoint-\d+|iter-\d+|final)(\.tmp)?")  # what a run replaces whole
+# What ple.py writes at the top of a run folder (--overwrite_output_dir removes these by name, and nothing else);
+# what they hold is ple.py's (and its tracker's), written by write_file and save_model, never through a link
+OURS = re.compile(r"args\.json|metrics\.jsonl|samples|logs|(checkpoint|iter)-\d+|final|\..+\.tmp")
+LOCK, LOCKS = ".ple.lock", {}  # the lock file in a run folder; the locks this process holds (by real path)
 
 
 def resolve_path(path):
@@ -1601,147 +1439,77 @@ def stored_path(path):
     return beside if path and not os.path.isabs(path) and os.path.exists(beside) else path
 
 
-def saved_args(args, processes, inputs):
-    """args.json: the arguments, local paths relative to the repository, how many processes ran (their shares
-    and random states are what a resume continues), the hashes of what the run read."""
-    saved = asdict(args)
-    for key in PATHS:
-        saved[key] = portable_path(resolve_path(saved[key]) if key in ("dataset", "principles") else saved[key])
-    return {**saved, "num_processes": processes, **inputs}
-
-
 def content_hash(value):
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
-def model_fingerprint(name):
-    """A local model as its files' names and contents (sha256: 0.4 s for 538 MB), a Hub id as the commit of the
-    files loading it takes (None if it cannot be resolved): what a resume and eval.py's cache check."""
-    folder, gguf = find_gguf(name)
-    path = os.path.join(folder, gguf) if gguf else folder
-    if not os.path.exists(path):
-        from transformers.utils import cached_file
-
-        try:  # .../snapshots/<commit>/config.json
-            return os.path.basename(os.path.dirname(cached_file(name, "config.json")))
-        except Exception:
-            return None
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    return [[os.path.basename(f), file_hash(f)] for f in files if os.path.isfile(f)]
-
-
-def file_hash(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**24):
-            digest.update(chunk)
-    return digest.hexdigest()
+def read_args(path):
+    """A run's args.json, or one line that names it when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PLEError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict):
+        raise PLEError(f"{path} is not the object of arguments that ple.py writes")
+    return saved
 
 
 def prepare_output_dir(args, accelerator, inputs):
     """A new run takes a missing or empty folder; --resume continues the run a folder holds from its last
     checkpoint, its arguments and inputs (hashes) checked against args.json; --overwrite_output_dir replaces it,
-    removing ple.py's own files only. Anything else is refused before a byte is written: a folder holding files,
-    a link anywhere in it (ple.py never writes through one), a file ple.py did not write inside a folder it
-    replaces. Then the folder is locked for the run and args.json written. Returns the checkpoint, or None."""
+    removing ple.py's own entries (OURS) by name. A link among them is refused. Then the folder is locked for
+    the run and args.json written. Returns the checkpoint to resume from, or None."""
     folder, world = args.output_dir, accelerator.num_processes
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise PLEError(f"--output_dir {folder} is a file, not a folder")
+    require(not os.path.exists(folder) or os.path.isdir(folder), "output_dir", f"{folder} is a file, not a folder")
+    require(not (args.resume and args.overwrite_output_dir), "resume", "continues the run in --output_dir, "
+            "--overwrite_output_dir replaces it: pass one of them")
     names = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
-    if args.resume and args.overwrite_output_dir:
-        raise PLEError("pass --resume (continue the run in --output_dir) or --overwrite_output_dir (replace it), "
-                       "not both")
-    if names and not (args.resume or args.overwrite_output_dir):
-        raise PLEError(f"--output_dir {folder} is not empty ({', '.join(names[:4])}{', ...' * (len(names) > 4)}): pass"
-                       " --resume to continue the run it holds, --overwrite_output_dir to replace it (ple.py "
-                       "removes only its own files), or another --output_dir")
-    ours = [n for n in names + [LOCK] if OWN.fullmatch(n) or OWN_FOLDER.fullmatch(n)]  # where ple.py writes
-    files = [n for n in ours if os.path.islink(os.path.join(folder, n)) or os.path.isfile(os.path.join(folder, n))]
-    files += [os.path.relpath(os.path.join(top, n), folder).replace(os.sep, "/") for name in ours  # and what they hold
-              for top, dirs, found in os.walk(os.path.join(folder, name))
-              for n in found + [d for d in dirs if os.path.islink(os.path.join(top, d))]]
-    links = [f for f in files if os.path.islink(os.path.join(folder, f))]
-    if links:
-        raise PLEError(f"--output_dir {folder} holds a link, {links[0]}; ple.py never writes through one: remove it "
-                       "or pass another --output_dir")
-    if args.resume and not checkpoints(folder):
-        raise PLEError(f"--resume: {folder} holds no checkpoint to continue from" + (
-            "; pass --overwrite_output_dir to start its run again" if names else "; start one without --resume"))
-    foreign = sorted(f for f in files if not OWN.fullmatch(f)  # (continued, samples/ and logs/ are only added to)
-                     and (args.overwrite_output_dir or not f.startswith(("samples/", "logs/"))))
-    if foreign:
-        raise PLEError(f"--output_dir {folder}: ple.py did not write {', '.join(foreign[:3])}"
-                       f"{', ...' if len(foreign) > 3 else ''}, in a folder it replaces: move "
-                       f"{'it' if len(foreign) == 1 else 'them'} out first")
-    if accelerator.is_main_process:
-        claim_output_dir(folder)
-        ours.remove(LOCK)
-        cut_short = [n for n in ours + files if n.endswith(".tmp") and (n in ours or OWN.fullmatch(n))]  # by a kill
-        for name in ours if args.overwrite_output_dir else cut_short:  # replaced: all of ple.py's own files
-            path = os.path.join(folder, name)
-            if os.path.lexists(path):
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    require(not names or args.resume or args.overwrite_output_dir, "output_dir", f"{folder} is not empty "
+            f"({', '.join(names[:4])}{', ...' * (len(names) > 4)}): pass --resume to continue the run it holds, "
+            "--overwrite_output_dir to replace it (ple.py removes only its own files), or another --output_dir")
+    ours = [n for n in names if OURS.fullmatch(n)]
+    links = [n for n in ours if os.path.islink(os.path.join(folder, n))]
+    require(not links, "output_dir", f"{folder} holds a link, {(links or [''])[0]}, where ple.py writes: remove it "
+            "or pass another --output_dir")
     found = [] if args.overwrite_output_dir else checkpoints(folder)
-    if found:
-        with open(os.path.join(folder, "args.json"), encoding="utf-8") as f:
-            saved = json.load(f)
-        if saved.get("num_processes", 1) != world:
-            raise PLEError(f"--resume: the run was launched with {saved.get('num_processes', 1)} process(es), now "
-                           f"with {world}; resume it with as many (each continues its own share and random state)")
-        now, defaults = saved_args(args, world, inputs), asdict(Args())  # a flag added later: its default ran
-        conflicts = [f"--{k} {saved.get(k, defaults[k])!r} there, {now[k]!r} now"
-                     for k in defaults if k not in RESUMABLE and saved.get(k, defaults[k]) != now[k]]
+    saved = {**asdict(Args()), **(read_args(os.path.join(folder, "args.json")) if found else {})}  # (a flag added
+    # later: its default ran)
+    now = {**asdict(args), "num_processes": world, **inputs}  # paths: as the repository-relative ones stored
+    now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k]) for k in PATHS})
+    if args.resume:
+        require(found, "resume", f"{folder} holds no checkpoint to continue from" + (
+            "; pass --overwrite_output_dir to start its run again" if names else "; start one without --resume"))
+        require(saved.get("num_processes", 1) == world, "resume", f"the run was launched with "
+                f"{saved.get('num_processes', 1)} process(es), now with {world}: resume it with as many")
         read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
                 "data_sha256": f"the rows of {args.dataset} that the queries come from",
-                "model_sha256": f"the files of --model {args.model}",
                 "reward_input": f"how {args.reward} reads x and y (--reward_format: {saved.get('reward_input')!r} "
                                 f"there, {now['reward_input']!r} now)"}
-        conflicts += [f"{what} changed since the run started" for k, what in read.items()
-                      if saved.get(k, now[k]) != now[k]]
+        conflicts = [f"--{k} {saved[k]!r} there, {now[k]!r} now" for k in asdict(args) if k not in RESUMABLE and
+                     saved[k] != now[k]] + [f"{what} changed since the run started" for k, what in read.items()
+                                            if saved.get(k, now[k]) != now[k]]
         if found[-1][0] > args.iterations:
             conflicts.append(f"it has done {found[-1][0]} iterations, more than --iterations {args.iterations}")
-        if conflicts:
-            raise PLEError("--resume: this run differs from the saved one: " + "; ".join(conflicts))
+        require(not conflicts, "resume", "this run differs from the saved one: " + "; ".join(conflicts))
     accelerator.wait_for_everyone()  # every process has decided before process 0 writes
     if accelerator.is_main_process:
-        with open(os.path.join(folder, "args.json.tmp"), "w", encoding="utf-8") as f:
-            json.dump(saved_args(args, world, inputs), f, indent=2)
-        os.replace(os.path.join(folder, "args.json.tmp"), os.path.join(folder, "args.json"))
-    accelerator.wait_for_everyone()
-    return found[-1][1] if found else None
-
-
-LOCK, LOCKS_HELD = ".ple.lock", {}  # the lock file in a run folder; the locks this process holds (by real path)
-
-
-def claim_output_dir(folder):
-    """Make the folder if need be and hold its lock for the life of the run (filelock: an flock, opened with
-    O_NOFOLLOW): a second run on the folder is refused; a killed run's lock goes with it."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
-    hold_lock(os.path.join(folder, LOCK), f"--output_dir {folder} is in use by another run; wait until it ends, or "
-                                          "pass another --output_dir")
-
-
-def hold_lock(path, busy):
-    """Take the lock file's lock (once per process) or refuse with `busy`; held until released or the process ends."""
-    from filelock import FileLock, Timeout
-
-    if os.path.realpath(path) not in LOCKS_HELD:  # (a run of this process that failed here still holds it)
-        lock = FileLock(path, is_singleton=False)
-        try:
+        from filelock import FileLock, Timeout
+        try:  # held for the run (filelock: an flock on a file opened with O_NOFOLLOW); a killed run's goes with it
+            os.makedirs(folder, exist_ok=True)  # (a run of this process that failed still holds it: taken again)
+            lock = LOCKS.setdefault(os.path.realpath(folder), FileLock(os.path.join(folder, LOCK), is_singleton=False))
             lock.acquire(timeout=0)
         except Timeout:
-            raise PLEError(busy) from None
+            raise PLEError(f"--output_dir {folder} is in use by another run; wait until it ends, or pass another "
+                           "--output_dir") from None
         except OSError as e:
-            raise PLEError(f"{path} cannot be written: {e}") from None
-        LOCKS_HELD[os.path.realpath(path)] = lock
-
-
-def release_lock(path):
-    LOCKS_HELD.pop(os.path.realpath(path)).release()
+            raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
+        for name in ours if args.overwrite_output_dir else [n for n in ours if n.endswith(".tmp")]:  # (cut by a kill)
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        write_file(os.path.join(folder, "args.json"), json.dumps(now, indent=2))
+    accelerator.wait_for_everyone()
+    return found[-1][1] if found else None
 
 
 if __name__ == "__main__":
