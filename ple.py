@@ -983,7 +983,8 @@ def reward_input(spec, requested="auto"):
     positive label reads text, a one-output model with a chat template chat, one whose tokenizer marks text pairs
     pair, any other text. "" for vader and module:function. Loads the tokenizer and config only."""
     if spec == "vader" or is_function_spec(spec):
-        require(requested == "auto", "reward_format", f"is for reward models; --reward {spec} reads x and y as they are")
+        require(requested == "auto", "reward_format", f"{requested} is for reward models; --reward {spec} reads x and y "
+                "as they are")
         return ""
     from transformers import AutoConfig, AutoTokenizer
     try:
@@ -997,6 +998,9 @@ def reward_input(spec, requested="auto"):
             "neither one output (a reward model) nor a label named 'positive' (a sentiment classifier); pass "
             "--reward module:function to choose the score yourself")
     pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
+    for ask, ok, what in (("chat", tokenizer.chat_template, "has no chat template"), ("pair", pairs, "puts nothing "
+                          "between two texts (no pair template)")):
+        require(requested != ask or ok, "reward_format", f"{ask}: the tokenizer of '{spec}' {what}; pass another")
     if requested != "auto" or config.num_labels != 1:  # a sentiment classifier: its positive label on the text
         return requested if requested != "auto" else "text"
     return "chat" if tokenizer.chat_template else "pair" if pairs else "text"
@@ -1263,7 +1267,8 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
               "train_tokens_per_s": it.train_tokens / it.seconds["train"], "elapsed_s": elapsed,
               "peak_memory_mb": it.peak_memory_mb}
     if accelerator.is_main_process:
-        folder, metrics, absent = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl"), [None] * len(it.answers)
+        folder, absent = args.output_dir, [None] * len(it.answers)
+        metrics = os.path.join(folder, "metrics.jsonl")
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
         write_jsonl(os.path.join(folder, "samples", f"iter-{it.t:03d}.jsonl"), [  # RAFT: its K answers as candidates
             {"iteration": it.t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
