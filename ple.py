@@ -709,9 +709,7 @@ def set_up(args):
     needs_answers = args.loss == "sft" or args.sft_epochs
     require(not needs_answers or None not in answers, "dataset", f"{args.dataset} lacks an answer for some queries "
             f"of task '{args.task}': --loss sft and --sft_epochs need one for every query")
-    require(len(all_queries) % world == 0 == args.mini_batch_size % world, "mini_batch_size", f"{args.mini_batch_size}"
-            f" and the {len(all_queries)} queries must both divide across {world} processes (equal shares: the "
-            "averaged gradient is then the mean's); pass multiples of it, and a --num_queries that is one")
+    check_processes(len(all_queries), args.mini_batch_size, world)
     share = slice(rank * len(all_queries) // world, (rank + 1) * len(all_queries) // world)
     queries, answers = all_queries[share], answers[share]  # this process's share of D_query
     resume_from = prepare_output_dir(args, accelerator, inputs)
@@ -777,6 +775,13 @@ def check_args(args):
     check_hub([("--model", args.model), ("--reward", args.reward), ("--dataset", resolve_path(args.dataset))])
 
 
+def check_processes(n_queries, mini_batch_size, world):
+    """Equal shares of the queries and of each mini-batch, so that the averaged gradient is the mean's."""
+    require(n_queries % world == 0 == mini_batch_size % world, "mini_batch_size", f"{mini_batch_size} and the "
+            f"{n_queries} queries must both divide across {world} processes: pass multiples of {world}, and a "
+            "--num_queries that is one")
+
+
 def require(ok, name, what):
     if not ok:
         raise PLEError(f"--{name}: {what}")
@@ -801,7 +806,7 @@ def check_hub(named):
             continue
         require(not (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or re.search(  # only a path
             r"\.(gguf|jsonl?|csv|txt|gz|safetensors|bin|pt)$", name, re.I) or os.path.isdir(name.split("/")[0])),
-            flag[2:], f"{name}: no such file or folder")  # (beside a folder 'models', 'models/x' is a path too)
+            f"{flag[2:]} {name}", "no such file or folder")  # (beside a folder 'models', 'models/x' is a path too)
         kind = "dataset" if flag == "--dataset" else "model"
         try:
             found = None if offline else repo_exists(name, repo_type=kind)
@@ -869,8 +874,9 @@ def make_query(task, row, rng, column=None):
 
 def read_principles(path, task):
     """Parse principles.txt: '[task]' headers, one principle per line, '#' comments."""
-    require(os.path.isfile(path) and os.path.getsize(path) < 2**20, "principles", f"{path}: " + (
-        "not a text file of at most 1 MB" if os.path.exists(path) else "no such file (see principles.txt)"))
+    if not os.path.isfile(path) or os.path.getsize(path) > 2**20:  # (not a device that reads forever)
+        raise PLEError(f"principles file {'not found' if not os.path.exists(path) else 'is not a file of 1 MB or less'}"
+                       f": {path} (pass --principles FILE; see principles.txt)")
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f.read().splitlines() if line.strip()[:1] not in ("", "#")]
@@ -881,9 +887,9 @@ def read_principles(path, task):
         if header := re.fullmatch(r"\[(\w+)\]", line):
             current = sections.setdefault(header.group(1), [])
         else:
-            require(current is not None, "principles", f"{path}: '{line[:40]}' comes before any [task] header")
+            require(current is not None, "principles", f"{path}: principle '{line[:40]}' comes before any [task] header")
             current.append(line)
-    require(sections.get(task), "principles", f"{path} has no principles for task '{task}' (it has: "
+    require(sections.get(task), "principles", f"{path} has no principles for task '{task}' (tasks with principles: "
             f"{', '.join(k for k, v in sections.items() if v) or 'none'}); add a [{task}] section")
     return sections[task]
 
@@ -895,13 +901,15 @@ def load_rows(dataset, split):
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
     require(builder or not os.path.exists(dataset), "dataset", f"{dataset}: use a .jsonl, .json, .csv or .txt file "
             "(gzip allowed)")
+    require(not os.path.isfile(dataset) or os.path.getsize(dataset), "dataset", f"dataset file {dataset} is empty")
     try:
         rows = datasets.load_dataset(builder, data_files=dataset, split=split) if os.path.exists(dataset) else \
             datasets.load_dataset(dataset, split=split)
     except Exception as e:
         while e.__cause__ is not None:  # datasets wraps the reader's error, which names the row
             e = e.__cause__
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {error_line(e)[7:]}") from None
+        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {type(e).__name__}: "
+                       f"{(str(e).strip().splitlines() or [''])[0]}") from None
     require(len(rows), "dataset", f"'{dataset}' (split '{split}') has no rows")
     return rows
 
@@ -917,22 +925,23 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
     rows = load_rows(dataset, split)
     fields, name = [field] if field else list(TASKS[task].fields), where.split("=", 1)[0].strip()
     column = next((f for f in fields if f in rows.column_names), None)
-    require(column is not None, "query_field" if field else "task", f"dataset '{dataset}' has no "
-            f"{' or '.join(fields)} field; its fields are: {', '.join(rows.column_names)}")
-    require(not name or name in rows.column_names, "where", f"dataset '{dataset}' has no '{name}' field; its fields "
-            f"are: {', '.join(rows.column_names)}")
+    for missing, which, reads in ((column is None, fields, "--query_field names" if field else f"task '{task}' reads"),
+                                  (name and name not in rows.column_names, [name], "--where names")):
+        if missing:
+            raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, which))} field, which {reads}; its fields "
+                           f"are: {', '.join(rows.column_names)}")
     if where:
         value, values = where.split("=", 1)[1].strip(), [str(v) for v in rows[name]]
-        require(value in values, "where", f"{where}: no row of '{dataset}' (split '{split}') has {name} = {value}; "
-                f"its values there: {', '.join(sorted(set(values))[:10])}")
+        require(value in values, f"where {where}", f"no row of dataset '{dataset}' (split '{split}') has {name} = "
+                f"{value}; its values there: {', '.join(sorted(set(values))[:10])}")
         rows = rows.select([i for i, v in enumerate(values) if v == value])
     order, rng = list(range(len(rows))), random.Random(seed)
     random.Random(seed).shuffle(order)
     queries, answers, sources, excluded, skipped = [], [], [], 0, []
     for i in order:
         text = rows[i][column]
-        require(text is None or isinstance(text, str), "query_field", f"'{column}' of dataset '{dataset}', row {i}, "
-                f"is {type(text).__name__} {text!r}, not text")
+        require(text is None or isinstance(text, str), "dataset", f"'{dataset}', row {i}: the '{column}' field is "
+                f"{type(text).__name__} {text!r}, not text")
         if text and text in exclude:
             excluded += 1
         elif text and text.strip():
@@ -991,16 +1000,16 @@ def reward_input(spec, requested="auto"):
         tokenizer, config = (AutoTokenizer.from_pretrained(spec, trust_remote_code=False),
                              AutoConfig.from_pretrained(spec, trust_remote_code=False))
     except Exception as e:
-        raise PLEError(f"could not load reward model '{spec}' ({error_line(e)[7:]}); or pass --reward vader, or "
-                       "--reward module:function") from e
+        raise PLEError(f"could not load reward model '{spec}' ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
+                       "; or pass --reward vader, or --reward module:function") from e
+    pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
+    for ask, ok, what in (("chat", tokenizer.chat_template, "has no chat template"), ("pair", pairs, "puts nothing "
+                          "between two texts (no pair template)")):
+        require(requested != ask or ok, f"reward_format {ask}", f"the tokenizer of '{spec}' {what}; pass another")
     labels = {str(v).lower() for v in config.id2label.values()}
     require(config.num_labels == 1 or labels & {"positive", "pos"}, "reward", f"{spec} has labels {sorted(labels)}: "
             "neither one output (a reward model) nor a label named 'positive' (a sentiment classifier); pass "
             "--reward module:function to choose the score yourself")
-    pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
-    for ask, ok, what in (("chat", tokenizer.chat_template, "has no chat template"), ("pair", pairs, "puts nothing "
-                          "between two texts (no pair template)")):
-        require(requested != ask or ok, "reward_format", f"{ask}: the tokenizer of '{spec}' {what}; pass another")
     if requested != "auto" or config.num_labels != 1:  # a sentiment classifier: its positive label on the text
         return requested if requested != "auto" else "text"
     return "chat" if tokenizer.chat_template else "pair" if pairs else "text"
@@ -1066,8 +1075,8 @@ def load_reward(spec, device="cpu", input_format="auto"):
     found = getattr(sys.modules.get(module_name), "__file__", None)  # an installed module, or this repository's
     require(not mine or not found or os.path.samefile(found, mine), "reward", f"{spec}: {module_name} is {found}, "
             f"found before your {mine}: rename that file")
-    require(not isinstance(function, Exception), "reward", f"could not load {spec}: {type(function).__name__}: "
-            f"{function}")
+    if isinstance(function, Exception):
+        raise PLEError(f"could not load reward '{spec}': {type(function).__name__}: {function}") from function
     require(callable(function), "reward", f"{spec} is a {type(function).__name__}, not a function")
     return checked_reward(function)
 
@@ -1152,13 +1161,18 @@ def load_trainable(args, resume_from, device, dtype):
                                                      target_modules="all-linear", task_type="CAUSAL_LM",
                                                      fan_in_fan_out=conv1d))
     model.config.use_cache = True
-    if args.gradient_checkpointing:  # train_without_dropout keeps the checkpointing layers in training mode
-        if hasattr(model, "activation_checkpointing_enable"):  # (its name since transformers 5.x; before, the other)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:
+        enable_checkpointing(model)
     return model, tokenizer, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=0.0)
+
+
+def enable_checkpointing(model):
+    """Activations recomputed in the backward pass (train_without_dropout keeps the layers in training mode)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # (its name in later transformers 5.x; before, the other)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def resume_trainer(resume_from, accelerator, model, optimizer):
@@ -1399,12 +1413,14 @@ def checkpoints(output_dir):
 
 def read_jsonl(path):
     """The records of a JSON Lines file; a line that is not JSON is an error naming it."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
-    try:
-        return [json.loads(line) for line in lines]
-    except json.JSONDecodeError as e:
-        raise PLEError(f"{path} is damaged ({e}); start its run again with --overwrite_output_dir") from None
+        for number, line in enumerate(f, 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError:
+                raise PLEError(f"{path}, line {number}, is not JSON: the file is damaged") from None
+    return records
 
 
 def write_jsonl(path, records):
@@ -1468,7 +1484,7 @@ def prepare_output_dir(args, accelerator, inputs):
     folder, world = args.output_dir, accelerator.num_processes
     require(not os.path.exists(folder) or os.path.isdir(folder), "output_dir", f"{folder} is a file, not a folder")
     require(not (args.resume and args.overwrite_output_dir), "resume", "continues the run in --output_dir, "
-            "--overwrite_output_dir replaces it: pass one of them")
+            "--overwrite_output_dir replaces it: pass one of them, not both")
     names = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
     require(not names or args.resume or args.overwrite_output_dir, "output_dir", f"{folder} is not empty "
             f"({', '.join(names[:4])}{', ...' * (len(names) > 4)}): pass --resume to continue the run it holds, "
@@ -1481,7 +1497,8 @@ def prepare_output_dir(args, accelerator, inputs):
     saved = {**asdict(Args()), **(read_args(os.path.join(folder, "args.json")) if found else {})}  # (a flag added
     # later: its default ran)
     now = {**asdict(args), "num_processes": world, **inputs}  # paths: as the repository-relative ones stored
-    now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k]) for k in PATHS})
+    now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k],
+                                 exists=k != "output_dir") for k in PATHS})
     if args.resume:
         require(found, "resume", f"{folder} holds no checkpoint to continue from" + (
             "; pass --overwrite_output_dir to start its run again" if names else "; start one without --resume"))

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 import ple
-from tests import rewards
+from ple_tests import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRINCIPLE = "Write a warm and positive continuation."
@@ -89,7 +89,7 @@ def principles_file(tmp_path_factory):
 
 
 def make_args(model_dir, data_file, principles_file, out, **changes):
-    settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     output_dir=str(out), iterations=2, num_queries=6, batch_size=4, mini_batch_size=3,
                     max_new_tokens=6, learning_rate=1e-2, lora_r=0, device="cpu", dtype="float32")
     settings.update(changes)
@@ -325,7 +325,7 @@ def test_dialogue_reading_on_hh_format_transcripts(tmp_path):
 @pytest.fixture(scope="session")
 def reward_models(tmp_path_factory):
     """The three kinds of reward model, as local folders: a sentiment classifier, a pair RM, a chat RM."""
-    from tests import standins
+    from ple_tests import standins
 
     root = tmp_path_factory.mktemp("reward_models")
     made = {}
@@ -377,7 +377,7 @@ def test_reward_format_follows_the_kind_of_reward_model_and_refuses_what_does_no
         ple.reward_input(reward_models["pair"], "chat")
     with pytest.raises(ple.PLEError, match=r"--reward_format pair: the tokenizer of .* puts nothing between two texts"):
         ple.reward_input(reward_models["base"], "pair")
-    with pytest.raises(ple.PLEError, match=r"--reward_format pair is for reward models; --reward vader"):
+    with pytest.raises(ple.PLEError, match=r"--reward_format: pair is for reward models; --reward vader"):
         ple.reward_input("vader", "pair")
 
 
@@ -390,8 +390,8 @@ def test_dialogue_rows_that_do_not_alternate_are_counted_and_a_majority_of_them_
     assert len(queries) == 3 and all(ple.conversation(q) for q in queries)
     assert "note: skipped 1 of the 4 rows of dataset" in capsys.readouterr().err
     path.write_text("\n".join(good[:1] + [bad] * 2) + "\n")
-    with pytest.raises(ple.PLEError, match=r"2 of the 3 rows .* give no query for task 'dialogue' \(first: row \d\); "
-                                           r"a row must hold an Anthropic HH transcript .*: is it the right --task"):
+    with pytest.raises(ple.PLEError, match=r"2 of the 3 rows .* give no query for task 'dialogue' \(first: row \d\), "
+                                           r"such as HH turns that do not alternate: is it the right --task"):
         ple.load_queries(str(path), "train", "dialogue", 0, 0)
 
 
@@ -407,7 +407,7 @@ def test_summarize_reads_posts_or_prompts_that_end_in_tldr(tmp_path):
                                                                            [" Lazy cat"])
     path.write_text(json.dumps({"article": "x", "highlights": "y"}) + "\n")
     with pytest.raises(ple.PLEError, match=r"has no 'post' or 'prompt' field, which task 'summarize' reads; its "
-                                           r"fields are: article, highlights \(--query_field"):
+                                           r"fields are: article, highlights"):
         ple.load_queries(str(path), "train", "summarize", 0, 0)
     assert ple.load_queries(str(path), "train", "summarize", 0, 0, field="article")[0] == ["x\n\nTL;DR:"]
 
@@ -486,9 +486,9 @@ def test_vader_reward_prefers_positive_text():
 
 
 def test_checked_reward_refuses_bad_values():
-    with pytest.raises(ple.PLEError, match=r"answer 3 of a batch of 4 .*finite"):
+    with pytest.raises(ple.PLEError, match=r"returned \[0.0, 1.0, 2.0, nan\] for a batch of 4 .*finite"):
         ple.score(ple.checked_reward(lambda q, a: [0.0, 1.0, 2.0, float("nan")]), ["q"] * 4, ["a"] * 4, 10)
-    with pytest.raises(ple.PLEError, match="returned 3 values for 4 answers"):
+    with pytest.raises(ple.PLEError, match=r"returned \[0.0, 0.0, 0.0\] .* number per answer, a list of 4"):
         ple.score(ple.checked_reward(lambda q, a: [0.0] * 3), ["q"] * 4, ["a"] * 4, 10)
     assert ple.score(ple.checked_reward(lambda q, a: [1] * len(q)), ["q"] * 5, ["a"] * 5, 2).tolist() == [1.0] * 5
 
@@ -720,7 +720,7 @@ def cli(*argv, env=None, input=None):
 @pytest.mark.slow
 def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "cli"
-    result = cli("--model", model_dir, "--reward", "tests.rewards:word_reward", "--dataset", data_file,
+    result = cli("--model", model_dir, "--reward", "ple_tests.rewards:word_reward", "--dataset", data_file,
                  "--principles", principles_file, "--output_dir", str(out), "--iterations", "1",
                  "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -746,7 +746,7 @@ def test_guidance_gain_by_hand_and_the_note_when_it_is_not_clearly_positive():
 def test_a_run_reports_its_guidance_gain_and_ends_with_a_summary_whose_command_runs(model_dir, data_file,
                                                                                    principles_file, tmp_path):
     out = tmp_path / "run"
-    result = cli("--model", model_dir, "--reward", "tests.rewards:length_reward", "--dataset", data_file,
+    result = cli("--model", model_dir, "--reward", "ple_tests.rewards:length_reward", "--dataset", data_file,
                  "--principles", principles_file, "--output_dir", str(out), "--iterations", "2",
                  "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -760,7 +760,7 @@ def test_a_run_reports_its_guidance_gain_and_ends_with_a_summary_whose_command_r
     ranked = sum(m["ranked_share"] * 4 for m in metrics)
     first, last = metrics[0]["reward_original"], metrics[1]["reward_original"]
     assert lines[-5] == (f"done: 2 iterations on 4 queries; reward of the answers to x {first:+.3f} at iteration 0, "
-                         f"{last:+.3f} at iteration 1 (--reward tests.rewards:length_reward)")
+                         f"{last:+.3f} at iteration 1 (--reward ple_tests.rewards:length_reward)")
     assert lines[-4].startswith(f"guidance gain at iteration 0: g = mean(r_p - r) = {metrics[0]['guidance_gain']:+.3f}")
     assert lines[-4].endswith(f"pairs ranked: {ranked:.0f} of 8, the rest weighted SFT")
     assert lines[-3] == f"the model: {out / 'final'}" and (out / "final" / "model.safetensors").exists()
@@ -821,7 +821,7 @@ def test_trl_sdft_baseline_shows_the_teacher_exactly_x_p_and_the_student_exactly
     monkeypatch.setattr(SDFTTrainer, "_tokenize_prompts", recording)
     principles_path = tmp_path / "principles.txt"
     principles_path.write_text(f"[sentiment]\n{PRINCIPLE}\nBe brief.\n")
-    args = baselines.BaselineArgs(method="sdft", model=model_dir, reward="tests.rewards:length_reward",
+    args = baselines.BaselineArgs(method="sdft", model=model_dir, reward="ple_tests.rewards:length_reward",
                                   dataset=data_file, principles=str(principles_path), output_dir=str(tmp_path / "sdft"),
                                   iterations=1, num_queries=4, max_new_tokens=4, mini_batch_size=2,
                                   chat_template="off", device="cpu")
@@ -845,7 +845,7 @@ def test_eval_measures_the_guidance_gain_of_principles_files_before_training(mod
     other.write_text("[sentiment]\nWrite a long and warm continuation.\n")
     rewards.SCORED.clear()
     ple_eval.run(eval_args([model_dir], data_file, tmp_path / "unused.json", guidance=[principles_file, str(other)],
-                           reward="tests.rewards:logged_length_reward", n=4, samples=2))
+                           reward="ple_tests.rewards:logged_length_reward", n=4, samples=2))
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| /")]  # a row per file
     assert [line.split(" | ")[0] for line in table] == [f"| {principles_file}", f"| {other}"]
     scored = [v for v in rewards.SCORED if len(v) == 8]  # (the start-up probe scores 2 empty answers)
@@ -862,7 +862,7 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exac
     import signal
     import time
 
-    flags = ["--model", model_dir, "--reward", "tests.rewards:word_reward", "--dataset", data_file, "--principles",
+    flags = ["--model", model_dir, "--reward", "ple_tests.rewards:word_reward", "--dataset", data_file, "--principles",
              principles_file, "--num_queries", "4", "--batch_size", "4", "--mini_batch_size", "2", "--max_new_tokens",
              "4", "--lora_r", "0", "--learning_rate", "1e-2", "--device", "cpu", "--iterations", "40"]
     straight = tmp_path / "straight"
@@ -954,7 +954,7 @@ def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
                  "--output_dir", str(tmp_path / "x"))
     assert result.returncode == 2 and "principles file not found" in result.stderr
     # a Hub id while the Hub is unreachable: say so and what to pass instead
-    result = cli("--model", "nobody-here/no-such-model", "--reward", "tests.rewards:word_reward", "--dataset",
+    result = cli("--model", "nobody-here/no-such-model", "--reward", "ple_tests.rewards:word_reward", "--dataset",
                  data_file, "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
     assert "Hub could not be reached" in result.stderr and "local folder" in result.stderr
@@ -1052,7 +1052,7 @@ def test_no_code_from_a_model_folder_runs_asked_or_not(model_dir, other_model_di
     (custom / "config.json").write_text(json.dumps(config))
     marker = tmp_path / "code-ran"
     (custom / "custom_code.py").write_text(CUSTOM_CODE.format(marker=str(marker)))
-    result = cli("--model", str(custom), "--reward", "tests.rewards:word_reward", "--dataset", data_file,
+    result = cli("--model", str(custom), "--reward", "ple_tests.rewards:word_reward", "--dataset", data_file,
                  "--principles", principles_file, "--output_dir", str(tmp_path / "o"), "--device", "cpu",
                  input="y\n")  # were transformers to ask whether to run the folder's code, the answer is yes
     assert result.returncode == 2 and "Traceback" not in result.stderr and "[y/N]" not in result.stdout + result.stderr
@@ -1062,50 +1062,24 @@ def test_no_code_from_a_model_folder_runs_asked_or_not(model_dir, other_model_di
     assert not marker.exists()
 
 
-def test_resume_refuses_a_base_model_whose_files_changed(model_dir, data_file, principles_file, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    base, out = tmp_path / "base", tmp_path / "run"
-    shutil.copytree(model_dir, base)
-    ple.train(make_args(str(base), data_file, principles_file, out, iterations=1, lora_r=4))
-    weights = load_file(base / "model.safetensors")
-    name = next(iter(weights))
-    weights[name] = weights[name] + 1e-3  # the same path, other weights under the adapter
-    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ple.PLEError, match=r"--resume: .*the files of --model .*base changed since the run started"):
-        ple.train(make_args(str(base), data_file, principles_file, out, iterations=2, lora_r=4, resume=True))
-    shutil.copytree(model_dir, base, dirs_exist_ok=True)  # the files as they were: it goes on
-    ple.train(make_args(str(base), data_file, principles_file, out, iterations=2, lora_r=4, resume=True))
-    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
-
-
-def test_eval_never_replaces_a_file_it_did_not_write_and_one_output_has_one_writer(model_dir, other_model_dir,
+def test_eval_never_replaces_a_file_it_did_not_write(model_dir, other_model_dir,
                                                                                    data_file, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
     for text in ("my notes", '{"generations": []}', "[1, 2]"):
         notes.write_text(text)
-        with pytest.raises(ple.PLEError, match=r"--output .*notes.txt exists and is not an evaluation eval.py wrote"):
+        with pytest.raises(ple.PLEError, match=r"--output: .*notes.txt exists and is not an evaluation eval.py wrote"):
             ple_eval.run(eval_args([model_dir, other_model_dir], data_file, notes))
         assert notes.read_text() == text
-    out = tmp_path / "e.json"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_EVAL_LOCK, str(out)], cwd=HERE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        with pytest.raises(ple.PLEError, match=r"--output .*e.json is being written by another evaluation"):
-            ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))
-        assert not out.exists()
-    finally:
-        holder.kill()
-        holder.wait()
+    out, target = tmp_path / "e.json", tmp_path / "target.json"
+    target.write_text('{"generations": {}}')  # an evaluation's shape, but reached through a link: refused too
+    out.symlink_to(target)
+    with pytest.raises(ple.PLEError, match=r"--output: .*e.json exists and is not an evaluation eval.py wrote"):
+        ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))
+    out.unlink()
     ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))
     ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out))  # its own file: replaced
     assert json.loads(out.read_text())["generations"]["queries"]
-
-
-HOLD_EVAL_LOCK = ("import sys, time, eval; eval.claim_output(sys.argv[1]); print('held', flush=True); "
-                  "time.sleep(60)")
 
 
 def test_bad_principles(model_dir, data_file, tmp_path):
@@ -1159,12 +1133,12 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(dataset="nope.jsonl"), r"--dataset nope.jsonl: no such file or folder"),
     (dict(model="nothere.gguf"), r"--model nothere.gguf: no such file or folder"),
     (dict(model="runs/typo/final"), r"--model runs/typo/final: no such file or folder"),
-    (dict(reward="tests.rewards:raising_reward"),
+    (dict(reward="ple_tests.rewards:raising_reward"),
      r"the reward raised ValueError: the reward server is down on a batch of 2"),
-    (dict(reward="tests.rewards:scalar_reward"), r"returned 3.0 for a batch of 2 .*one number per answer"),
-    (dict(reward="tests.rewards:none_reward"), r"returned None for a batch of 2"),
-    (dict(reward="tests.rewards:exiting_reward"), r"the reward raised SystemExit: 0 on a batch of 2"),
-    (dict(reward="tests.rewards:huge_reward"), r"returned 1e\+39 for answer 0 of a batch .*finite float32"),
+    (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for a batch of 2 .*one finite float32 number per answer"),
+    (dict(reward="ple_tests.rewards:none_reward"), r"returned None for a batch of 2"),
+    (dict(reward="ple_tests.rewards:exiting_reward"), r"the reward raised SystemExit: 0 on a batch of 2"),
+    (dict(reward="ple_tests.rewards:huge_reward"), r"returned \[1e\+39, 1e\+39\] for a batch .*finite float32"),
     (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
     (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
     (dict(where="label=7"), r"--where label=7: no row .* has label = 7; its values there: 0, 1"),
@@ -1241,14 +1215,14 @@ def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, 
 def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ple.PLEError, match="the reward raised RuntimeError"):
-        ple.train(make_args(model_dir, data_file, principles_file, out, reward="tests.rewards:late_reward"))
+        ple.train(make_args(model_dir, data_file, principles_file, out, reward="ple_tests.rewards:late_reward"))
     assert (out / "args.json").exists() and not ple.checkpoints(str(out))
     with pytest.raises(ple.PLEError, match=r"--resume: .*run holds no checkpoint to continue from; pass "
                                            r"--overwrite_output_dir to start its run again"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=True))
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, overwrite_output_dir=True))
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
-    assert json.loads((out / "args.json").read_text())["reward"] == "tests.rewards:word_reward"
+    assert json.loads((out / "args.json").read_text())["reward"] == "ple_tests.rewards:word_reward"
 
 
 def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, data_file, principles_file, tmp_path,
@@ -1276,27 +1250,23 @@ def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, da
         ple.train(make_args(model_dir, data_file, principles_file, str(tmp_path / "B"), iterations=4, resume=True))
 
 
-def test_resume_drops_a_partial_last_metrics_line(model_dir, data_file, principles_file, tmp_path, capsys):
+def test_metrics_are_rewritten_whole_on_resume_and_a_damaged_file_is_named(model_dir, data_file, principles_file,
+                                                                           tmp_path):
     out = tmp_path / "run"
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"iteration": 1, "tau": 0.18, "rank')  # an append cut short by a kill
+    with open(out / "metrics.jsonl", "a") as f:  # a record of an iteration the resume redoes (ple.py never leaves one)
+        f.write(json.dumps({"iteration": 1, "tau": 0.0}) + "\n")
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
-    assert "dropped a partial last line" in capsys.readouterr().err
-    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write('{"iteration": 2, "ta')
-    pytest.importorskip("matplotlib")
-    ple_eval.run(ple_eval.EvalArgs(plot=str(out)))  # the plot reads it too
-    assert (out / "training_curve.png").exists()
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["tau"] == pytest.approx(0.2 * 0.9)
     (out / "metrics.jsonl").write_text('{"iteration": 0}\nnot json\n{"iteration": 1}\n')
-    with pytest.raises(ple.PLEError, match=r"line 2, is not JSON"):  # damage elsewhere is an error
+    with pytest.raises(ple.PLEError, match=r"metrics.jsonl, line 2, is not JSON: the file is damaged"):
         ple.read_jsonl(str(out / "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("reward, message", [("tests.rewards:nan_reward", r"nan for answer 0 of"),
-                                             ("tests.rewards:inf_reward", r"inf for answer 1 of"),
-                                             ("tests.rewards:short_reward", r"returned 1 values for 2 answers")])
+@pytest.mark.parametrize("reward, message", [("ple_tests.rewards:nan_reward", r"returned \[nan, nan\] for a batch"),
+                                             ("ple_tests.rewards:inf_reward", r"returned \[0.0, inf\] for a batch"),
+                                             ("ple_tests.rewards:short_reward", r"returned \[0.0\] .*a list of 2")])
 def test_bad_reward_values_fail_before_training(model_dir, data_file, principles_file, tmp_path, reward, message):
     out = tmp_path / "o"
     with pytest.raises(ple.PLEError, match=message):
@@ -1342,13 +1312,14 @@ def test_resume_runs_no_code_from_the_run_folder(model_dir, data_file, principle
     state = torch.load(state_file, weights_only=True)
     marker = tmp_path / "code-ran"
     torch.save({**state, "payload": WritesAMarker(str(marker))}, state_file)
-    refused = r"trainer_state.pt is not a trainer state that ple.py can read \(.*Unsupported global"
+    refused = r"trainer_state.pt is not a trainer state that ple.py can read \(UnpicklingError\)"
     with pytest.raises(ple.PLEError, match=refused):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
     assert not marker.exists()
     state_file.write_bytes(state_file.read_bytes()[:100])  # cut short, as by a full disk
     with pytest.raises(ple.PLEError, match=r"is not a trainer state that ple.py can read"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+
 
 def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_file, principles_file, tmp_path,
                                                                monkeypatch):
@@ -1370,7 +1341,7 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
     assert read_jsonl(out / "samples" / "iter-001.jsonl") == read_jsonl(straight / "samples" / "iter-001.jsonl")
     assert max_difference(state_of(str(out / "final")), state_of(str(straight / "final"))) == 0
-    # a full disk while a checkpoint is written: one line, its part removed, the last good checkpoint kept
+    # a full disk while a checkpoint is written: its part removed, the last good checkpoint kept, said as such
     again = tmp_path / "again"
     ple.train(make_args(model_dir, data_file, principles_file, again, iterations=1))
 
@@ -1378,10 +1349,27 @@ def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_f
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(ple.PLEError, match=r"could not write .*checkpoint-2 \(OSError: \[Errno 28\] No space left "
-                                           r"on device\); what was saved before is intact"):
+    with pytest.raises(OSError) as failure:
         ple.train(make_args(model_dir, data_file, principles_file, again, iterations=2, resume=True))
-    assert [n for n, _ in ple.checkpoints(str(again))] == [1] and not (again / "checkpoint-2.tmp").exists()
+    assert [n for n, _ in ple.checkpoints(str(again))] == [1] and not [n for n in os.listdir(again) if ".tmp" in n]
+    assert ple.error_line(failure.value) == "error: the disk is full (OSError: [Errno 28] No space left on device)"
+    assert ple.error_line(RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+                          ).startswith("error: the disk is full (RuntimeError: ")  # (torch's writer on a full disk)
+
+
+@pytest.mark.slow
+def test_a_failure_in_the_loop_says_the_command_that_resumes(model_dir, data_file, principles_file, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, os.path.join(HERE, "ple.py"), "--model", model_dir, "--dataset", data_file,
+               "--principles", principles_file, "--output_dir", str(out), "--reward",
+               "ple_tests.rewards:second_iteration_reward", "--iterations", "2", "--num_queries", "6",
+               "--batch_size", "6", "--reward_batch_size", "64", "--max_new_tokens", "4", "--lora_r", "0"]
+    result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600)
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert line.startswith("error: the reward raised RuntimeError: the reward server went down on a batch of 6")
+    assert line.endswith("checkpoint-1 holds iterations 0 to 0 (a later one that was under way is redone); continue "
+                         "with: " + shlex.join(["python", os.path.join(HERE, "ple.py"), *command[2:], "--resume"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1398,30 +1386,21 @@ def listing(folder):
     return found
 
 
-@pytest.mark.parametrize("mark", ['{"written_by": "ple.py"}', '{"tau0": 0.2}'])
 def test_a_run_never_writes_into_a_folder_it_did_not_make(model_dir, data_file, principles_file, tmp_path,
-                                                          monkeypatch, mark):
+                                                          monkeypatch):
     mine = tmp_path / "mine"
-    for name, text in [("final/notes.txt", "my notes"), ("iter-3/plan.md", "plan"), ("args.json", mark),
-                       ("metrics.jsonl", "{}\n"), ("samples/iter-000.jsonl", "{}\n"), ("checkpoint-7.tmp/x", "x")]:
+    for name, text in [("final/notes.txt", "my notes"), ("args.json", '{"tau0": 0.2}'), ("plan.md", "plan")]:
         (mine / name).parent.mkdir(parents=True, exist_ok=True)
         (mine / name).write_text(text)
     before = listing(mine)
-    for flags, refused in [({}, r"mine is not empty \(args.json, checkpoint-7.tmp, final, iter-3, \.\.\.\): pass "
-                                r"--resume to continue the run it holds, --overwrite_output_dir to replace it"),
-                           ({"resume": True}, r"mine holds no checkpoint to continue from"),
-                           ({"overwrite_output_dir": True}, r"mine: ple.py did not write checkpoint-7.tmp/x, "
-                                                            r"final/notes.txt, iter-3/plan.md, in a folder it "
-                                                            r"replaces: move them out first")]:
+    for flags, refused in [({}, r"mine is not empty \(args.json, final, plan.md\): pass --resume to continue the run "
+                                r"it holds, --overwrite_output_dir to replace it"),
+                           ({"resume": True}, r"mine holds no checkpoint to continue from")]:
         with pytest.raises(ple.PLEError, match=refused):  # no mark a user can write makes the folder ple.py's
             ple.train(make_args(model_dir, data_file, principles_file, mine, **flags))
         assert listing(mine) == before  # nothing removed, overwritten or added (not even a lock)
-    (mine / "checkpoint-7.tmp" / "x").unlink()
-    (mine / "iter-3" / "plan.md").unlink()
-    with pytest.raises(ple.PLEError, match=r"did not write final/notes.txt, in a folder it replaces: move it out"):
-        ple.train(make_args(model_dir, data_file, principles_file, mine, overwrite_output_dir=True))
     monkeypatch.chdir(HERE)  # --output_dir . in the repository
-    with pytest.raises(ple.PLEError, match=r"--output_dir \. is not empty"):
+    with pytest.raises(ple.PLEError, match=r"--output_dir: \. is not empty"):
         ple.train(make_args(model_dir, data_file, principles_file, "."))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -1447,26 +1426,26 @@ def test_overwrite_replaces_only_what_ple_py_wrote(model_dir, data_file, princip
     assert os.listdir(out / "samples") == ["iter-000.jsonl"] and (out / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("link", [".ple.lock", "final", "samples/iter-000.jsonl", "checkpoint-1/trainer_state.pt"])
-def test_a_link_in_the_run_folder_is_refused_and_never_written_through(model_dir, data_file, principles_file,
-                                                                       tmp_path, link):
-    out, target = tmp_path / "run", tmp_path / "elsewhere"
+def test_a_link_is_never_written_through(model_dir, data_file, principles_file, tmp_path):
+    target = tmp_path / "elsewhere"
     target.write_text("not to be touched")
-    if link == ".ple.lock":  # a new folder whose lock file is a link
-        out.mkdir()
-    else:
-        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
-        shutil.rmtree(out / link) if (out / link).is_dir() else (out / link).unlink()
-    (out / link).symlink_to(target)
+    (tmp_path / "file.json").symlink_to(target)
+    ple.write_file(str(tmp_path / "file.json"), "new")  # the rule every write follows: a fresh file renamed over it
+    assert target.read_text() == "not to be touched" and (tmp_path / "file.json").read_text() == "new"
+    assert not (tmp_path / "file.json").is_symlink() and sorted(os.listdir(tmp_path)) == ["elsewhere", "file.json"]
+    out = tmp_path / "run"  # a link among the run folder's own entries is refused before anything is written
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    (out / "metrics.jsonl").unlink()
+    (out / "metrics.jsonl").symlink_to(target)
     before = listing(out)
-    said = rf"run holds a link, {re.escape(link)}; ple.py never writes through one: remove it or pass another"
-    for flags in ({}, {"resume": True}, {"overwrite_output_dir": True}):  # (a new run: a full folder is refused)
-        with pytest.raises(ple.PLEError, match=said if flags or link == ".ple.lock" else "run is not empty"):
+    for flags in ({"resume": True}, {"overwrite_output_dir": True}):
+        with pytest.raises(ple.PLEError, match=r"run holds a link, metrics.jsonl, where ple.py writes: remove it"):
             ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, **flags))
     assert target.read_text() == "not to be touched" and listing(out) == before
 
 
-HOLD_LOCK = "import sys, time, ple; ple.claim_output_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+HOLD_LOCK = ("import sys, time, filelock; lock = filelock.FileLock(sys.argv[1] + '/.ple.lock'); "
+             "lock.acquire(timeout=0); print('held', flush=True); time.sleep(60)")
 
 
 def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_does_not_block(
@@ -1516,7 +1495,7 @@ def test_resume_and_eval_refuse_inputs_that_changed_since_training(model_dir, da
 
 
 def test_a_kill_while_iter_n_is_written_is_redone_on_resume(model_dir, data_file, principles_file, tmp_path,
-                                                           monkeypatch, capsys):
+                                                           monkeypatch):
     straight = tmp_path / "straight"
     ple.train(make_args(model_dir, data_file, principles_file, straight, iterations=2, save_every=1))
     out = tmp_path / "run"
@@ -1525,44 +1504,29 @@ def test_a_kill_while_iter_n_is_written_is_redone_on_resume(model_dir, data_file
     def killed_in_iter_2(path, *rest):
         if os.path.basename(path) != "iter-2":
             return real(path, *rest)
-        os.makedirs(path + ".tmp")
-        open(os.path.join(path + ".tmp", "model.safetensors"), "wb").close()
-        raise KeyboardInterrupt  # a SIGKILL mid-write leaves the same: a partial iter-2.tmp and no iter-2
+        os.makedirs(os.path.join(os.path.dirname(path), ".iter-2.k1ll3d.tmp"))  # what a SIGKILL mid-write leaves
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(ple, "save_model", killed_in_iter_2)
     with pytest.raises(KeyboardInterrupt):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1))
-    assert (out / "iter-2.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
+    assert (out / ".iter-2.k1ll3d.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
     monkeypatch.setattr(ple, "save_model", real)
-    (out / "iter-7.tmp").mkdir()  # left by other kills (the run no longer writes them)
-    (out / "metrics.jsonl.tmp").write_text("")
-    (out / "samples" / "notes.tmp").write_text("not ple.py's: stays")
+    (out / ".metrics.jsonl.x7.tmp").write_text("")  # a file write cut the same way
+    (out / "samples" / "notes.tmp").write_text("inside a folder of ple.py's: left as it is")
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1, resume=True))
-    assert not any((out / name).exists() for name in ("iter-2.tmp", "iter-7.tmp", "metrics.jsonl.tmp"))
-    assert (out / "samples" / "notes.tmp").exists()
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")] and (out / "samples" / "notes.tmp").exists()
     assert max_difference(state_of(str(out / "iter-2")), state_of(str(straight / "iter-2"))) == 0
-    # a saved iteration that is missing is named, not silently left out of the frontier
-    (out / "iter-1").rename(tmp_path / "iter-1-elsewhere")
-    _, points = ple_eval.frontier_models(ple_eval.EvalArgs(frontier=[str(out)], reward="vader"))
-    assert [n for _, n, _ in points] == [2]
-    assert "--frontier " + str(out) + " lacks iter-1/ (saved every 1)" in capsys.readouterr().err
 
 
-def test_weights_that_hold_nan_and_prompts_too_long_for_the_model_fail_before_sampling(
-        tokenizer, model_dir, data_file, principles_file, tmp_path, monkeypatch):
-    damaged = tmp_path / "damaged"
-    model = tiny_model(tokenizer)
-    with torch.no_grad():
-        model.transformer.h[1].mlp.c_fc.weight[0, 0] = float("nan")
-    model.save_pretrained(damaged)
-    tokenizer.save_pretrained(damaged)
+def test_prompts_too_long_for_the_model_fail_before_sampling_in_both_scripts(model_dir, other_model_dir, data_file,
+                                                                            principles_file, tmp_path, monkeypatch):
     monkeypatch.setattr(ple, "sample_answers", lambda *a, **k: pytest.fail("sampling started"))
-    with pytest.raises(ple.PLEError, match=r"the weights loaded from .*damaged hold NaN or infinite values \(first: "
-                                           r"transformer.h.1.mlp.c_fc.weight\)"):
-        ple.train(make_args(str(damaged), data_file, principles_file, tmp_path / "o"))
-    with pytest.raises(ple.PLEError, match=r"6 of 6 queries do not fit the model's 256 positions: the longest, .* "
-                                           r"tokens with the principles, plus --max_new_tokens 250"):
+    too_long = r"6 of 6 queries do not fit the model's 256 positions: the longest, .* tokens, plus --max_new_tokens 250"
+    with pytest.raises(ple.PLEError, match=too_long):
         ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o2", max_new_tokens=250))
+    with pytest.raises(ple.PLEError, match=too_long.replace("6 of 6", r"\d of 8")):  # eval.py: the same check
+        ple_eval.run(eval_args([model_dir, other_model_dir], data_file, tmp_path / "e.json", max_new_tokens=250))
 
 
 def test_bad_data_files_are_named_in_one_line_with_datasets_own_reason(model_dir, data_file, principles_file, tmp_path,
@@ -1589,7 +1553,7 @@ def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file,
     shutil.copy(data_file, home / "reviews.jsonl")
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
-    ple.main(["--model", model_dir, "--reward", "tests.rewards:word_reward", "--dataset", "~/reviews.jsonl",
+    ple.main(["--model", model_dir, "--reward", "ple_tests.rewards:word_reward", "--dataset", "~/reviews.jsonl",
               "--principles", principles_file, "--output_dir", "~/run", "--iterations", "1", "--num_queries", "1",
               "--mini_batch_size", "1", "--max_new_tokens", "4", "--lora_r", "0", "--device", "cpu"])
     assert len(read_jsonl(home / "run" / "samples" / "iter-000.jsonl")) == 1  # one query, one row
@@ -1606,7 +1570,7 @@ def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch)
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert ple.load_reward("my_reward:score")(["q"], ["ab"]) == [2 / 3]  # the standard colorsys, not the file
     assert sys.modules["colorsys"].__file__ != str(tmp_path / "colorsys.py") and str(tmp_path) not in sys.path
-    with pytest.raises(ple.PLEError, match=r"colorsys is an installed module, found before .*colorsys.py: rename "
+    with pytest.raises(ple.PLEError, match=r"colorsys is .*colorsys.py, found before your .*colorsys.py: rename "
                                            r"that file"):
         ple.load_reward("colorsys:f")
 
@@ -1677,7 +1641,7 @@ def other_model_dir(tokenizer, tmp_path_factory):
 def eval_args(models, data_file, out, **changes):
     import tempfile
 
-    settings = dict(models=models, reward="tests.rewards:length_reward", dataset=data_file, max_new_tokens=6,
+    settings = dict(models=models, reward="ple_tests.rewards:length_reward", dataset=data_file, max_new_tokens=6,
                     batch_size=4, device="cpu", dtype="float32", output=str(out), bootstrap=200,
                     cache=tempfile.mkdtemp(prefix="eval_cache"))  # a fresh cache: every test generates
     settings.update(changes)
@@ -1715,7 +1679,7 @@ def test_eval_holds_out_training_rows_and_warns_about_the_training_reward(model_
     run_dir = tmp_path / "run"
     ple.train(make_args(model_dir, data_file, principles_file, run_dir, iterations=1, num_queries=6))
     candidate = str(run_dir / "final")
-    report = ple_eval.run(eval_args([candidate, model_dir], data_file, "", reward="tests.rewards:word_reward"))
+    report = ple_eval.run(eval_args([candidate, model_dir], data_file, "", reward="ple_tests.rewards:word_reward"))
     _, _, trained = ple.load_queries(data_file, "train", "sentiment", 6, 0)
     held_out = report["generations"]["queries"]
     assert len(held_out) == len(REVIEWS) - 6
@@ -1740,7 +1704,7 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
         raise AssertionError("re-scoring must not load a model")
 
     monkeypatch.setattr(ple, "load_policy", no_models)
-    report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="tests.rewards:word_reward", bootstrap=200))
+    report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="ple_tests.rewards:word_reward", bootstrap=200))
     gens = report["generations"]
     model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
     for name in (model_dir, other_model_dir):
@@ -1752,7 +1716,7 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
     broken = json.loads(path.read_text())
     broken["generations"]["models"][other_model_dir]["answers"].pop()
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(ple.PLEError, match=r"answer 7 queries, not 8"):
+    with pytest.raises(ple.PLEError, match=r"generations of .* do not pair up with the queries"):
         ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "broken.json")))
 
 
@@ -1770,12 +1734,12 @@ def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(reward="tests.rewards:raising_reward"), r"the reward raised ValueError"),
-    (dict(output="/nonexistent/dir/e.json"), r"--output /nonexistent/dir/e.json: the folder .* does not exist"),
+    (dict(reward="ple_tests.rewards:raising_reward"), r"the reward raised ValueError"),
+    (dict(output="/nonexistent/dir/e.json"), r"--output: /nonexistent/dir/e.json: the folder .* does not exist"),
     (dict(n=1), r"--n: a win rate needs at least 2 queries"),
     (dict(n=-2), r"--n: must be 0"),
     (dict(second="runs/typo/final"), r"--models runs/typo/final: no such file or folder"),
-    (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
+    (dict(second="not_a_model_anywhere"), r"cached copy of: --models not_a_model_anywhere"),
     (dict(second=lambda first: first + "/."), r"--models names one model twice \('.*' and '.*/\.'\)"),
     (dict(top_p=0.0), r"--top_p"),
 ])
@@ -1790,13 +1754,13 @@ def test_eval_checks_everything_before_generating(model_dir, other_model_dir, da
 
 
 def test_eval_rescore_bad_files(tmp_path):
-    cases = [("missing.json", None, "no such file"), ("corrupt.json", '{"generations": ', "not a readable JSON"),
+    cases = [("missing.json", None, "No such file"), ("corrupt.json", '{"generations": ', "not a JSON file eval.py wrote"),
              ("list.json", "[1, 2]", "holds a JSON list"), ("empty_object.json", "{}", "need 'queries'")]
     for name, text, message in cases:
         if text is not None:
             (tmp_path / name).write_text(text)
         with pytest.raises(ple.PLEError, match=message):
-            ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="tests.rewards:length_reward"))
+            ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="ple_tests.rewards:length_reward"))
     with pytest.raises(ple.PLEError, match="--bootstrap: must be at least 1"):
         ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "list.json"), bootstrap=0))
 
@@ -1821,7 +1785,7 @@ def test_eval_failure_after_generating_loses_nothing(model_dir, other_model_dir,
     partial = json.loads(out.read_text())
     assert partial["complete"] is False and len(partial["generations"]["models"]) == 2
     monkeypatch.setattr(ple_eval, "evaluate", real_evaluate)
-    rescored = ple_eval.run(ple_eval.EvalArgs(rescore=str(out), reward="tests.rewards:length_reward", bootstrap=50))
+    rescored = ple_eval.run(ple_eval.EvalArgs(rescore=str(out), reward="ple_tests.rewards:length_reward", bootstrap=50))
     assert [m["answers"] for m in rescored["generations"]["models"].values()] == \
         [m["answers"] for m in partial["generations"]["models"].values()]
     assert set(rescored["win_rates"]) == {ple.portable_path(other_model_dir)}
@@ -1870,7 +1834,7 @@ def test_eval_cache_never_serves_generations_that_do_not_fit(tokenizer, model_di
 def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, tmp_path):
     out = tmp_path / "judged.json"
     result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--models", model_dir, other_model_dir,
-                             "--reward", "tests.rewards:length_reward", "--judge", model_dir, "--dataset", data_file,
+                             "--reward", "ple_tests.rewards:length_reward", "--judge", model_dir, "--dataset", data_file,
                              "--max_new_tokens", "5", "--device", "cpu", "--output", str(out), "--bootstrap", "100"],
                             cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -1893,7 +1857,8 @@ def test_kl_estimate_distinct_n_and_copying_by_hand():
     assert ple_eval.copying_share(copied, principles) == pytest.approx(2 / 4)
 
 
-def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
+def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, capsys):
+    frontier_py = experiment_script("frontier.py")  # experiments/frontier.py: eval.py's report over iter-N/
     sft = tmp_path / "sft"  # SFT on the same references again and again: each iteration moves further away
     ple.train(make_args(model_dir, data_file, principles_file, sft, iterations=3, num_queries=4, loss="sft",
                       learning_rate=3e-2, save_every=1))
@@ -1904,10 +1869,10 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
                                               "iter-3", "metrics.jsonl", "samples"])
     assert (lora / "iter-2" / "adapter_config.json").exists() and not (lora / "iter-2" / "trainer_state.pt").exists()
     out = tmp_path / "frontier.json"
-    report = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="tests.rewards:length_reward",
-                                            dataset=data_file, principles=principles_file, max_new_tokens=8,
-                                            kl_samples=8, batch_size=16, device="cpu", dtype="float32",
-                                            output=str(out), cache=str(tmp_path / "cache"), bootstrap=50))
+    settings = ple_eval.EvalArgs(reward="ple_tests.rewards:length_reward", dataset=data_file, principles=principles_file,
+                                 max_new_tokens=8, kl_samples=8, batch_size=16, device="cpu", dtype="float32",
+                                 output=str(out), cache=str(tmp_path / "cache"), bootstrap=50)
+    report = frontier_py.frontier([str(sft), str(lora)], settings)
     frontier = json.loads(out.read_text())["frontier"]
     assert frontier == report["frontier"] and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     runs = frontier["runs"]
@@ -1922,18 +1887,17 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path):
     # the same frontier again comes from the cache: the KL needs no model either
     with pytest.MonkeyPatch.context() as m:
         m.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("cached generations were not reused"))
-        again = ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(lora)], reward="tests.rewards:length_reward",
-                                               dataset=data_file, principles=principles_file, max_new_tokens=8,
-                                               kl_samples=8, batch_size=16, device="cpu", dtype="float32",
-                                               output=str(out), cache=str(tmp_path / "cache"), bootstrap=50))
-    assert again["frontier"] == frontier
+        assert frontier_py.frontier([str(sft), str(lora)], settings)["frontier"] == frontier
+    (lora / "iter-1").rename(tmp_path / "iter-1-elsewhere")  # a saved iteration that is missing is named
+    assert [n for _, n, _ in frontier_py.frontier_models(settings, [str(lora)])[1]] == [2]
+    assert f"{lora} lacks iter-1/ (saved every 1)" in capsys.readouterr().err
     plain = tmp_path / "plain"  # a run trained without --save_every
     plain.mkdir()
     (plain / "args.json").write_text((sft / "args.json").read_text())
     with pytest.raises(ple.PLEError, match="plain holds no saved iterations .*--save_every"):
-        ple_eval.run(ple_eval.EvalArgs(frontier=[str(sft), str(plain)], dataset=data_file))
+        frontier_py.frontier_models(settings, [str(sft), str(plain)])
     with pytest.raises(ple.PLEError, match="not a ple.py run folder"):
-        ple_eval.run(ple_eval.EvalArgs(frontier=[model_dir], dataset=data_file))
+        frontier_py.frontier_models(settings, [model_dir])
 
 
 def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):
@@ -1948,7 +1912,7 @@ def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_
     tiny_model(other).save_pretrained(path)
     other.save_pretrained(path)
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
-    with pytest.raises(ple.PLEError, match="different tokenizers .* the KL between them is undefined"):
+    with pytest.raises(ple.PLEError, match="different tokenizers: the KL between them is undefined"):
         ple_eval.run(eval_args([model_dir, other_model_dir], data_file, tmp_path / "e.json", reference=path))
 
 
@@ -2077,12 +2041,11 @@ def test_deepspeed_and_fsdp_that_accelerate_cannot_take_are_refused_in_one_line(
 
 def test_processes_must_divide_the_work():
     ple.check_processes(7, 3, 1)  # one process: anything goes
-    with pytest.raises(ple.PLEError, match="8 processes for 6 queries"):
-        ple.check_processes(6, 8, 8)
-    with pytest.raises(ple.PLEError, match="7 queries do not divide across 2 processes"):
-        ple.check_processes(7, 4, 2)
-    with pytest.raises(ple.PLEError, match="--mini_batch_size 3 does not divide across 2 processes"):
-        ple.check_processes(6, 3, 2)
+    ple.check_processes(6, 4, 2)
+    for queries, mini_batch in ((6, 8), (7, 4), (6, 3)):
+        with pytest.raises(ple.PLEError, match=rf"--mini_batch_size: {mini_batch} and the {queries} queries must both "
+                                               r"divide across \d processes"):
+            ple.check_processes(queries, mini_batch, 8 if queries == 6 and mini_batch == 8 else 2)
 
 
 def launch(mode, out, settings, processes=2):
@@ -2094,7 +2057,7 @@ def launch(mode, out, settings, processes=2):
     os.makedirs(out, exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                              str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                             "no", "--main_process_port", str(port), os.path.join(HERE, "tests", "worker.py"),
+                             "no", "--main_process_port", str(port), os.path.join(HERE, "ple_tests", "worker.py"),
                              mode, str(out), json.dumps(settings)], cwd=HERE, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -2135,7 +2098,7 @@ def test_multiprocess_sharded_step_equals_one_process_on_the_whole_mini_batch(to
 def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir, data_file, principles_file,
                                                                        tmp_path):
     pytest.importorskip("accelerate")
-    settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
                     lora_r=0, device="cpu", dtype="float32")
     straight = tmp_path / "straight"
@@ -2168,7 +2131,7 @@ def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(mode
     final/ hold the whole model (gathered from the shards), and a resume (sharded AdamW state restored)
     continues exactly."""
     pytest.importorskip("accelerate")
-    settings = dict(model=model_dir, reward="tests.rewards:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file, principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
                     lora_r=0, device="cpu", dtype="float32", shard=True, save_every=1, gradient_checkpointing=True)
     straight = tmp_path / "straight"
@@ -2188,12 +2151,12 @@ def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(mode
 
 
 # ------------------------------------------------------------------------------------------------
-# the README's Hub commands, as written, on stand-ins in a Hub cache (tests/standins.py)
+# the README's Hub commands, as written, on stand-ins in a Hub cache (ple_tests/standins.py)
 # ------------------------------------------------------------------------------------------------
 
 def readme_hub_commands():
     """The README's commands that name a Hub model or dataset, continuation lines joined, comments cut."""
-    from tests import standins
+    from ple_tests import standins
 
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
@@ -2208,7 +2171,7 @@ SHRINK = {"ple.py": ["--num_queries", "4", "--iterations", "1", "--max_new_token
 
 
 def snapshot(cache, name):
-    from tests import standins
+    from ple_tests import standins
 
     return os.path.join(cache["HF_HUB_CACHE"], "models--" + name.replace("/", "--"), "snapshots", standins.COMMIT)
 
@@ -2222,7 +2185,7 @@ def test_the_readme_hub_commands_as_written_feed_each_model_its_own_way(tmp_path
     import shlex
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
-    from tests import standins
+    from ple_tests import standins
 
     cache = standins.hub_cache(str(tmp_path / "cache"))
     commands = readme_hub_commands()

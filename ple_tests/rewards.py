@@ -1,4 +1,4 @@
-"""Rewards for the tests, passed to ple.py and eval.py as --reward tests.rewards:FUNCTION."""
+"""Rewards for the tests, passed to ple.py and eval.py as --reward ple_tests.rewards:FUNCTION."""
 
 SEEN_QUERIES = []  # every query word_reward was called with
 
@@ -61,3 +61,14 @@ def logged_length_reward(queries, answers):
     values = [float(len(a)) for a in answers]
     SCORED.append(values)
     return values
+
+
+CALLS = [0]  # calls of second_iteration_reward
+
+
+def second_iteration_reward(queries, answers):
+    """Scores the start-up check and iteration 0 (x, then x_p), then fails: a run that has a checkpoint."""
+    CALLS[0] += 1
+    if CALLS[0] > 3:
+        raise RuntimeError("the reward server went down")
+    return [float(len(a)) for a in answers]

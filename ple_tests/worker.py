@@ -1,6 +1,6 @@
 """One process of the multi-process tests (test_ple.py launches two with accelerate launch).
 
-    python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/worker.py MODE OUT SETTINGS_JSON
+    python -m accelerate.commands.launch --multi_gpu --num_processes 2 ple_tests/worker.py MODE OUT SETTINGS_JSON
 
 MODE run: ple.train(ple.Args(**settings)), then each process saves the weights it holds.
 MODE step: one ple_epoch step on this process's half of fixed pairs, through accelerator.prepare; each

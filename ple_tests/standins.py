@@ -1,7 +1,7 @@
 """Tiny stand-ins for the Hub models and datasets the README names, in their real formats, and a Hugging
 Face cache that holds them under their exact names, laid out as a first online run leaves it.
 
-    python -m tests.standins FOLDER    # writes FOLDER/hub and FOLDER/datasets; prints the environment to use
+    python -m ple_tests.standins FOLDER    # writes FOLDER/hub and FOLDER/datasets; prints the environment to use
 
 Every model has random weights (the reward models' drawn wide, so that their scores vary with the input):
 what the tests check is how each is fed, not what it has learned.
