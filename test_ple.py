@@ -1900,6 +1900,18 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, c
         frontier_py.frontier_models(settings, [model_dir])
 
 
+def test_similarity_metrics_from_the_json_eval_py_wrote(model_dir, data_file, principles_file, tmp_path):
+    similarity = experiment_script("similarity.py")  # experiments/similarity.py: BLEU and perplexity, moved there
+    sft = tmp_path / "sft"  # SFT on the dataset's own continuations: closer to the references than the start
+    ple.train(make_args(model_dir, data_file, principles_file, sft, iterations=4, num_queries=4, loss="sft",
+                        learning_rate=3e-3))
+    out = tmp_path / "e.json"
+    ple_eval.run(eval_args([str(sft / "final"), model_dir], data_file, out))
+    table = similarity.similarity(str(out))
+    perplexity = {name: row["perplexity"] for name, row in table.items()}
+    assert perplexity[ple.portable_path(str(sft / "final"))] < perplexity[ple.portable_path(model_dir)] < 10**4
+
+
 def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

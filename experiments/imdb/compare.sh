@@ -73,7 +73,7 @@ case $PART in
   frontier)
     runs=()
     for method in $METHODS; do [ -d "$RUNS/${method}_s1/iter-2" ] && runs+=("$RUNS/${method}_s1"); done
-    python eval.py --frontier "${runs[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 100 --seed 0 \
+    python experiments/frontier.py "${runs[@]}" --reward "$RM" "${TEST[@]}" --task sentiment --n 100 --seed 0 \
       --kl_samples 2 --chat_template off --principles "$TODAY" --cache "$RUNS/eval_cache" --output "$OUT/frontier.json" \
       2>&1 | grep -av "it/s\]\|s/it\]" | tail -3
     python experiments/imdb/frontier_plot.py "$OUT" > "$OUT/frontier.md"   # frontier.png redrawn, by method

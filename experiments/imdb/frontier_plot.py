@@ -1,9 +1,9 @@
-"""The comparison's reward-KL frontier, drawn again from the JSON that `eval.py --frontier` wrote.
+"""The comparison's reward-KL frontier, drawn again from the JSON that `experiments/frontier.py` wrote.
 
     python experiments/imdb/frontier_plot.py experiments/imdb/compare > experiments/imdb/compare/frontier.md
 
 Reads frontier.json in the folder (one line per run folder, a point per saved iteration) and redraws
-frontier.png over eval.py's: the methods by name, and a second panel that widens the crowded corner
+frontier.png over experiments/frontier.py's: the methods by name, and a second panel that widens the crowded corner
 near zero KL. Prints a Markdown table: per method, reward (KL) at each saved iteration.
 """
 import json

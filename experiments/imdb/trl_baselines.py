@@ -18,7 +18,7 @@ Every flag of ple.py means the same here (`--help`); the loss is TRL's. The same
   exactly (the --principles, a blank line, x); the student is distilled toward the teacher's top-k token
   distribution on its own answers. Plain-text prompts only. No reward: --reward is loaded and checked, not used.
 Writes args.json (ple.py's fields, so eval.py holds out the training rows and finds the starting model),
-iter-N/ every --save_every passes (LoRA: the adapter; for eval.py --frontier) and final/ (merged).
+iter-N/ every --save_every passes (LoRA: the adapter; for experiments/frontier.py) and final/ (merged).
 """
 import os
 import sys
