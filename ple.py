@@ -43,59 +43,46 @@ class Args:
     reward: str = arg("vader", "reward: sequence-classification model (Hub id or folder), vader, or module:function")
     dataset: str = arg("data/review_openings.txt", "queries: Hub dataset id, or a .jsonl/.json/.csv/.txt(.gz) file")
     split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
-    where: str = arg("", "keep only the dataset rows whose FIELD equals VALUE, given as FIELD=VALUE (e.g. label=1: "
-                         "IMDb's positive reviews, the sft baseline's preferred data)")
+    where: str = arg("", "FIELD=VALUE: keep only the dataset rows whose FIELD is VALUE (label=1: IMDb's positive ones)")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
-    query_field: str = arg("", "dataset field the queries come from; default: the task's (sentiment: text; "
-                               "dialogue: chosen; summarize: post, else prompt)")
-    reward_format: Literal["auto", "text", "pair", "chat"] = arg(
-        "auto", "how a reward model reads query x and answer y: text (joined), pair (a text pair), chat (its chat "
-                "template); auto: text for a classifier with a positive label, else chat if its tokenizer has a "
-                "chat template, pair if it takes text pairs, text otherwise")
+    query_field: str = arg("", "dataset field the queries come from; default: the task's (TASKS, below the line)")
+    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "how a reward model reads x and y: text "
+                                                                         "(joined), pair, chat (its template); auto: "
+                                                                         "as its kind says (REWARD_INPUTS)")
     principles: str = arg("principles.txt", "file with the principles of each task")
-    chat_template: Literal["task", "auto", "off"] = arg(
-        "task", "task: the task's own prompt format (sentiment: plain text, so that the model continues the "
-                "review; dialogue and summarize: as auto); auto: chat models get prompts through their chat "
-                "template; off: plain text for every model")
-    principle_placement: Literal["user", "system"] = arg("user", "chat models: principles before x in the user "
-                                                                 "turn, or as the system turn")
+    chat_template: Literal["task", "auto", "off"] = arg("task", "auto: chat models get prompts in their chat template; "
+                                                                "off: plain text; task: the task's (sentiment: off)")
+    principle_placement: Literal["user", "system"] = arg("user", "chat models: principles before x, or as system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
     overwrite_output_dir: bool = arg(False, "replace the run in --output_dir (only the files ple.py wrote go)")
-    save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (eval.py --frontier); 0: off")
+    save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (experiments/frontier.py)")
     report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
         "none", "also log each iteration's metrics to this tracker (Accelerate's; metrics.jsonl is always written)")
     seed: int = arg(0, "seed for queries, sampling and training; a run repeats exactly under it")
-    device: Literal["auto", "cpu"] = arg("auto", "auto: the device Accelerate picks (cuda, mps, ..., else cpu; "
-                                                 "under a launcher, each process its own); cpu")
+    device: Literal["auto", "cpu"] = arg("auto", "auto: the device Accelerate picks (cuda, mps, ..., else cpu); cpu")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on cuda, else float32")
     # --- algorithm (the paper's settings) ---
     iterations: int = arg(4, "PLE iterations I (the paper: about 8; 4: experiments/default's choice for this default)")
     tau0: float = arg(0.2, "initial threshold on r(y_p) - r(y)")
     alpha: float = arg(0.9, "threshold decay per iteration (1.0: the fixed-threshold ablation)")
     beta: float = arg(1.0, "scale inside the ranking loss's sigmoid")
-    loss: Literal["ple", "rank", "wsft", "cd", "sft", "raft"] = arg(
-        "ple", "ple; ablations: rank or wsft (every pair to one branch); baselines: cd (SFT on y_p given x), "
-               "sft (SFT on the dataset's answers), raft (SFT on the best of --raft_k answers to x)")
+    loss: Literal["ple", "rank", "wsft", "cd", "sft", "raft"] = arg("ple", "ablations: rank, wsft; baselines: cd "
+                                                                           "(SFT on y_p given x), sft, raft")
     raft_k: int = arg(4, "--loss raft: answers sampled per query, the best one trained on (the paper's RAFT: 4)")
-    lora_r: int = arg(8, "LoRA rank on all linear layers (the paper's: 8); 0 = full fine-tuning (then about "
-                         "--learning_rate 1e-5)")
+    lora_r: int = arg(8, "LoRA rank on all linear layers (paper: 8); 0: full fine-tuning (then --learning_rate 1e-5)")
     lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
-    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers (cut to --max_new_tokens) "
-                             "before iteration 0")
+    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before iteration 0")
     # --- data and sampling ---
     num_queries: int = arg(48, "size of the query set D_query (answered in full every iteration); 0 = all rows")
     max_new_tokens: int = arg(24, "answer length cap")
     temperature: float = arg(0.7, "sampling temperature")
     top_p: float = arg(0.95, "nucleus sampling; 1.0 samples from the full distribution")
-    batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p); independent of "
-                              "--mini_batch_size")
-    merge_lora: Literal["auto", "on", "off"] = arg(
-        "auto", "LoRA: fold the adapters into the weights while sampling, the base weights restored bit for bit "
-                "after (costs a copy of the adapted weights while sampling); auto: on on CUDA, off on CPU")
-    static_cache: Literal["auto", "on", "off"] = arg(
-        "auto", "sample with transformers' static KV cache, every generate call padded to one shape (on CUDA it "
-                "compiles the decoding step once: experiments/gpu_check); auto: on on CUDA, off on CPU")
+    batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p)")
+    merge_lora: Literal["auto", "on", "off"] = arg("auto", "fold the LoRA adapters into the weights while sampling "
+                                                           "(fast_sampling); auto: on on CUDA, off on CPU")
+    static_cache: Literal["auto", "on", "off"] = arg("auto", "sample with a static KV cache in one shape, compiled "
+                                                             "once on CUDA (sample_answers); auto: on on CUDA only")
     reward_batch_size: int = arg(64, "texts per reward call")
     # --- optimizer ---
     learning_rate: float = arg(1e-4, "AdamW learning rate (1e-4: the rate experiments/imdb kept for PLE with LoRA)")
@@ -633,8 +620,8 @@ def main(argv=None):
         if isinstance(e, SystemExit) and args is None:  # --help
             raise
         if speaks:  # a failure in the loop (a reward's, a full disk) can go on from the last checkpoint
-            say(error_line(e) + (resume_hint(args, argv) if getattr(e, "in_loop", 0) and checkpoints(args.output_dir)
-                                 else ""))
+            say(error_line(e) + (";" + resume_hint(args, argv)[1:] if getattr(e, "in_loop", 0) and checkpoints(
+                args.output_dir) else ""))
         sys.exit(2)
 
 
@@ -646,7 +633,7 @@ def resume_hint(args, argv):
     launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if not found:
         return f" before the first checkpoint: nothing to resume; start again{launcher} with: {command}"
-    return (f"; {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under way is redone); "
+    return (f": {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under way is redone); "
             f"continue with{launcher}: {command}")
 
 
@@ -793,13 +780,17 @@ def is_adapter(folder):
         not os.path.isfile(os.path.join(folder, "config.json"))
 
 
+INSTEAD = {"model": "a local folder, .gguf file or installed package", "reward model": "a local folder, vader or "
+           "module:function", "dataset": "a local .jsonl, .json, .csv or .txt file"}  # when a Hub name cannot load
+
+
 def check_hub(named):
     """Each (flag, name): a local path must exist, and a Hub repository too, all missing ones said at once before
     anything loads: one pass of huggingface_hub's repo_exists; offline or unreachable, the local caches answer."""
     from datasets import config
     from huggingface_hub import constants, repo_exists
     from huggingface_hub.file_download import repo_folder_name
-    missing, offline = [], constants.HF_HUB_OFFLINE
+    missing, offline = [], "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
     for flag, name in named:
         if not name or name == "vader" or is_function_spec(name) or os.path.exists(name) or (
                 re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name)):  # an installed package
@@ -807,20 +798,21 @@ def check_hub(named):
         require(not (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or re.search(  # only a path
             r"\.(gguf|jsonl?|csv|txt|gz|safetensors|bin|pt)$", name, re.I) or os.path.isdir(name.split("/")[0])),
             f"{flag[2:]} {name}", "no such file or folder")  # (beside a folder 'models', 'models/x' is a path too)
-        kind = "dataset" if flag == "--dataset" else "model"
+        what, kind = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model"), ("model", "dataset")[
+            flag == "--dataset"]
         try:
             found = None if offline else repo_exists(name, repo_type=kind)
         except Exception as e:  # no answer: the Hub is unreachable (then the caches say), or loading will tell
-            offline = bool(re.search(r"connect|timeout|offline|resolve", f"{type(e).__name__} {e}", re.I))
-            found = None if offline else True
+            unreachable = re.search(r"connect|timeout|offline|resolve", f"{type(e).__name__} {e}", re.I)
+            offline, found = (f"{constants.ENDPOINT}: {type(e).__name__}", None) if unreachable else (offline, True)
         if found is None:
             found = any(os.path.isdir(p) for p in [os.path.join(constants.HF_HUB_CACHE, repo_folder_name(
                 repo_id=name, repo_type=kind)), os.path.join(config.HF_DATASETS_CACHE, name.replace("/", "___"))])
         if not found:
-            missing.append(f"{flag} {name} (pass a local " + ("file" if kind == "dataset" else "folder") + " instead)")
-    require(not missing, missing[0].split()[0][2:] if missing else "", (
-        "the Hugging Face Hub could not be reached, and there is no cached copy of: " if offline else
-        "not on the Hugging Face Hub, nor a local file or folder: ") + "; ".join(missing))
+            missing.append(f"could not load {what} '{name}' ({flag}: pass {INSTEAD[what]} instead)")
+    if missing:
+        raise PLEError((f"the Hugging Face Hub could not be reached ({offline}), and there is no local file or cached "
+                        "copy: " if offline else "not on the Hugging Face Hub, nor a local file: ") + "; ".join(missing))
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):

@@ -1205,6 +1205,7 @@ def test_every_missing_hub_name_is_reported_at_once_when_the_hub_cannot_be_reach
         assert f"could not load {what} '{name}'" in line and instead in line
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
+
 @pytest.mark.slow
 def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, tmp_path):
     result = cli("--model", "models/none/here", "--dataset", data_file, "--output_dir", str(tmp_path / "o"))
@@ -1739,7 +1740,7 @@ def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
     (dict(n=1), r"--n: a win rate needs at least 2 queries"),
     (dict(n=-2), r"--n: must be 0"),
     (dict(second="runs/typo/final"), r"--models runs/typo/final: no such file or folder"),
-    (dict(second="not_a_model_anywhere"), r"cached copy of: --models not_a_model_anywhere"),
+    (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
     (dict(second=lambda first: first + "/."), r"--models names one model twice \('.*' and '.*/\.'\)"),
     (dict(top_p=0.0), r"--top_p"),
 ])
