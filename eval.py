@@ -190,7 +190,7 @@ def llm_judge(name, device, dtype):
 def saved_run_args(model_path):
     """The ple.py arguments a model was trained with (its run folder's args.json), or None."""
     model_path = ple.stored_path(model_path)
-    for path in (os.path.join(model_path, "args.json"), os.path.join(model_path, "..", "args.json")):
+    for path in (os.path.join(model_path, "args.json"), os.path.normpath(os.path.join(model_path, "..", "args.json"))):
         if os.path.isdir(model_path) and os.path.isfile(path):
             return ple.read_args(path)
     return None

@@ -5,6 +5,7 @@
 """
 import copy
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -1468,6 +1469,39 @@ def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_does
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
+def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_one_line(
+        model_dir, other_model_dir, data_file, principles_file, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    ple.train(make_args(model_dir, data_file, principles_file, run, iterations=1, lora_r=4))
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(ple.PLEError, match=r"--model: .*checkpoint-1 is a LoRA adapter \(a run's checkpoint-N/ or "
+                                           r"iter-N/\): continue its run with --resume, or train from its run's final/"):
+        ple.train(make_args(str(run / "checkpoint-1"), data_file, principles_file, tmp_path / "o", lora_r=0))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
+    with pytest.raises(ple.PLEError, match=r"--report_to: trackio is not installed: pip install trackio"):
+        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o", report_to="trackio"))
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    monkeypatch.undo()
+    (run / "args.json").write_text('{"model": ')  # cut short: resume and eval.py name the file
+    for go in (lambda: ple.train(make_args(model_dir, data_file, principles_file, run, iterations=2, lora_r=4,
+                                           resume=True)),
+               lambda: ple_eval.run(eval_args([str(run / "final"), model_dir], data_file, tmp_path / "e.json"))):
+        with pytest.raises(ple.PLEError, match=r"run/args.json cannot be read \(JSONDecodeError"):
+            go()
+    saved = tmp_path / "saved.json"  # generations edited by hand: one line that names what is wrong
+    ple_eval.run(eval_args([model_dir, other_model_dir], data_file, saved))
+    edited = json.loads(saved.read_text())
+    edited["generations"]["models"][ple.portable_path(model_dir)]["answers"][0] = [7]
+    saved.write_text(json.dumps(edited))
+    with pytest.raises(ple.PLEError, match=r"--rescore: the saved generations of .* do not pair up"):
+        ple_eval.run(ple_eval.EvalArgs(rescore=str(saved), reward="ple_tests.rewards:length_reward"))
+    with pytest.raises(ple.PLEError, match=r"principles file is not a file of 1 MB or less: /dev/zero"):
+        ple.read_principles("/dev/zero", "sentiment")
+
+
+real = importlib.util.find_spec
+
+
 def test_resume_and_eval_refuse_inputs_that_changed_since_training(model_dir, data_file, principles_file, tmp_path):
     principles, data = tmp_path / "principles.txt", tmp_path / "reviews.jsonl"
     principles.write_text(open(principles_file).read())
@@ -1559,6 +1593,16 @@ def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file,
               "--mini_batch_size", "1", "--max_new_tokens", "4", "--lora_r", "0", "--device", "cpu"])
     assert len(read_jsonl(home / "run" / "samples" / "iter-000.jsonl")) == 1  # one query, one row
     assert (home / "run" / "final").is_dir() and not (tmp_path / "~").exists()
+
+
+def test_a_reward_module_of_the_users_is_never_replaced_by_the_repositorys(tmp_path, monkeypatch):
+    (tmp_path / "ple_tests").mkdir()  # the user's own folder, named like this repository's test helpers
+    (tmp_path / "ple_tests" / "__init__.py").write_text("")
+    (tmp_path / "ple_tests" / "rewards.py").write_text("def word_reward(queries, answers):\n    return [1.0] * len(answers)\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ple.PLEError, match=r"--reward: ple_tests.rewards:word_reward: ple_tests.rewards is .*ple_tests/"
+                                           r"rewards.py, found before your .*ple_tests/rewards.py: rename that file"):
+        ple.load_reward("ple_tests.rewards:word_reward")
 
 
 def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch):
@@ -1743,6 +1787,7 @@ def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
     (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
     (dict(second=lambda first: first + "/."), r"--models names one model twice \('.*' and '.*/\.'\)"),
     (dict(top_p=0.0), r"--top_p"),
+    (dict(seed=-1), r"--seed: must be in \[0, 2\*\*32 - 1\)"),
 ])
 def test_eval_checks_everything_before_generating(model_dir, other_model_dir, data_file, tmp_path, monkeypatch,
                                                   changes, message):
