@@ -966,6 +966,9 @@ def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
 @pytest.mark.parametrize("argv, line", [
     (["--iteration", "2"], "error: unrecognized argument --iteration: did you mean --iterations?"),  # no abbreviations
     (["--iterashuns", "2"], "error: unrecognized argument --iterashuns: did you mean --iterations?"),
+    (["--lr", "1e-4"], "error: unrecognized argument --lr: did you mean --learning_rate?"),  # the words' initials,
+    (["--learn_rate=1e-4"], "error: unrecognized argument --learn_rate=1e-4: did you mean --learning_rate?"),  # or
+    (["--mini_batch", "4"], "error: unrecognized argument --mini_batch: did you mean --mini_batch_size?"),  # prefixes
     (["--iterations", "two"], "error: argument --iterations: invalid int value: 'two'"),
     (["--device", "cuda:7"], "error: argument --device: invalid choice: 'cuda:7' (choose from 'auto', 'cpu')"),
 ])
