@@ -339,13 +339,13 @@ def adapter_base(folder):
 
 def check_same_tokenizer(models, reference):
     """The KL compares log-probabilities of the same token ids: every model needs the reference's vocabulary."""
-    from transformers import AutoTokenizer
-
     def vocab(name):
+        from transformers import AutoTokenizer
         folder, gguf = ple.find_gguf(ple.stored_path(name))
         return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False).get_vocab()
+    expected = vocab(reference)  # (read once, not once per model)
     for name in models:
-        require(vocab(name) == vocab(reference), "reference", f"'{name}' and the reference '{reference}' have "
+        require(vocab(name) == expected, "reference", f"'{name}' and the reference '{reference}' have "
                 "different tokenizers: the KL between them is undefined; pass a --reference with the same tokenizer, "
                 "or --kl_samples 0")
 
