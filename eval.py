@@ -256,11 +256,11 @@ def kl_samples_for(model, tokenizer, queries, args):
 
 
 @torch.inference_mode()
-def logprob_sums(model, pad_id, prompts, answers, batch_size):
-    """sum_t log pi(y_t | x, y_<t) per answer, in float32; one forward per batch."""
+def logprob_sums(model, pad_id, prompts, answers, batch_size, average=False):
+    """sum_t log pi(y_t | x, y_<t) per answer (the mean with average=True), in float32; one forward per batch."""
     model.eval()
     return [x for start in range(0, len(prompts), batch_size) for x in ple.sequence_logprobs(model, *ple.training_batch(
-        prompts[start:start + batch_size], answers[start:start + batch_size], pad_id, model.device), average=False)
+        prompts[start:start + batch_size], answers[start:start + batch_size], pad_id, model.device), average=average)
         .tolist()]
 
 

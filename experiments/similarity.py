@@ -34,9 +34,7 @@ def perplexity(name, queries, references, args, device):
     """exp of minus the mean over references of their mean token log-probability after the query."""
     model, tokenizer = evaluation.load_model(ple.stored_path(name), device, ple.pick_dtype(args.dtype, device))
     prompts, targets = evaluation.prompt_ids_for(tokenizer, queries, args), ple.sft_targets_for(tokenizer, references)
-    logps = [x for start in range(0, len(prompts), args.batch_size) for x in ple.sequence_logprobs(
-        model, *ple.training_batch(prompts[start:start + args.batch_size], targets[start:start + args.batch_size],
-                                   tokenizer.pad_token_id, model.device)).tolist()]
+    logps = evaluation.logprob_sums(model, tokenizer.pad_token_id, prompts, targets, args.batch_size, average=True)
     return float(math.exp(-np.mean(logps)))
 
 
@@ -50,10 +48,9 @@ def similarity(path):
     known = {f.name for f in fields(evaluation.EvalArgs)}
     args = evaluation.EvalArgs(**{k: v for k, v in saved.get("settings", {}).items() if k in known})
     device = evaluation.pick_device(args.device)
-    with __import__("torch").inference_mode():
-        return {name: {"bleu": bleu(entry["answers"], references),
-                       "perplexity": perplexity(name, record["queries"], references, args, device)}
-                for name, entry in record["models"].items()}
+    return {name: {"bleu": bleu(entry["answers"], references),
+                   "perplexity": perplexity(name, record["queries"], references, args, device)}
+            for name, entry in record["models"].items()}
 
 
 def main(argv):
