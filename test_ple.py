@@ -487,6 +487,19 @@ def test_vader_reward_prefers_positive_text():
     assert good > 0.3 and bad < -0.3
 
 
+def test_vader_distinct_makes_a_loop_cost_instead_of_pay():
+    assert ple.once("It is great. It is GREAT! It is great, truly") == "It is great. It is truly"
+    assert ple.once("a b a b a b") == "a b a b" and ple.once(" no loop here ") == "no loop here"
+    vader, distinct = ple.load_reward("vader"), ple.load_reward("vader_distinct")
+    queries, answers = ["The film"] * 3, [" is great." * 3, " is great." * 6, " is great and moving, a fine cast."]
+    assert vader(queries, answers)[1] > vader(queries, answers)[0]  # VADER pays for each time it is said again
+    said_once = vader(queries[:1], ["is great. is great."])[0]  # what once keeps of either loop
+    looped = distinct(queries, answers)[:2]  # what is said once, less the share of the answer's words in the loop
+    assert looped == pytest.approx([said_once - 2 / 6, said_once - 8 / 12])
+    for answer in (answers[2], "", " fine"):  # no loop: VADER's own score
+        assert distinct(queries[:1], [answer]) == vader(queries[:1], [answer])
+
+
 def test_checked_reward_refuses_bad_values():
     with pytest.raises(ple.PLEError, match=r"returned \[0.0, 1.0, 2.0, nan\] for a batch of 4 .*finite"):
         ple.score(ple.checked_reward(lambda q, a: [0.0, 1.0, 2.0, float("nan")]), ["q"] * 4, ["a"] * 4, 10)
@@ -773,6 +786,15 @@ def test_a_run_reports_its_guidance_gain_and_ends_with_a_summary_whose_command_r
                                timeout=600)  # the next command, as printed, evaluates the run
     assert evaluated.returncode == 0 and f"wrote {out / 'eval.json'}" in evaluated.stdout, evaluated.stderr
     assert lines[-1].split("   #")[0].split() == ["python", "eval.py", "--plot", str(out)]
+    import matplotlib.pyplot as plt
+    plt.close("all")
+    ple_eval.run(ple_eval.EvalArgs(plot=str(out)))  # the plot, once evaluated, shows the held-out result beside
+    report, held = json.loads((out / "eval.json").read_text()), plt.gcf().axes[2]
+    stats = [report["models"][name] for name in (report["baselines"][0], report["candidate"])]
+    assert [bar.get_height() for bar in held.patches] == pytest.approx([s["mean_reward"] for s in stats])
+    assert [t.get_text() for t in held.get_xticklabels()] == ["untrained", "after PLE"]
+    win = report["win_rates"][report["baselines"][0]]
+    assert held.get_title().endswith(f"win rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]")
 
 
 def experiment_script(*path):
@@ -793,7 +815,8 @@ def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_
                                        (5e-5, 6, 0.25, 0.7, fresh), (5e-5, 12, 0.30, 0.5, fresh)):
         run = tmp_path / f"lr{lr}"
         run.mkdir(exist_ok=True)
-        (run / "args.json").write_text(json.dumps({"learning_rate": lr, "iterations": 12}))
+        (run / "args.json").write_text(json.dumps({"reward": "vader", "num_queries": 48, "learning_rate": lr,
+                                                   "iterations": 12}))
         stats = {"mean_reward": reward, "stderr": 0.05, "kl": 1.0, "kl_stderr": 0.1, "distinct_2": d2}
         models = {str(run / f"iter-{it}"): stats, "untrained": {**stats, "mean_reward": 0.1}}
         paths.append(tmp_path / f"val_{lr}_{it}.json")
@@ -801,8 +824,8 @@ def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_
             "candidate": str(run / f"iter-{it}"), "baselines": ["untrained"], "models": models,
             "win_rates": {"untrained": {"rate": 0.6, "ci_low": 0.5, "ci_high": 0.7}},
             "generations": {"models": {name: {"answers": [[answer, fresh]] * 10} for name in models}}}))
-    assert report.select([str(p) for p in paths]) == (5e-5, 6)
-    assert "chosen: learning rate 5e-5, 6 iterations" in capsys.readouterr().out
+    assert report.select([str(p) for p in paths]) == ("vader", 48, 5e-5, 6)
+    assert "chosen: --reward vader, 48 queries, learning rate 5e-5, 6 iterations" in capsys.readouterr().out
     assert report.select([str(paths[1])]) is None  # nothing within the bounds: nothing chosen
 
 

@@ -74,11 +74,12 @@ def rate(lr):
 
 
 def setting(model_path):
-    """(learning rate, iterations) of a run's iter-N/ or final/, from the run's args.json."""
+    """(reward, training queries, learning rate, iterations) of a run's iter-N/ or final/, from its args.json."""
     run, folder = os.path.split(os.path.normpath(model_path))
     with open(os.path.join(run, "args.json")) as f:
         args = json.load(f)
-    return args["learning_rate"], int(folder[len("iter-"):]) if folder.startswith("iter-") else args["iterations"]
+    return (args["reward"], args["num_queries"], args["learning_rate"],
+            int(folder[len("iter-"):]) if folder.startswith("iter-") else args["iterations"])
 
 
 def select(paths, max_repeats=0.15, min_distinct_2=0.6):
@@ -94,26 +95,29 @@ def select(paths, max_repeats=0.15, min_distinct_2=0.6):
         rep, cont = answer_stats(report, report["candidate"])
         within = rep <= max_repeats and stats["distinct_2"] >= min_distinct_2
         rows.append((*setting(report["candidate"]), stats, rep, cont, win, within))
-    print("| learning rate | iterations | mean reward ± s.e. | KL ± s.e. | distinct-2 | repeats 3 words | continues "
-          "| win rate [95% CI] | within the drift bounds |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for lr, iterations, stats, rep, cont, win, within in sorted(rows, key=lambda r: (-r[0], r[1])):
-        print(f"| {rate(lr)} | {iterations} | {stats['mean_reward']:+.3f} ± {stats['stderr']:.3f} | "
+    print("| reward | queries | learning rate | iterations | mean reward ± s.e. | KL ± s.e. | distinct-2 | repeats 3 "
+          "words | continues | win rate [95% CI] | within the drift bounds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for reward, queries, lr, iterations, stats, rep, cont, win, within in sorted(
+            rows, key=lambda r: (r[0], r[1], -r[2], r[3])):
+        print(f"| {reward} | {queries} | {rate(lr)} | {iterations} | {stats['mean_reward']:+.3f} ± {stats['stderr']:.3f} | "
               f"{stats['kl']:.1f} ± {stats['kl_stderr']:.1f} | {stats['distinct_2']:.2f} | {rep:.2f} | {cont:.2f} | "
               f"{win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}] | {'yes' if within else 'no'} |")
     base = report["models"][untrained]  # the same untrained model judged every setting
     rep, cont = answer_stats(report, untrained)
-    print(f"| untrained | | {base['mean_reward']:+.3f} ± {base['stderr']:.3f} | 0 | {base['distinct_2']:.2f} | "
+    print(f"| untrained | | | | {base['mean_reward']:+.3f} ± {base['stderr']:.3f} | 0 | {base['distinct_2']:.2f} | "
           f"{rep:.2f} | {cont:.2f} | | |")
     if not any(row[-1] for row in rows):
         print("\nchosen: none within the drift bounds")
         return None
-    lr, iterations, stats, _, _, win, _ = max((row for row in rows if row[-1]), key=lambda r: r[2]["mean_reward"])
+    reward, queries, lr, iterations, stats, _, _, win, _ = max((row for row in rows if row[-1]),
+                                                               key=lambda r: r[4]["mean_reward"])
     reached = win["rate"] >= 0.65 and win["ci_low"] > 0.55
-    print(f"\nchosen: learning rate {rate(lr)}, {iterations} iterations (validation reward "
+    print(f"\nchosen: --reward {reward}, {queries} queries, learning rate {rate(lr)}, {iterations} iterations "
+          f"(validation reward "
           f"{stats['mean_reward']:+.3f}, win rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]: "
           f"the targets {'reached' if reached else 'not reached'})")
-    return lr, iterations
+    return reward, queries, lr, iterations
 
 
 if __name__ == "__main__":
