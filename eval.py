@@ -470,7 +470,7 @@ def plot_run(run_dir):
         axes[2].bar(["untrained", "after PLE"], [s["mean_reward"] for s in stats], color=["C7", "C2"],
                     yerr=[2 * s["stderr"] for s in stats], capsize=6)  # ± 2 s.e.
         axes[2].set(ylabel=f"mean reward ({report['settings']['reward']}), ± 2 s.e.", title=f"{win['queries']} "
-                    f"held-out queries: win rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]")
+                    f"held-out queries\nwin rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = os.path.join(run_dir, "training_curve.png")  # (eval.py's by its name: replaced whole, never written through)
     ple.write_file(out, lambda f: fig.savefig(f, format="png", dpi=120))

@@ -254,6 +254,15 @@ def test_the_shipped_sentiment_principles_are_the_guidance_the_default_was_chose
         ple.read_principles(praise, "sentiment")
 
 
+def test_the_default_run_leaves_enough_held_out_openings_to_tell_a_gain_from_noise():
+    # eval.py's held-out queries are the shipped openings the default run did not train on; about 64 or more
+    # give a win-rate interval that excludes one half when the gain is real (experiments/default)
+    with open(os.path.join(HERE, ple.Args.dataset), encoding="utf-8") as f:
+        openings = [line.strip() for line in f if line.strip()]
+    assert len(set(openings)) == len(openings)  # a repeated opening could be trained on and held out at once
+    assert len(openings) - ple.Args.num_queries >= 64
+
+
 def test_chat_models_get_queries_through_their_template_base_models_plain_text(tokenizer):
     tokenizer = copy.deepcopy(tokenizer)  # changed below: a copy
     prefix = ple.TASKS["sentiment"].chat_prefix
@@ -2347,11 +2356,11 @@ def test_the_readme_hub_commands_as_written_feed_each_model_its_own_way(tmp_path
     rescored = json.loads((work / "runs" / "hh" / "eval-rescored.json").read_text())["generations"]
     tokenizer, model = card("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2")
     for entry in rescored["models"].values():
-        for query, answers, rewards in zip(rescored["queries"], entry["answers"], entry["rewards"]):
+        for query, answers, scores in zip(rescored["queries"], entry["answers"], entry["rewards"]):
             conv = ple.conversation(query) + [{"role": "assistant", "content": answers[0].strip()}]
             with torch.no_grad():
                 ids = tokenizer.apply_chat_template(conv, tokenize=True, return_tensors="pt", return_dict=True)
-                assert rewards[0] == pytest.approx(model(**ids).logits[0, 0].item(), rel=1e-4, abs=1e-4)
+                assert scores[0] == pytest.approx(model(**ids).logits[0, 0].item(), rel=1e-4, abs=1e-4)
     # on HH a chat policy is given the conversation's turns, a base policy the transcript as it is
     query = ple.make_query("dialogue", standins.HH[0], None)[0]
     chat = AutoTokenizer.from_pretrained(snapshot(cache, "meta-llama/Meta-Llama-3-8B-Instruct"))

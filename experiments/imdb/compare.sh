@@ -27,7 +27,7 @@ TRAIN_DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); else TEST=(--dataset stanfordnlp/imdb --split test); fi
 mkdir -p "$RUNS" "$OUT"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
-        --chat_template off --principles "$TODAY")
+        --chat_template off --principles "$TODAY" --temperature 0.7 --top_p 0.95)   # the sampling these runs used
 METHODS=${METHODS:-"ple rank wsft fixed cd sft raft raft2 rloo dpo ple_full"}   # each one's script, flags, rate: methods.py
 sweep_rate() {  # a rate as sweep.sh names its runs (1e-4, 3e-5)
   python -c "import sys; print(f'{float(sys.argv[1]):.0e}'.replace('e-0', 'e-'))" "$1"

@@ -21,7 +21,7 @@ TRAIN_DATA=${IMDB_TRAIN:-stanfordnlp/imdb}
 if [ -n "${IMDB_TEST:-}" ]; then TEST=(--dataset "$IMDB_TEST" --split train); else TEST=(--dataset stanfordnlp/imdb --split test); fi
 mkdir -p "$RUNS" "$OUT/metrics"
 common=(--reward "$RM" --dataset "$TRAIN_DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8
-        --chat_template off)
+        --chat_template off --temperature 0.7 --top_p 0.95)   # the sampling these runs used
 text_of() { echo "$OUT/texts/$1.txt"; }   # a condition's guidance file
 # CONDITIONS="a b" and METHODS=ple: only those (the results of a part are the same either way)
 CONDITIONS=${CONDITIONS:-$(grep -v '^#' "$OUT/conditions.txt" 2>/dev/null | awk '{print $1}' || true)}

@@ -27,7 +27,7 @@ PRINCIPLES=${PRINCIPLES:-experiments/imdb/guidance/texts/today.txt}
 mkdir -p "$RUNS" "$OUT"
 common=(--model "$MODEL" --principles "$PRINCIPLES" --reward "$RM"
         --dataset "$DATA" --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8 --chat_template off
-        --seed 0)
+        --seed 0 --temperature 0.7 --top_p 0.95)   # the sampling these runs used
 
 for method in $METHODS; do
   for lr in $RATES; do
