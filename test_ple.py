@@ -257,8 +257,7 @@ def test_the_shipped_sentiment_principles_are_the_guidance_the_default_was_chose
 def test_the_default_run_leaves_enough_held_out_openings_to_tell_a_gain_from_noise():
     # eval.py's held-out queries are the shipped openings the default run did not train on; about 64 or more
     # give a win-rate interval that excludes one half when the gain is real (experiments/default)
-    with open(os.path.join(HERE, ple.Args.dataset), encoding="utf-8") as f:
-        openings = [line.strip() for line in f if line.strip()]
+    _, _, openings = ple.load_queries(os.path.join(HERE, ple.Args.dataset), "train", "sentiment", 0, ple.Args.seed)
     assert len(set(openings)) == len(openings)  # a repeated opening could be trained on and held out at once
     assert len(openings) - ple.Args.num_queries >= 64
 

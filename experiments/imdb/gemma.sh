@@ -46,7 +46,8 @@ train() {  # method, seed; a seed-0 run is the sweep's run at the kept rate (the
     read -ra command <<< "$(python experiments/imdb/methods.py command "$method")"   # script and method flags
     python "${command[@]}" --model "$MODEL" --principles "$GUIDANCE" --reward "$RM" --dataset "$TRAIN_DATA" \
       --split "train[:90%]" --task sentiment --num_queries 48 --iterations 8 --chat_template off --seed "$seed" \
-      --temperature 0.7 --top_p 0.95 --learning_rate "$lr" --output_dir "$RUNS/$name" 2>&1 | tr '\r' '\n' | grep -a "^iter\|error" || true
+      --temperature 0.7 --top_p 0.95 --learning_rate "$lr" --output_dir "$RUNS/$name" 2>&1 \
+      | tr '\r' '\n' | grep -a "^iter\|error" || true
     [ -d "$RUNS/$name/final" ] || { echo "$name: training failed"; exit 1; }
     echo "$name $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt"
   fi
