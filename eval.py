@@ -182,7 +182,7 @@ def saved_run_args(model_path):
     folder = ple.stored_path(model_path)
     found = [p for p in (os.path.join(folder, "args.json"), os.path.normpath(os.path.join(folder, "..", "args.json")))
              if os.path.isdir(folder) and os.path.isfile(p)]
-    return ple.read_args(found[0]) if found else None
+    return ple.read_json(found[0]) if found else None
 
 
 def training_rows(models):
@@ -252,9 +252,12 @@ def kl_samples_for(model, tokenizer, queries, args):
 def logprob_sums(model, pad_id, prompts, answers, batch_size, average=False):
     """sum_t log pi(y_t | x, y_<t) per answer (the mean with average=True), in float32; one forward per batch."""
     model.eval()
-    return [x for start in range(0, len(prompts), batch_size) for x in ple.sequence_logprobs(model, *ple.training_batch(
-        prompts[start:start + batch_size], answers[start:start + batch_size], pad_id, model.device), average=average)
-        .tolist()]
+    sums = []
+    for start in range(0, len(prompts), batch_size):
+        batch = ple.training_batch(prompts[start:start + batch_size], answers[start:start + batch_size], pad_id,
+                                   model.device)
+        sums += ple.sequence_logprobs(model, *batch, average=average).tolist()
+    return sums
 
 
 def generate_all(args, queries, references, device, dtype, output, reference=None):
@@ -326,7 +329,7 @@ def adapter_base(folder):
     """The model a LoRA adapter folder goes on: its run's --model, else what its adapter_config.json names."""
     run = saved_run_args(folder)
     return ple.stored_path(run["model"]) if run else \
-        ple.read_args(os.path.join(folder, "adapter_config.json"))["base_model_name_or_path"]
+        ple.read_json(os.path.join(folder, "adapter_config.json"))["base_model_name_or_path"]
 
 
 def check_same_tokenizer(models, reference):
@@ -442,7 +445,7 @@ def plot_run(run_dir):
     require(importlib.util.find_spec("matplotlib"), "plot", "needs matplotlib: pip install matplotlib")
     path, held = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval.json")
     require(os.path.isfile(path), "plot", f"no metrics.jsonl in {run_dir}")
-    records = ple.read_jsonl(path)
+    records = ple.read_json(path, lines=True)
     require(records, "plot", f"{path} holds no finished iteration yet")
     report = read_saved(held)[0] if os.path.isfile(held) else None
     import matplotlib
@@ -508,8 +511,7 @@ def read_cache(path, args, queries, reference):
     """A model's cached generations, or None when there are none or they do not fit this evaluation (a file cut
     short, not eval.py's, or of another shape): then the model generates again."""
     try:
-        with open(path, encoding="utf-8") as f:
-            entry = json.load(f)
+        entry = ple.read_json(path)
         answers, kl = entry["answers"], entry.get("kl_samples") or {}
         fits = (entry["cache_key"] == os.path.basename(path) and len(answers) == len(queries) ==
                 len(entry["answer_tokens"]) and all(len(a) == args.samples and all(isinstance(t, str) for t in a)
@@ -517,7 +519,7 @@ def read_cache(path, args, queries, reference):
                 and (not reference or len(kl.get("logp") or []) == len(queries) * args.kl_samples))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # cut short by a kill, or not ours
+    except (OSError, PLEError, TypeError, KeyError, AttributeError):  # cut short by a kill, or not ours
         fits = False
     if not fits:
         print(f"note: the cached {path} does not fit this evaluation; generating again", file=sys.stderr)
@@ -531,12 +533,7 @@ def write_json(path, data):
 
 def read_saved(path):
     """The JSON that --rescore reads: eval.py's own output (complete or not), whose generations pair up."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PLEError(f"--rescore {path} is not a JSON file eval.py wrote ({type(e).__name__}: {e})") from None
-    require(isinstance(saved, dict), "rescore", f"{path} holds a JSON {type(saved).__name__}, not eval.py's object")
+    saved = ple.read_json(path)
     check_generations(saved.get("generations", saved))
     return saved, saved.get("generations", saved)
 
@@ -591,26 +588,12 @@ def check_eval_args(args):
         named[same] = name
 
 
-def check_models(names):
-    """Each model exists (local) or resolves (Hub id), before any of them generates."""
-    from transformers import AutoConfig
-
-    for name in names:
-        folder, gguf = ple.find_gguf(ple.stored_path(name))
-        if not (gguf or ple.is_adapter(folder)):
-            try:
-                AutoConfig.from_pretrained(folder, trust_remote_code=False)
-            except Exception as e:
-                raise PLEError(f"could not load model '{name}': {ple.error_line(e)[7:]}") from None
-
-
 def claim_output(path):
     """--output: a new file, or an evaluation eval.py wrote (complete or not), which it replaces; anything else is
     refused. (Two evaluations writing one --output at once are not guarded against: give each its own.)"""
     try:
-        with open(path, encoding="utf-8") as f:
-            ours = isinstance(json.load(f).get("generations"), dict) and not os.path.islink(path)
-    except (OSError, ValueError, AttributeError):
+        ours = isinstance(ple.read_json(path).get("generations"), dict) and not os.path.islink(path)
+    except (OSError, PLEError):
         ours = not os.path.lexists(path)
     require(ours, "output", f"{path} exists and is not an evaluation eval.py wrote: pass another --output")
     folder = os.path.dirname(os.path.abspath(path))
@@ -625,7 +608,7 @@ def main(argv=None):
         report = run(args)
         if report is not None:
             print(markdown(report))
-    ple.main(argv, EvalArgs, work, lambda args, argv: ": the generations of every model that finished are kept in "
+    ple.main(argv, EvalArgs, work, lambda args: ": the generations of every model that finished are kept in "
              "the cache (--cache; default eval_cache/ beside --output), and the same command reuses them")
 
 
@@ -644,15 +627,14 @@ def run(args):
 def run_models(args, win_rates=True):
     """--models: every model answers the held-out queries; then reward, judge, KL and the rest."""
     check_eval_args(args)
-    ple.check_hub([("--models", m) for m in args.models] + [("--dataset", ple.resolve_path(args.dataset)),
-                  ("--reward", args.reward), ("--judge", args.judge or ""), ("--reference", args.reference)])
-    check_models(args.models)
+    for name in args.models:  # each model's config (a name that cannot load fails before any generation)
+        ple.check_model(name)
     queries, references, excluded = held_out_queries(args)
     print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
     args, output = resolved(args)
     reference = pick_reference(args, args.models)
     if reference:
-        check_models([reference])
+        ple.check_model(reference)
         check_same_tokenizer(dict.fromkeys(args.models), reference)
     device = pick_device(args.device)
     reward_fn, judge = load_judges(args, queries, device)
@@ -665,9 +647,7 @@ def run_guidance(args):
     queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
     require(args.models and args.reward, "guidance", "needs --models (the policy to train) and --reward")
     require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
-    ple.check_hub([("--models", args.models[0]), ("--dataset", ple.resolve_path(args.dataset)),
-                   ("--reward", args.reward)])
-    check_models(args.models[:1])
+    ple.check_model(args.models[0])
     queries, _, _ = held_out_queries(replace(args, models=args.models[:1]))
     texts = {path: ple.read_principles(ple.resolve_path(path), args.task) for path in args.guidance}
     device = pick_device(args.device)
@@ -695,7 +675,6 @@ def run_guidance(args):
 def run_rescore(args):
     """--rescore: judge the generations a JSON holds again, with the settings they were made with."""
     check_eval_args(args)
-    ple.check_hub([("--reward", args.reward), ("--judge", args.judge or "")])
     saved, record = read_saved(args.rescore)
     made_with = {k: v for k, v in saved.get("settings", {}).items() if k in GENERATION_SETTINGS}
     args, output = resolved(replace(args, models=list(record["models"]), **made_with))

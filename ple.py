@@ -551,44 +551,44 @@ def run(args, state, log_iteration=None):
 # Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints
 # ================================================================================================
 
-import difflib, errno, glob, hashlib, importlib, importlib.util, json, os  # noqa: E401,E402
-import random, shlex, shutil, signal, sys, tempfile, warnings  # noqa: E401,E402
+import errno, glob, hashlib, importlib, importlib.util, json, os, pickle, random, shlex, shutil  # noqa: E401,E402
+import sys, tempfile, warnings  # noqa: E401,E402
 from dataclasses import asdict, replace  # noqa: E402  (the machinery's imports, apart from the method's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+# peft turns fan_in_fan_out on for GPT-2's Conv1D layers (weights kept transposed) and says so: nothing to act on
+warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
 
 
 class PLEError(Exception):
     """Bad input or a failed load, with a message that says what to do."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where the run is, so that it stops as it would on Ctrl-C."""
-
-
-def stop_on_signals():
-    def terminate(signum, frame):
-        raise Terminated(signal.Signals(signum).name)
-    for name in ("SIGTERM", "SIGHUP"):  # a scheduler's stop, a closed terminal: as Ctrl-C (SIGHUP: POSIX only)
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), terminate)
-
-
 def error_line(e):
     """Any failure as one line: ple.py's own messages, a full disk as such, anything else as its kind and its
-    message's first line (the libraries' messages say what is wrong; PLE_DEBUG=1 shows the traceback too)."""
+    message's first line, with the first line of the error it was raised from (datasets wraps the reader's, which
+    names the row). PLE_DEBUG=1 shows the traceback too."""
     if os.environ.get("PLE_DEBUG"):
         import traceback
         traceback.print_exception(e)
-    said = (str(e).strip().splitlines() or [""])[0]
     if isinstance(e, PLEError):
         return f"error: {e}"
+    said = first_line(e)
     if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in said:  # (torch's writer on a full disk)
         return f"error: the disk is full ({type(e).__name__}: {said})"
     what = f"sys.exit({e.code!r}) was called" if isinstance(e, SystemExit) else f"{type(e).__name__}: {said}"
+    cause = e
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is not e:
+        what += f" ({type(cause).__name__}: {first_line(cause)})"
     return f"error: {what}" + ("" if os.environ.get("PLE_DEBUG") else " (PLE_DEBUG=1 shows where)")
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def say(line):
@@ -605,43 +605,36 @@ def say(line):
 
 def main(argv=None, dataclass=None, work=None, stopped=None):
     """`python ple.py` (eval.py's command line too: its arguments, its work, what a stop keeps), every end in one
-    line: a stop says what is kept and how to go on, a failure says what was wrong."""
-    argv = sys.argv[1:] if argv is None else argv
-    stop_on_signals()
+    line: Ctrl-C says what is kept and how to go on, a failure says what was wrong."""
     speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
     try:
-        args = parse_args(argv, dataclass)
+        args = parse_args(sys.argv[1:] if argv is None else argv, dataclass)
         (work or train)(args)
-    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: what is saved, and the command that goes on from it
+    except KeyboardInterrupt:
         sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
-        how = e.args[0] if isinstance(e, Terminated) else "Ctrl-C"  # fail as it is freed: not the user's concern
-        if speaks and args is not None:
-            say(f"stopped by {how}" + (stopped or resume_hint)(args, argv))
-        sys.exit(130 if how == "Ctrl-C" else 128 + signal.Signals[how].value)
+        if speaks and args is not None:  # fail as it is freed: not the user's concern
+            say("stopped by Ctrl-C" + (stopped or resume_hint)(args))
+        sys.exit(130)
     except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, a library's sys.exit: one line
         if isinstance(e, SystemExit) and args is None:  # --help
             raise
         if speaks:  # a failure in the loop (a reward's, a full disk) can go on from the last checkpoint
-            say(error_line(e) + (";" + resume_hint(args, argv)[1:] if getattr(e, "in_loop", 0) and checkpoints(
-                args.output_dir) else ""))
+            say(error_line(e) + (resume_hint(args) if getattr(e, "in_loop", False) else ""))
         sys.exit(2)
 
 
-def resume_hint(args, argv):
-    """What the stopped run has saved, and the exact command that continues it."""
+def resume_hint(args):
+    """The last checkpoint of a stopped run, and how to go on from it."""
     found = checkpoints(args.output_dir)
-    command = shlex.join(["python", sys.argv[0], *[a for a in argv if a not in ("--resume", "--overwrite_output_dir")],
-                          "--resume" if found else "--overwrite_output_dir"])
-    launcher = " under the same launcher with as many processes" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     if not found:
-        return f" before the first checkpoint: nothing to resume; start again{launcher} with: {command}"
-    return (f": {found[-1][1]} holds iterations 0 to {found[-1][0] - 1} (a later one that was under way is redone); "
-            f"continue with{launcher}: {command}")
+        return "; no checkpoint was saved yet: nothing to resume"
+    instead = " in place of --overwrite_output_dir" if args.overwrite_output_dir else ""
+    return f"; the last checkpoint is {found[-1][1]}: the same command with --resume{instead} continues from it"
 
 
 def parse_args(argv, dataclass=None):
-    """HfArgumentParser, every mistake in one line: no abbreviated flags (--iteration is not --iterations), an
-    unknown flag named with the one it most likely meant, argparse's own errors without the usage."""
+    """HfArgumentParser, as TRL's scripts use it, without abbreviated flags (--iteration is not --iterations);
+    argparse's own errors, in one line without the usage."""
     from transformers import HfArgumentParser
     parser = HfArgumentParser(dataclass or Args, allow_abbrev=False, epilog="A failure ends in one line starting "
                               "with 'error:'; with the environment variable PLE_DEBUG=1 its traceback is shown too.")
@@ -649,16 +642,9 @@ def parse_args(argv, dataclass=None):
 
     def error(message):  # (argparse would print its usage and exit)
         raise PLEError(message)
+
     parser.error = error
-    args, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:  # the flag whose words the given ones begin (--lr, --learn_rate: --learning_rate), else the nearest
-        unknown = next((r for r in rest if r.startswith("-")), rest[0])
-        given, flags = unknown.split("=")[0].lstrip("-"), list(parser._option_string_actions)
-        words = given.split("_") if "_" in given else list(given)  # (the longest such flag: abbreviations shorten)
-        near = sorted([f for f in flags if f.startswith("--") and len(f[2:].split("_")) == len(words) > 1 and all(
-            p.startswith(w) for w, p in zip(words, f[2:].split("_")))], key=len)[-1:]
-        near = near or difflib.get_close_matches(unknown.split("=")[0], flags, n=1)
-        raise PLEError(f"unrecognized argument {unknown}: " + (f"did you mean {near[0]}?" if near else "see --help"))
+    args = (dataclass or Args)(**vars(parser.parse_args(argv)))
     return replace(args, **{k: [os.path.expanduser(x) for x in v] if isinstance(v, list) else os.path.expanduser(v)
                             for k, v in vars(args).items() if isinstance(v, (str, list))})  # ~/x: a path, as in a shell
 
@@ -674,22 +660,24 @@ def train(args):
         raise
     save_final(args, state, accelerator)
     if accelerator.is_main_process:
-        print(summary(args, read_jsonl(os.path.join(args.output_dir, "metrics.jsonl")), len(all_queries)))
+        print(summary(args, read_json(os.path.join(args.output_dir, "metrics.jsonl"), lines=True), len(all_queries)))
     return state
 
 
 def set_up(args):
-    """Check what can be checked, then load reward, queries and model, resuming if asked. Returns the RunState,
-    the Accelerator and every process's queries in process order."""
+    """Check what can be checked, then load the cheapest inputs first (a name that cannot load fails early), then
+    reward and model, resuming if asked. Returns the RunState, the Accelerator and every process's queries in
+    process order."""
     from transformers import set_seed
     check_args(args)
     accelerator = start_accelerator(args)
     world, rank, device, say = (accelerator.num_processes, accelerator.process_index, accelerator.device,
                                 accelerator.print)
     principles = read_principles(resolve_path(args.principles), args.task)
+    check_model(args.model)  # its config only
+    reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     all_queries, answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
                                                  args.seed, where=args.where, field=args.query_field)
-    reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     inputs = {"principles_sha256": content_hash(principles), "reward_input": reward_format,  # kept in args.json:
               "data_sha256": content_hash([all_queries, answers, sources])}  # a resume and eval.py see edits
     if args.num_queries and len(all_queries) < args.num_queries:
@@ -710,16 +698,21 @@ def set_up(args):
     say(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, dtype {dtype}"
         + (f", {world} processes" if world > 1 else ""))
     set_seed(args.seed)
-    policy, tokenizer, optimizer = load_trainable(args, resume_from, device, dtype)
+    policy, tokenizer, optimizer = load_trainable(args, device, dtype)
     # Accelerate's prepare: nothing to do for one process; DDP (weights synced from process 0) under a launcher;
     # under an FSDP config, FSDP2's fully_shard on each decoder layer, then the rest, the optimizer on the shards
     model, optimizer = accelerator.prepare(policy, optimizer)
     if is_sharded(accelerator):  # sharded in place: the sharded model samples too, all processes stepping together
         policy = model  # (generate does so on this mark, which transformers' own FSDP2 set-up leaves)
         model._is_fsdp_managed_module = True
-    start = resume_trainer(resume_from, accelerator, model, optimizer) if resume_from else 0
-    if not resume_from:  # a new run samples as its seed and process say, whatever loading drew (LoRA's
-        set_seed(args.seed + rank)  # initialisation, a GGUF rebuild); a resume restored its random states
+    if args.lora_r:
+        keep_adapter_only(accelerator, accelerator.unwrap_model(policy))
+    if resume_from:  # the weights, AdamW's state and every process's random states, as the checkpoint has them
+        load_checkpoint(accelerator, resume_from[1])
+        say(f"resuming from {resume_from[1]}: iteration {resume_from[0]}, "
+            f"tau {threshold_at(resume_from[0], args.tau0, args.alpha):.4f}")
+    else:  # a new run samples as its seed and process say, whatever loading drew (LoRA's initialisation, a GGUF
+        set_seed(args.seed + rank)  # rebuild)
     if args.report_to != "none":
         accelerator.init_trackers(os.path.basename(os.path.abspath(args.output_dir)), config=asdict(args))
     prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
@@ -731,7 +724,7 @@ def set_up(args):
         policy=accelerator.unwrap_model(policy), model=model, tokenizer=tokenizer, optimizer=optimizer,
         reward_fn=reward_fn, queries=queries, prompt_ids=encode_prompts(tokenizer, queries, **prompt),
         prompt_ids_p=prompt_ids_p, sft_targets=sft_targets_for(tokenizer, answers, args.max_new_tokens)
-        if needs_answers else None, start=start, print=say,
+        if needs_answers else None, start=resume_from[0] if resume_from else 0, print=say,
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
         merge_lora=bool(args.lora_r) and on.get(args.merge_lora, device.type == "cuda"),
@@ -739,10 +732,10 @@ def set_up(args):
     ), accelerator, all_queries
 
 
-# --- Checks: arguments, Hub names, prompt lengths, before anything long starts -------------------------------------
+# --- Checks: arguments, models, prompt lengths, before anything long starts ---------------------------------------
 
 def check_args(args):
-    """Every argument that can be wrong without loading anything: ranges, files that must exist, Hub names."""
+    """Every argument that can be wrong without loading anything."""
     for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size",
                  "gradient_accumulation_steps", "raft_k"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
@@ -761,7 +754,6 @@ def check_args(args):
             f"{args.report_to} is not installed: pip install {args.report_to}")
     require(not is_adapter(args.model), "model", f"{args.model} is a LoRA adapter (a run's checkpoint-N/ or iter-N/): "
             "continue its run with --resume, or train from its run's final/ (merged) or from its base model")
-    check_hub([("--model", args.model), ("--reward", args.reward), ("--dataset", resolve_path(args.dataset))])
 
 
 def check_processes(n_queries, mini_batch_size, world):
@@ -782,40 +774,12 @@ def is_adapter(folder):
         not os.path.isfile(os.path.join(folder, "config.json"))
 
 
-INSTEAD = {"model": "a local folder, .gguf file or installed package", "reward model": "a local folder, vader or "
-           "module:function", "dataset": "a local .jsonl, .json, .csv or .txt file"}  # when a Hub name cannot load
-
-
-def check_hub(named):
-    """Each (flag, name): a local path must exist, and a Hub repository too, all missing ones said at once before
-    anything loads: one pass of huggingface_hub's repo_exists; offline or unreachable, the local caches answer."""
-    from datasets import config
-    from huggingface_hub import constants, repo_exists
-    from huggingface_hub.file_download import repo_folder_name
-    missing, offline = [], "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
-    for flag, name in named:
-        if not name or name in LEXICON or is_function_spec(name) or os.path.exists(name) or (
-                re.fullmatch(r"[A-Za-z_]\w*", name) and importlib.util.find_spec(name)):  # an installed package
-            continue
-        require(not (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or re.search(  # only a path
-            r"\.(gguf|jsonl?|csv|txt|gz|safetensors|bin|pt)$", name, re.I) or os.path.isdir(name.split("/")[0])),
-            f"{flag[2:]} {name}", "no such file or folder")  # (beside a folder 'models', 'models/x' is a path too)
-        what, kind = {"--dataset": "dataset", "--reward": "reward model"}.get(flag, "model"), ("model", "dataset")[
-            flag == "--dataset"]
-        try:
-            found = None if offline else repo_exists(name, repo_type=kind)
-        except Exception as e:  # no answer: the Hub is unreachable (then the caches say), or loading will tell
-            unreachable = re.search(r"connect|timeout|offline|resolve", f"{type(e).__name__} {e}", re.I)
-            offline, found = (f"{constants.ENDPOINT}: {type(e).__name__}", None) if unreachable else (offline, True)
-        if found is None:
-            found = any(os.path.isdir(p) for p in [os.path.join(constants.HF_HUB_CACHE, repo_folder_name(
-                repo_id=name, repo_type=kind)), os.path.join(config.HF_DATASETS_CACHE, name.replace("/", "___"))])
-        if not found:
-            missing.append(f"could not load {what} '{name}' ({flag}: pass {INSTEAD[what]} instead)")
-    if missing:
-        raise PLEError((f"the Hugging Face Hub could not be reached ({offline}), and there is no local file or cached "
-                        "copy: " if offline else "not on the Hugging Face Hub, nor a local file: ") + "; ".join(
-                           missing))
+def check_model(name):
+    """A model that cannot load fails on its config, before any weights load (transformers' own error)."""
+    from transformers import AutoConfig
+    folder, gguf = find_gguf(stored_path(name))
+    if not is_adapter(folder):  # (eval.py merges an adapter onto its base model)
+        AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
@@ -869,14 +833,8 @@ def make_query(task, row, rng, column=None):
 
 def read_principles(path, task):
     """Parse principles.txt: '[task]' headers, one principle per line, '#' comments."""
-    if not os.path.isfile(path) or os.path.getsize(path) > 2**20:  # (not a device that reads forever)
-        raise PLEError(f"principles file {'not found' if not os.path.exists(path) else 'is not a file of 1 MB or less'}"
-                       f": {path} (pass --principles FILE; see principles.txt)")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = [line.strip() for line in f.read().splitlines() if line.strip()[:1] not in ("", "#")]
-    except (OSError, UnicodeDecodeError) as e:
-        raise PLEError(f"cannot read principles file {path}: {e}") from None
+    with open(path, encoding="utf-8-sig") as f:
+        lines = [line.strip() for line in f.read().splitlines() if line.strip()[:1] not in ("", "#")]
     sections, current = {}, None
     for line in lines:
         if header := re.fullmatch(r"\[(\w+)\]", line):
@@ -890,21 +848,17 @@ def read_principles(path, task):
 
 
 def load_rows(dataset, split):
-    """A Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too), read by `datasets`; its error in one line."""
+    """A Hub dataset or a local .jsonl/.json/.csv/.txt file (gzip too), read by `datasets`."""
     import datasets
     base = dataset[:-3] if dataset.endswith(".gz") else dataset
     builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}.get(os.path.splitext(base)[1])
     require(builder or not os.path.exists(dataset), "dataset", f"{dataset}: use a .jsonl, .json, .csv or .txt file "
             "(gzip allowed)")
     require(not os.path.isfile(dataset) or os.path.getsize(dataset), "dataset", f"dataset file {dataset} is empty")
-    try:
-        rows = datasets.load_dataset(builder, data_files=dataset, split=split) if os.path.exists(dataset) else \
-            datasets.load_dataset(dataset, split=split)
-    except Exception as e:
-        while e.__cause__ is not None:  # datasets wraps the reader's error, which names the row
-            e = e.__cause__
-        raise PLEError(f"could not load dataset '{dataset}' (split '{split}'): {type(e).__name__}: "
-                       f"{(str(e).strip().splitlines() or [''])[0]}") from None
+    if os.path.exists(dataset):
+        rows = datasets.load_dataset(builder, data_files=dataset, split=split)
+    else:
+        rows = datasets.load_dataset(dataset, split=split)
     require(len(rows), "dataset", f"'{dataset}' (split '{split}') has no rows")
     return rows
 
@@ -1003,12 +957,8 @@ def reward_input(spec, requested="auto"):
                 "and y as they are")
         return ""
     from transformers import AutoConfig, AutoTokenizer
-    try:
-        tokenizer, config = (AutoTokenizer.from_pretrained(spec, trust_remote_code=False),
-                             AutoConfig.from_pretrained(spec, trust_remote_code=False))
-    except Exception as e:
-        raise PLEError(f"could not load reward model '{spec}' ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})"
-                       "; or pass --reward vader, or --reward module:function") from e
+    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+    config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
     pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
     for ask, ok, what in (("chat", tokenizer.chat_template, "has no chat template"), ("pair", pairs, "puts nothing "
                           "between two texts (no pair template)")):
@@ -1057,9 +1007,8 @@ def is_function_spec(spec):
 
 
 def load_reward(spec, device="cpu", input_format="auto"):
-    """--reward: 'vader', 'module:function' (a callable on queries and answers, found after the installed modules,
-    the user's own file named when another comes first), or a classifier (input_format: --reward_format); every
-    call's values checked (checked_reward)."""
+    """--reward: 'vader', 'module:function' (a callable on queries and answers, found after the installed modules), or
+    a classifier (input_format: --reward_format); every call's values checked (checked_reward)."""
     if spec in LEXICON:
         require(importlib.util.find_spec("vaderSentiment"), "reward", f"{spec} needs vaderSentiment: pip install "
                 "vaderSentiment")
@@ -1068,51 +1017,38 @@ def load_reward(spec, device="cpu", input_format="auto"):
 
         def lexicon(query, answer):
             said, words = keep(answer), len(answer.split())
-            return analyzer.polarity_scores(join_text(query, said))["compound"] - (words - len(said.split())) / max(
-                words, 1)
+            dropped = (words - len(said.split())) / max(words, 1)
+            return analyzer.polarity_scores(join_text(query, said))["compound"] - dropped
         return checked_reward(lambda queries, answers: [lexicon(q, a) for q, a in zip(queries, answers)])
     if not is_function_spec(spec):
         return checked_reward(classifier_reward(spec, device, input_format))
     module_name, function_name = spec.split(":")
-    here = os.path.join(os.getcwd(), *module_name.split("."))  # the user's own file, if there is one
-    mine = next((f for f in (here + ".py", os.path.join(here, "__init__.py")) if os.path.isfile(f)), None)
-    sys.path.append(os.getcwd())  # after the installed modules: a file here named like one must not replace it
+    sys.path.append(os.getcwd())  # after the installed modules: a file here named like one does not replace it
     try:
         function = getattr(importlib.import_module(module_name), function_name)
-    except Exception as e:  # ImportError, AttributeError, or the module's own SyntaxError or crash
-        function = e
     finally:
         sys.path.remove(os.getcwd())
-    found = getattr(sys.modules.get(module_name), "__file__", None)  # an installed module, or this repository's
-    require(not mine or not found or os.path.samefile(found, mine), "reward", f"{spec}: {module_name} is {found}, "
-            f"found before your {mine}: rename that file")
-    if isinstance(function, Exception):
-        raise PLEError(f"could not load reward '{spec}': {type(function).__name__}: {function}") from function
     require(callable(function), "reward", f"{spec} is a {type(function).__name__}, not a function")
     return checked_reward(function)
 
 
 def checked_reward(reward_fn):
     """reward_fn, each call of which must return one finite float32 number per answer (the losses compute in
-    float32), else the run stops with one line naming the batch."""
+    float32), else the run stops with one line."""
     def reward(queries, answers):
-        where = f"a batch of {len(queries)} (first query {queries[0][:60]!r}, answer {answers[0][:60]!r})"
-        try:
-            values = reward_fn(queries, answers)
-        except (Exception, SystemExit) as e:  # (a reward that calls sys.exit has failed too)
-            raise PLEError(f"the reward raised {type(e).__name__}: {e} on {where}") from e
+        values = reward_fn(queries, answers)
         try:
             numbers = [float(v) for v in values]
         except (TypeError, ValueError):
             numbers = []
         require(len(numbers) == len(queries) and all(abs(v) <= torch.finfo(torch.float32).max for v in numbers),
-                "reward", f"returned {str(values)[:200]} for {where}; it must return one finite float32 number per "
-                f"answer, a list of {len(queries)}")
+                "reward", f"returned {str(values)[:200]} for {len(queries)} answers; it must return one finite "
+                "float32 number per answer")
         return numbers
     return reward
 
 
-# --- The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW, resume -----------------------------
+# --- The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW; checkpoints ------------------------
 
 def find_gguf(name):
     """Resolve --model to (folder, gguf file name or None) without importing anything."""
@@ -1138,11 +1074,8 @@ def load_policy(name, device, dtype):
     model's folder runs (trust_remote_code=False)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     folder, gguf = find_gguf(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
-    except Exception as e:
-        raise PLEError(f"could not load model '{name}': {type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from e
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype, trust_remote_code=False)
     if gguf:  # a GGUF-loaded model refuses save_pretrained; an ordinary copy of it saves and reloads fast
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -1154,55 +1087,71 @@ def load_policy(name, device, dtype):
     return model.to(device), tokenizer
 
 
-def load_trainable(args, resume_from, device, dtype):
-    """Policy (LoRA-wrapped with --lora_r), tokenizer and AdamW; from a checkpoint's weights on --resume."""
-    model, tokenizer = load_policy(resume_from if resume_from and not args.lora_r else args.model, device, dtype)
+def load_trainable(args, device, dtype):
+    """Policy (LoRA on every linear layer with --lora_r; peft turns GPT-2's Conv1D layers around), tokenizer and
+    AdamW, fresh: a resume then loads its checkpoint into them (load_checkpoint)."""
+    model, tokenizer = load_policy(args.model, device, dtype)
     if args.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model
-        from transformers.pytorch_utils import Conv1D
-        if resume_from:
-            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-        else:
-            conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 keeps its weights transposed
-            model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM",
-                                                     fan_in_fan_out=conv1d))
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
     model.config.use_cache = True
-    if args.gradient_checkpointing:
-        enable_checkpointing(model)
+    if args.gradient_checkpointing:  # transformers' own, use_reentrant=False (train_without_dropout: it then acts)
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model, tokenizer, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                                lr=args.learning_rate, weight_decay=0.0)
 
 
-def enable_checkpointing(model):
-    """Activations recomputed in the backward pass (train_without_dropout keeps the layers in training mode)."""
-    if hasattr(model, "activation_checkpointing_enable"):  # (its name in later transformers 5.x; before, the other)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def keep_adapter_only(accelerator, policy):
+    """Under LoRA a checkpoint holds the adapter as peft saves and loads it, not a copy of the frozen base model:
+    Accelerate's save_state and load_state leave the model to these hooks and keep the rest."""
+    from peft import load_peft_weights, set_peft_model_state_dict
+
+    def save(models, weights, folder):
+        weights.clear()
+        policy.save_pretrained(folder, is_main_process=accelerator.is_main_process, save_embedding_layers=False)
+
+    def load(models, folder):
+        models.clear()
+        set_peft_model_state_dict(policy, load_peft_weights(folder, device="cpu"))
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
-def resume_trainer(resume_from, accelerator, model, optimizer):
-    """A checkpoint's AdamW state and this process's random state; returns the iteration to go on from. Its
-    trainer_state.pt is read as tensors, numbers and text only (weights_only): no code in a run folder runs."""
-    path = os.path.join(resume_from, "trainer_state.pt")
+def save_checkpoint(accelerator, output_dir, n):
+    """checkpoint-N/ by Accelerate's save_state: the weights (the adapter under LoRA), AdamW's state and every
+    process's random states, written by every process into a fresh folder that process 0 then renames into place
+    (as write_file does a file); the older checkpoints then go."""
+    folder, tmp = os.path.join(output_dir, f"checkpoint-{n}"), os.path.join(output_dir, f".checkpoint-{n}.tmp")
+    if accelerator.is_main_process:
+        os.mkdir(tmp)  # (fresh: prepare_output_dir removed any a killed run left)
+    accelerator.wait_for_everyone()
     try:
-        state = torch.load(path, weights_only=True)
-    except Exception as e:  # a pickled object, a truncated file
-        raise PLEError(f"{path} is not a trainer state that ple.py can read ({type(e).__name__}); it must hold only "
-                       "the tensors, numbers and text ple.py writes") from None
-    if is_sharded(accelerator):  # saved whole: each process takes its shard
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer.optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"][accelerator.process_index]  # torch's: what sampling draws from
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda" in rng:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    accelerator.print(f"resuming from {resume_from}: iteration {state['iteration']}, tau {state['tau']:.4f}")
-    return state["iteration"]
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    finally:  # (a failed write's part goes)
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        for older in [path for k, path in checkpoints(output_dir) if k != n]:
+            shutil.rmtree(older)
+
+
+def load_checkpoint(accelerator, folder):
+    """Accelerate's load_state, which reads each file as tensors, numbers and text only (weights_only: no code in a
+    run folder runs). A random state it cannot read it skips in silence: read first here, so that a resume is
+    exact or refused."""
+    from accelerate.utils import load
+    try:
+        load(os.path.join(folder, f"random_states_{accelerator.process_index}.pkl"))
+        accelerator.load_state(folder)
+    except pickle.UnpicklingError:
+        raise PLEError(f"{folder} holds a file that is not only tensors, numbers and text, as ple.py writes them: "
+                       "it is not loaded") from None
 
 
 # --- Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun ----------------
@@ -1229,17 +1178,6 @@ def start_accelerator(args):
 def is_sharded(accelerator):
     from accelerate.utils import DistributedType
     return accelerator.distributed_type == DistributedType.FSDP
-
-
-def gathered_state(accelerator, model, optimizer=None):
-    """A sharded model's whole weights (and optimizer state), on process 0; every process must call it.
-    (None, None) when the model is not sharded: then process 0 holds them already."""
-    if not is_sharded(accelerator):
-        return None, None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)  # on the CPU of process 0 only
-    return (accelerator.get_state_dict(model),  # Accelerate gathers the weights from the shards
-            get_optimizer_state_dict(model, optimizer.optimizer, options=whole) if optimizer else None)
 
 
 def gather_iteration(accelerator, it):
@@ -1269,14 +1207,9 @@ def gather_iteration(accelerator, it):
 # --- Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/ -------------------------
 
 def log_iteration(args, state, accelerator, all_queries, it, elapsed):
-    """samples/iter-NNN.jsonl (a record per query), a metrics.jsonl record (and the tracker's), a checkpoint (and
-    iter-N/ with --save_every). Under several processes every figure covers all of them; process 0 writes."""
-    from accelerate.utils import gather_object
-    it, rng = gather_iteration(accelerator, it), {"torch": torch.get_rng_state()}  # what sampling draws from
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    rng = gather_object([rng])  # one per process: tensors, which torch.load(weights_only=True) reads back
-    weights, optimizer_state = gathered_state(accelerator, state.model, state.optimizer)  # sharded: all take part
+    """samples/iter-NNN.jsonl (a record per query), a metrics.jsonl record (and the tracker's), iter-N/ with
+    --save_every, then a checkpoint. Under several processes every figure covers all of them; process 0 writes."""
+    it = gather_iteration(accelerator, it)
     gain, gain_se = guidance_gain(it.rewards, it.rewards_p) if it.rewards_p is not None else (None, None)
     record = {"iteration": it.t, "tau": it.tau, "ranked_share": mean32([b == "rank" for b in it.branches]),
               "reward_original": it.reward_x, "reward_principle": it.rewards_p and mean32(it.rewards_p),
@@ -1285,6 +1218,8 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
               it.seconds["sample"], "score_answers_per_s": it.answers_scored / it.seconds["score"],
               "train_tokens_per_s": it.train_tokens / it.seconds["train"], "elapsed_s": elapsed,
               "peak_memory_mb": it.peak_memory_mb}
+    keep = args.save_every and (it.t + 1) % args.save_every == 0
+    weights = accelerator.get_state_dict(state.model) if keep and is_sharded(accelerator) else None  # (all gather)
     if accelerator.is_main_process:
         folder, absent = args.output_dir, [None] * len(it.answers)
         metrics = os.path.join(folder, "metrics.jsonl")
@@ -1295,23 +1230,16 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
             for q, a, a_p, r, r_p, b, w, c, c_r in zip(all_queries, it.answers, it.answers_p or absent, it.rewards,
                                                        it.rewards_p or absent, it.branches, it.weights or absent,
                                                        it.candidates or absent, it.candidate_rewards or absent)])
-        kept = [r for r in read_jsonl(metrics) if r["iteration"] < it.t] if os.path.exists(metrics) else []
+        kept = [r for r in read_json(metrics, lines=True) if r["iteration"] < it.t] if os.path.exists(metrics) else []
         write_jsonl(metrics, kept + [record])  # (records of iterations a resume redoes go)
-        # iter-N/ (the run's path, for experiments/frontier.py) before the checkpoint: a kill while it is written
-        if args.save_every and (it.t + 1) % args.save_every == 0:  # leaves the iteration for --resume to redo
-            save_model(os.path.join(folder, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)
-        trainer_state = {"iteration": it.t + 1, "tau": threshold_at(it.t + 1, args.tau0, args.alpha), "rng": rng,
-                         "optimizer": state.optimizer.state_dict() if optimizer_state is None else optimizer_state}
-        save_model(os.path.join(folder, f"checkpoint-{it.t + 1}"), state.policy, state.tokenizer, weights,
-                   trainer_state)  # the model after it.t + 1 iterations and what --resume needs to go on exactly
-        for n, older in checkpoints(folder):  # the new one is complete: the older ones go
-            if n != it.t + 1:
-                shutil.rmtree(older)
+        if keep:  # iter-N/ (for experiments/frontier.py) before the checkpoint: a kill while it is written leaves
+            save_model(os.path.join(folder, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)  # it redone
+    save_checkpoint(accelerator, args.output_dir, it.t + 1)  # the model after it.t + 1 iterations, to go on exactly
+    if accelerator.is_main_process:
         print(progress_line(it, record), flush=True)
         if it.t == 0 and args.loss == "ple" and guidance_note(record):
             print(guidance_note(record), flush=True)
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # the trackers
-    accelerator.wait_for_everyone()
 
 
 def mean32(values):
@@ -1381,18 +1309,15 @@ def write_file(path, content):
             os.remove(tmp)
 
 
-def save_model(path, model, tokenizer, weights=None, trainer_state=None):
-    """Every model folder ple.py writes: save_pretrained weights in the run's dtype (LoRA: the adapter), the
-    tokenizer, and trainer_state.pt when given, into a fresh folder then renamed into place, as write_file does.
-    weights: a sharded model's, gathered. (Accelerate's save_state would write the whole model under LoRA.)"""
+def save_model(path, model, tokenizer, weights=None):
+    """iter-N/ and final/: save_pretrained weights in the run's dtype (LoRA: the adapter) and the tokenizer, into a
+    fresh folder then renamed into place, as write_file does. weights: a sharded model's, gathered."""
     lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                            suffix=".tmp")
     try:
         model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
-        if trainer_state is not None:
-            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     finally:
@@ -1400,7 +1325,7 @@ def save_model(path, model, tokenizer, weights=None, trainer_state=None):
 
 
 def save_final(args, state, accelerator):
-    weights, _ = gathered_state(accelerator, state.model)
+    weights = accelerator.get_state_dict(state.model) if is_sharded(accelerator) else None  # (all gather)
     if accelerator.is_main_process:
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
@@ -1415,16 +1340,23 @@ def checkpoints(output_dir):
                   if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p))))
 
 
-def read_jsonl(path):
-    """The records of a JSON Lines file; a line that is not JSON is an error naming it."""
+def read_json(path, lines=False):
+    """A JSON object that ple.py or eval.py wrote, or with lines=True the list of a JSON Lines file's objects; a
+    damaged file is one error that names it (and the line)."""
+    with open(path, "rb") as f:  # (json reads the bytes: text that is not UTF-8 is damage too)
+        texts = f.read().splitlines() if lines else [f.read()]
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError:
-                raise PLEError(f"{path}, line {number}, is not JSON: the file is damaged") from None
-    return records
+    for number, text in enumerate(texts, 1):
+        if lines and not text.strip():
+            continue
+        try:
+            records.append(json.loads(text))
+        except ValueError:
+            records.append(None)
+        if not isinstance(records[-1], dict):
+            where = f", line {number}," if lines else ""
+            raise PLEError(f"{path}{where} is not a JSON object: the file is damaged")
+    return records if lines else records[0]
 
 
 def write_jsonl(path, records):
@@ -1468,23 +1400,11 @@ def content_hash(value):
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
-def read_args(path):
-    """A run's args.json, or one line that names it when it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise PLEError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
-    if not isinstance(saved, dict):
-        raise PLEError(f"{path} is not the object of arguments that ple.py writes")
-    return saved
-
-
 def prepare_output_dir(args, accelerator, inputs):
     """A new run takes a missing or empty folder; --resume continues the run a folder holds from its last
     checkpoint, its arguments and inputs (hashes) checked against args.json; --overwrite_output_dir replaces it,
     removing ple.py's own entries (OURS) by name. A link among them is refused. Then the folder is locked for
-    the run and args.json written. Returns the checkpoint to resume from, or None."""
+    the run and args.json written. Returns the checkpoint to resume from, (iterations done, folder), or None."""
     folder, world = args.output_dir, accelerator.num_processes
     require(not os.path.exists(folder) or os.path.isdir(folder), "output_dir", f"{folder} is a file, not a folder")
     require(not (args.resume and args.overwrite_output_dir), "resume", "continues the run in --output_dir, "
@@ -1498,7 +1418,7 @@ def prepare_output_dir(args, accelerator, inputs):
     require(not links, "output_dir", f"{folder} holds a link, {(links or [''])[0]}, where ple.py writes: remove it "
             "or pass another --output_dir")
     found = [] if args.overwrite_output_dir else checkpoints(folder)
-    saved = {**asdict(Args()), **(read_args(os.path.join(folder, "args.json")) if found else {})}  # new flag: default
+    saved = {**asdict(Args()), **(read_json(os.path.join(folder, "args.json")) if found else {})}  # new flag: default
     now = {**asdict(args), "num_processes": world, **inputs}  # paths: as the repository-relative ones stored
     now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k],
                                  exists=k != "output_dir") for k in PATHS})
@@ -1534,7 +1454,7 @@ def prepare_output_dir(args, accelerator, inputs):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         write_file(os.path.join(folder, "args.json"), json.dumps(now, indent=2))
     accelerator.wait_for_everyone()
-    return found[-1][1] if found else None
+    return found[-1] if found else None
 
 
 if __name__ == "__main__":

@@ -509,9 +509,9 @@ def test_vader_distinct_makes_a_loop_cost_instead_of_pay():
 
 
 def test_checked_reward_refuses_bad_values():
-    with pytest.raises(ple.PLEError, match=r"returned \[0.0, 1.0, 2.0, nan\] for a batch of 4 .*finite"):
+    with pytest.raises(ple.PLEError, match=r"returned \[0.0, 1.0, 2.0, nan\] for 4 answers; .*finite"):
         ple.score(ple.checked_reward(lambda q, a: [0.0, 1.0, 2.0, float("nan")]), ["q"] * 4, ["a"] * 4, 10)
-    with pytest.raises(ple.PLEError, match=r"returned \[0.0, 0.0, 0.0\] .* number per answer, a list of 4"):
+    with pytest.raises(ple.PLEError, match=r"returned \[0.0, 0.0, 0.0\] for 4 answers; .* number per answer"):
         ple.score(ple.checked_reward(lambda q, a: [0.0] * 3), ["q"] * 4, ["a"] * 4, 10)
     assert ple.score(ple.checked_reward(lambda q, a: [1] * len(q)), ["q"] * 5, ["a"] * 5, 2).tolist() == [1.0] * 5
 
@@ -589,8 +589,12 @@ def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, prin
     assert all(s["branch"] in ("rank", "wsft") and len(s["weights"]) == 2 for s in samples)
     assert sum(s["branch"] == "rank" for s in samples) / 6 == pytest.approx(metrics[1]["ranked_share"])
     assert [c for c in os.listdir(out) if c.startswith("checkpoint")] == ["checkpoint-2"]
-    state = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=True)  # no pickled objects
-    assert state["iteration"] == 2 and state["tau"] == pytest.approx(0.2 * 0.81)
+    from accelerate.utils import load  # Accelerate's reader: tensors, numbers and text only (weights_only)
+    assert load(out / "checkpoint-2" / "optimizer.bin")["state"]  # AdamW's moments, saved by Accelerate
+    assert set(load(out / "checkpoint-2" / "random_states_0.pkl")) >= {"random_state", "torch_manual_seed"}
+    from safetensors.torch import load_file  # full fine-tuning: the weights after 2 iterations, as final/ has them
+    checkpoint, final = load_file(out / "checkpoint-2" / "model.safetensors"), state_of(str(out / "final"))
+    assert checkpoint and all(torch.equal(checkpoint[k], final[k]) for k in checkpoint)
 
     before, after = state_of(model_dir), state_of(str(out / "final"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training changed the weights
@@ -889,9 +893,8 @@ def test_eval_measures_the_guidance_gain_of_principles_files_before_training(mod
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exactly(model_dir, data_file,
-                                                                                      principles_file, tmp_path):
-    import shlex
+def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_that_the_same_command_resumes_exactly(
+        model_dir, data_file, principles_file, tmp_path):
     import signal
     import time
 
@@ -900,27 +903,25 @@ def test_ctrl_c_and_sigterm_stop_with_one_line_and_the_command_that_resumes_exac
              "4", "--lora_r", "0", "--learning_rate", "1e-2", "--device", "cpu", "--iterations", "40"]
     straight = tmp_path / "straight"
     assert cli(*flags, "--output_dir", str(straight)).returncode == 0
-    for sig, code, name in ((signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM"),
-                            (signal.SIGHUP, 129, "SIGHUP")):  # (a closed terminal)
-        out = tmp_path / name
+    for stopped_at in (1, 3):  # somewhere after the first checkpoint, then after a later one: mid-iteration or write
+        out = tmp_path / f"stopped-{stopped_at}"
         run = subprocess.Popen([sys.executable, os.path.join(HERE, "ple.py"), *flags, "--output_dir", str(out)],
                                cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                # a test run started in the background (`pytest &`) ignores SIGINT, and so
                                # would its children: give the run Ctrl-C as a terminal would
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 300
-        while not ple.checkpoints(str(out)) and run.poll() is None and time.time() < deadline:
+        while [n for n, _ in ple.checkpoints(str(out))][-1:] < [stopped_at] and run.poll() is None and \
+                time.time() < deadline:
             time.sleep(0.02)
-        run.send_signal(sig)  # somewhere after the first checkpoint: mid-iteration or mid-write
+        run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=300)
-        assert run.returncode == code, err
+        assert run.returncode == 130, err
         assert "Traceback" not in err
-        line = err.strip().splitlines()[-1]
-        assert line.startswith(f"stopped by {name}: ") and "holds iterations 0 to" in line, line
-        command = shlex.split(line.split("continue with: ", 1)[1])
-        assert command[-1] == "--resume"
-        resumed = subprocess.run([sys.executable, *command[1:]], cwd=HERE, capture_output=True, text=True,
-                                 timeout=600)
+        last = ple.checkpoints(str(out))[-1][1]
+        assert err.strip().splitlines()[-1] == (f"stopped by Ctrl-C; the last checkpoint is {last}: the same command "
+                                                "with --resume continues from it")
+        resumed = cli(*flags, "--output_dir", str(out), "--resume")
         assert resumed.returncode == 0, resumed.stderr
         assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(40))
         for t in (0, 39):
@@ -952,9 +953,7 @@ def test_a_stop_that_cuts_an_object_half_built_still_ends_in_one_line():
     result = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_PROGRESS_BAR], cwd=HERE, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 130 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "stopped by Ctrl-C before the first checkpoint: nothing to resume; start again with: python -c --output_dir "
-        "unused --overwrite_output_dir"]
+    assert result.stderr.strip().splitlines() == ["stopped by Ctrl-C; no checkpoint was saved yet: nothing to resume"]
 
 
 def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
@@ -985,21 +984,18 @@ def test_command_line_bad_input_exits_non_zero(model_dir, data_file, tmp_path):
     assert result.returncode != 0 and "invalid choice: 'poetry'" in result.stderr
     result = cli("--model", model_dir, "--dataset", data_file, "--principles", str(tmp_path / "missing.txt"),
                  "--output_dir", str(tmp_path / "x"))
-    assert result.returncode == 2 and "principles file not found" in result.stderr
-    # a Hub id while the Hub is unreachable: say so and what to pass instead
+    assert result.stderr.strip().splitlines() == [f"error: FileNotFoundError: [Errno 2] No such file or directory: "
+                                                  f"'{tmp_path / 'missing.txt'}' (PLE_DEBUG=1 shows where)"]
+    # a Hub id while the Hub is unreachable: transformers' own first line, before the dataset or any weights load
     result = cli("--model", "nobody-here/no-such-model", "--reward", "ple_tests.rewards:word_reward", "--dataset",
-                 data_file, "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 2
-    assert "Hub could not be reached" in result.stderr and "local folder" in result.stderr
-    assert "Traceback" not in result.stderr
+                 str(tmp_path / "no-such-data.jsonl"), "--output_dir", str(tmp_path / "y"), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: OSError: We couldn't connect to 'https://huggingface.co'")
 
 
 @pytest.mark.parametrize("argv, line", [
-    (["--iteration", "2"], "error: unrecognized argument --iteration: did you mean --iterations?"),  # no abbreviations
-    (["--iterashuns", "2"], "error: unrecognized argument --iterashuns: did you mean --iterations?"),
-    (["--lr", "1e-4"], "error: unrecognized argument --lr: did you mean --learning_rate?"),  # the words' initials,
-    (["--learn_rate=1e-4"], "error: unrecognized argument --learn_rate=1e-4: did you mean --learning_rate?"),  # or
-    (["--mini_batch", "4"], "error: unrecognized argument --mini_batch: did you mean --mini_batch_size?"),  # prefixes
+    (["--iteration", "2"], "error: unrecognized arguments: --iteration 2"),  # no abbreviations
+    (["--lr", "1e-4"], "error: unrecognized arguments: --lr 1e-4"),
     (["--iterations", "two"], "error: argument --iterations: invalid int value: 'two'"),
     (["--device", "cuda:7"], "error: argument --device: invalid choice: 'cuda:7' (choose from 'auto', 'cpu')"),
 ])
@@ -1092,8 +1088,9 @@ def test_no_code_from_a_model_folder_runs_asked_or_not(model_dir, other_model_di
                  "--principles", principles_file, "--output_dir", str(tmp_path / "o"), "--device", "cpu",
                  input="y\n")  # were transformers to ask whether to run the folder's code, the answer is yes
     assert result.returncode == 2 and "Traceback" not in result.stderr and "[y/N]" not in result.stdout + result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: could not load model '{custom}'")
-    with pytest.raises(ple.PLEError, match="could not load model"):
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: ValueError: The repository {custom} contains "
+                                                             "custom code")
+    with pytest.raises(ValueError, match="contains custom code"):
         ple_eval.run(eval_args([str(custom), other_model_dir], data_file, tmp_path / "e.json"))
     assert not marker.exists()
 
@@ -1127,7 +1124,7 @@ def test_bad_principles(model_dir, data_file, tmp_path):
     other.write_text("[dialogue]\nBe helpful.\n")
     with pytest.raises(ple.PLEError, match=r"tasks with principles: dialogue"):
         ple.train(make_args(model_dir, data_file, str(other), tmp_path / "o"))
-    with pytest.raises(ple.PLEError, match="principles file not found"):
+    with pytest.raises(FileNotFoundError, match="none.txt"):
         ple.train(make_args(model_dir, data_file, str(tmp_path / "none.txt"), tmp_path / "o"))
 
 
@@ -1142,16 +1139,30 @@ def test_dataset_without_the_task_field(model_dir, principles_file, tmp_path):
         ple.train(make_args(model_dir, str(odd), principles_file, tmp_path / "o"))
 
 
-def test_model_or_reward_that_cannot_be_loaded(model_dir, data_file, principles_file, tmp_path):
-    with pytest.raises(ple.PLEError, match="no such file or folder"):
-        ple.train(make_args(str(tmp_path / "no_such_folder"), data_file, principles_file, tmp_path / "o1"))
-    with pytest.raises(ple.PLEError, match="could not load reward 'no_module_here:f'"):
-        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o2", reward="no_module_here:f"))
-    with pytest.raises(ple.PLEError, match="no such file or folder"):
-        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o3", reward=str(tmp_path / "no_rm")))
+def failure_line(function, *args):
+    """The one line main() would print for the failure of function(*args)."""
+    with pytest.raises(Exception) as failed:
+        function(*args)
+    return ple.error_line(failed.value)
+
+
+def test_a_name_that_cannot_load_is_the_librarys_first_line_before_any_weights_load(model_dir, data_file,
+                                                                                     principles_file, tmp_path,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("weights were loaded"))
     (tmp_path / "not_a_model").mkdir()
-    with pytest.raises(ple.PLEError, match="could not load model"):
-        ple.train(make_args(str(tmp_path / "not_a_model"), data_file, principles_file, tmp_path / "o4"))
+    for changes, said in [
+            (dict(model=str(tmp_path / "no_such_folder")), f"OSError: Repo id must be in the form 'repo_name' or "
+                                                           f"'namespace/repo_name': '{tmp_path / 'no_such_folder'}'"),
+            (dict(model=str(tmp_path / "not_a_model")), f"ValueError: Unrecognized model in {tmp_path / 'not_a_model'}"),
+            (dict(reward=str(tmp_path / "no_rm")), "OSError: Repo id must be in the form"),
+            (dict(dataset="nope.jsonl"), "ConnectionError: Couldn't reach 'nope.jsonl' on the Hub"),
+            (dict(reward="no_module_here:f"), "ModuleNotFoundError: No module named 'no_module_here'")]:
+        out = tmp_path / "o"
+        line = failure_line(ple.train, make_args(model_dir, data_file, principles_file, out, **changes))
+        assert line.startswith("error: " + said) and line.endswith(" (PLE_DEBUG=1 shows where)"), line
+        assert "\n" not in line and out.exists() == ("reward" in changes and ":" in changes["reward"])  # (imported
+    # with the reward, after the output folder is claimed; the names before it fail before anything is written)
 
 
 BAD_RUNS = [  # (changes to a good run, the error it must give)
@@ -1166,15 +1177,9 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(reward_batch_size=0), r"--reward_batch_size: must be at least 1"),
     (dict(alpha=1.5), r"--alpha"),
     (dict(seed=-1), r"--seed: must be in \[0, 2\*\*32\)"),
-    (dict(dataset="nope.jsonl"), r"--dataset nope.jsonl: no such file or folder"),
-    (dict(model="nothere.gguf"), r"--model nothere.gguf: no such file or folder"),
-    (dict(model="runs/typo/final"), r"--model runs/typo/final: no such file or folder"),
-    (dict(reward="ple_tests.rewards:raising_reward"),
-     r"the reward raised ValueError: the reward server is down on a batch of 2"),
-    (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for a batch of 2 .*one finite float32 number"),
-    (dict(reward="ple_tests.rewards:none_reward"), r"returned None for a batch of 2"),
-    (dict(reward="ple_tests.rewards:exiting_reward"), r"the reward raised SystemExit: 0 on a batch of 2"),
-    (dict(reward="ple_tests.rewards:huge_reward"), r"returned \[1e\+39, 1e\+39\] for a batch .*finite float32"),
+    (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for 2 answers; .*one finite float32 number"),
+    (dict(reward="ple_tests.rewards:none_reward"), r"returned None for 2 answers"),
+    (dict(reward="ple_tests.rewards:huge_reward"), r"returned \[1e\+39, 1e\+39\] for 2 answers; .*finite float32"),
     (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
     (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
     (dict(where="label=7"), r"--where label=7: no row .* has label = 7; its values there: 0, 1"),
@@ -1204,54 +1209,19 @@ def test_bad_files_fail_early_and_clearly(model_dir, data_file, principles_file,
     numbers.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(3)))
     with pytest.raises(ple.PLEError, match=r"row \d: the 'text' field is int \d, not text"):
         run("o", dataset=str(numbers))
-    (tmp_path / "broken_reward_mod.py").write_text("def f(queries, answers)\n    return []\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ple.PLEError, match=r"could not load reward 'broken_reward_mod:f': SyntaxError"):
-        run("o", reward="broken_reward_mod:f")
+    for reward, error in (("raising_reward", ValueError), ("exiting_reward", SystemExit)):  # a reward's own failure
+        with pytest.raises(error):
+            run(reward, reward=f"ple_tests.rewards:{reward}")
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(ple.PLEError, match="is a file, not a folder"):
         run("a_file")
     with pytest.raises(ple.PLEError, match="cannot be written"):
         run("a_file/run")
-    (tmp_path / "models").mkdir()  # 'models/smol' next to a folder 'models' is a missing local path, not a Hub id
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ple.PLEError, match="--model models/smol: no such file or folder"):
-        run("o", model="models/smol")
-
-
-
-@pytest.mark.slow
-def test_every_missing_hub_name_is_reported_at_once_when_the_hub_cannot_be_reached(tmp_path):
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on once this closes: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))  # an empty cache
-    result = subprocess.run([sys.executable, os.path.join(HERE, "ple.py"), "--model", "someone/no-model", "--reward",
-                             "someone/no-reward", "--dataset", "someone/no-data", "--output_dir", str(tmp_path / "o")],
-                            cwd=HERE, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    [line] = result.stderr.strip().splitlines()  # one line, naming every missing name with its local alternative
-    assert line.startswith(f"error: the Hugging Face Hub could not be reached (http://127.0.0.1:{port}")
-    for what, name, instead in [("model", "someone/no-model", "installed package"),
-                                ("reward model", "someone/no-reward", "module:function"),
-                                ("dataset", "someone/no-data", ".jsonl")]:
-        assert f"could not load {what} '{name}'" in line and instead in line
-    assert not (tmp_path / "o").exists()  # refused before anything was written
-
-
-@pytest.mark.slow
-def test_missing_local_model_is_reported_at_once_on_the_command_line(data_file, tmp_path):
-    result = cli("--model", "models/none/here", "--dataset", data_file, "--output_dir", str(tmp_path / "o"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["error: --model models/none/here: no such file or folder"]
 
 
 def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(ple.PLEError, match="the reward raised RuntimeError"):
+    with pytest.raises(RuntimeError, match="fails only on real answers"):
         ple.train(make_args(model_dir, data_file, principles_file, out, reward="ple_tests.rewards:late_reward"))
     assert (out / "args.json").exists() and not ple.checkpoints(str(out))
     with pytest.raises(ple.PLEError, match=r"--resume: .*run holds no checkpoint to continue from; pass "
@@ -1297,13 +1267,13 @@ def test_metrics_are_rewritten_whole_on_resume_and_a_damaged_file_is_named(model
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["tau"] == pytest.approx(0.2 * 0.9)
     (out / "metrics.jsonl").write_text('{"iteration": 0}\nnot json\n{"iteration": 1}\n')
-    with pytest.raises(ple.PLEError, match=r"metrics.jsonl, line 2, is not JSON: the file is damaged"):
-        ple.read_jsonl(str(out / "metrics.jsonl"))
+    with pytest.raises(ple.PLEError, match=r"metrics.jsonl, line 2, is not a JSON object: the file is damaged"):
+        ple.read_json(str(out / "metrics.jsonl"), lines=True)
 
 
-@pytest.mark.parametrize("reward, message", [("ple_tests.rewards:nan_reward", r"returned \[nan, nan\] for a batch"),
-                                             ("ple_tests.rewards:inf_reward", r"returned \[0.0, inf\] for a batch"),
-                                             ("ple_tests.rewards:short_reward", r"returned \[0.0\] .*a list of 2")])
+@pytest.mark.parametrize("reward, message", [("ple_tests.rewards:nan_reward", r"returned \[nan, nan\] for 2 answers"),
+                                             ("ple_tests.rewards:inf_reward", r"returned \[0.0, inf\] for 2 answers"),
+                                             ("ple_tests.rewards:short_reward", r"returned \[0.0\] for 2 answers")])
 def test_bad_reward_values_fail_before_training(model_dir, data_file, principles_file, tmp_path, reward, message):
     out = tmp_path / "o"
     with pytest.raises(ple.PLEError, match=message):
@@ -1333,7 +1303,7 @@ def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principle
 
 
 class WritesAMarker:
-    """Unpickled, it creates a file: what a hostile trainer_state.pt in a downloaded run folder could do."""
+    """Unpickled, it creates a file: what a hostile file in a downloaded run folder could do."""
 
     def __init__(self, path):
         self.path = path
@@ -1342,20 +1312,25 @@ class WritesAMarker:
         return open, (self.path, "w")
 
 
-def test_resume_runs_no_code_from_the_run_folder(model_dir, data_file, principles_file, tmp_path):
+def test_resume_loads_no_pickled_object_from_the_run_folder(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "run"
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
-    state_file = out / "checkpoint-1" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=True)
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, lora_r=4))
     marker = tmp_path / "code-ran"
-    torch.save({**state, "payload": WritesAMarker(str(marker))}, state_file)
-    refused = r"trainer_state.pt is not a trainer state that ple.py can read \(UnpicklingError\)"
-    with pytest.raises(ple.PLEError, match=refused):
-        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
-    assert not marker.exists()
-    state_file.write_bytes(state_file.read_bytes()[:100])  # cut short, as by a full disk
-    with pytest.raises(ple.PLEError, match=r"is not a trainer state that ple.py can read"):
-        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
+    resume = make_args(model_dir, data_file, principles_file, out, iterations=2, lora_r=4, resume=True)
+    for name in ("random_states_0.pkl", "optimizer.bin"):  # (a random state Accelerate would skip in silence)
+        path = out / "checkpoint-1" / name
+        kept = path.read_bytes()
+        torch.save({"payload": WritesAMarker(str(marker))}, path)
+        with pytest.raises(ple.PLEError, match=r"checkpoint-1 holds a file that is not only tensors, numbers and "
+                                               r"text, as ple.py writes them: it is not loaded"):
+            ple.train(resume)
+        assert not marker.exists()
+        path.write_bytes(kept[:100])  # cut short, as by a full disk: torch's own error, not a silent skip
+        with pytest.raises(RuntimeError, match="zip archive"):
+            ple.train(resume)
+        path.write_bytes(kept)
+    ple.train(resume)
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
 def test_interrupted_checkpoint_write_leaves_the_last_good_one(model_dir, data_file, principles_file, tmp_path,
@@ -1404,9 +1379,11 @@ def test_a_failure_in_the_loop_says_the_command_that_resumes(model_dir, data_fil
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=600)
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert line.startswith("error: the reward raised RuntimeError: the reward server went down on a batch of 6")
-    assert line.endswith("checkpoint-1 holds iterations 0 to 0 (a later one that was under way is redone); continue "
-                         "with: " + shlex.join(["python", os.path.join(HERE, "ple.py"), *command[2:], "--resume"]))
+    assert line == (f"error: RuntimeError: the reward server went down (PLE_DEBUG=1 shows where); the last checkpoint "
+                    f"is {out / 'checkpoint-1'}: the same command with --resume continues from it")
+    resumed = subprocess.run(command + ["--resume"], cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr  # (a new process: the reward's calls counted from 0 again)
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1522,7 +1499,7 @@ def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_o
     for go in (lambda: ple.train(make_args(model_dir, data_file, principles_file, run, iterations=2, lora_r=4,
                                            resume=True)),
                lambda: ple_eval.run(eval_args([str(run / "final"), model_dir], data_file, tmp_path / "e.json"))):
-        with pytest.raises(ple.PLEError, match=r"run/args.json cannot be read \(JSONDecodeError"):
+        with pytest.raises(ple.PLEError, match=r"run/args.json is not a JSON object: the file is damaged"):
             go()
     saved = tmp_path / "saved.json"  # generations edited by hand: one line that names what is wrong
     ple_eval.run(eval_args([model_dir, other_model_dir], data_file, saved))
@@ -1531,8 +1508,6 @@ def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_o
     saved.write_text(json.dumps(edited))
     with pytest.raises(ple.PLEError, match=r"--rescore: the saved generations of .* do not pair up"):
         ple_eval.run(ple_eval.EvalArgs(rescore=str(saved), reward="ple_tests.rewards:length_reward"))
-    with pytest.raises(ple.PLEError, match=r"principles file is not a file of 1 MB or less: /dev/zero"):
-        ple.read_principles("/dev/zero", "sentiment")
 
 
 real = importlib.util.find_spec
@@ -1603,14 +1578,14 @@ def test_prompts_too_long_for_the_model_fail_before_sampling_in_both_scripts(mod
 def test_bad_data_files_are_named_in_one_line_with_datasets_own_reason(model_dir, data_file, principles_file, tmp_path,
                                                          monkeypatch):
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
-    cases = [("latin1.csv", b"text\nun caf\xe9 froid\n", r"latin1.csv' .*UnicodeDecodeError: 'utf-8' codec"),
+    cases = [("latin1.csv", b"text\nun caf\xe9 froid\n", r"\(UnicodeDecodeError: 'utf-8' codec"),
              ("broken.jsonl", b'{"text": "one"}\n{"text": "two\n{"text": "three"}\n',
-              r"broken.jsonl' .*JSON parse error: .* in row 1$"),  # datasets names the row it stopped at
-             ("list.jsonl", b'{"text": "one"}\n["two"]\n', r"list.jsonl' .*JSON parse error: .* in row 0$")]
+              r"\(ArrowInvalid: JSON parse error: .* in row 1\)"),  # the reader's error names the row it stopped at
+             ("list.jsonl", b'{"text": "one"}\n["two"]\n', r"JSON parse error: .* in row 0")]
     for name, data, message in cases:
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(ple.PLEError, match=message):
-            ple.train(make_args(model_dir, str(tmp_path / name), principles_file, tmp_path / "o"))
+        line = failure_line(ple.train, make_args(model_dir, str(tmp_path / name), principles_file, tmp_path / "o"))
+        assert re.search(message, line) and "\n" not in line, line
     bom = tmp_path / "bom.txt"  # as some editors save it
     bom.write_bytes(b"\xef\xbb\xbf[sentiment]\n" + PRINCIPLE.encode() + b"\n")
     assert ple.read_principles(str(bom), "sentiment") == [PRINCIPLE]
@@ -1631,17 +1606,6 @@ def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file,
     assert (home / "run" / "final").is_dir() and not (tmp_path / "~").exists()
 
 
-def test_a_reward_module_of_the_users_is_never_replaced_by_the_repositorys(tmp_path, monkeypatch):
-    (tmp_path / "ple_tests").mkdir()  # the user's own folder, named like this repository's test helpers
-    (tmp_path / "ple_tests" / "__init__.py").write_text("")
-    (tmp_path / "ple_tests" / "rewards.py").write_text("def word_reward(queries, answers):\n"
-                                                       "    return [1.0] * len(answers)\n")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ple.PLEError, match=r"--reward: ple_tests.rewards:word_reward: ple_tests.rewards is .*ple_tests/"
-                                           r"rewards.py, found before your .*ple_tests/rewards.py: rename that file"):
-        ple.load_reward("ple_tests.rewards:word_reward")
-
-
 def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch):
     (tmp_path / "colorsys.py").write_text("def f(queries, answers):\n    return [0.0] * len(answers)\n")
     (tmp_path / "my_reward.py").write_text("import colorsys\n\ndef score(queries, answers):\n"
@@ -1652,9 +1616,6 @@ def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch)
         monkeypatch.delitem(sys.modules, name, raising=False)
     assert ple.load_reward("my_reward:score")(["q"], ["ab"]) == [2 / 3]  # the standard colorsys, not the file
     assert sys.modules["colorsys"].__file__ != str(tmp_path / "colorsys.py") and str(tmp_path) not in sys.path
-    with pytest.raises(ple.PLEError, match=r"colorsys is .*colorsys.py, found before your .*colorsys.py: rename "
-                                           r"that file"):
-        ple.load_reward("colorsys:f")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1803,7 +1764,7 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
 
 
 def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
-    with pytest.raises(ple.PLEError, match="no such file or folder"):
+    with pytest.raises(OSError, match="missing"):  # transformers' own error, before any model generates
         ple_eval.run(eval_args([model_dir, str(tmp_path / "missing")], data_file, tmp_path / "x.json"))
     with pytest.raises(ple.PLEError, match="candidate and at least one baseline"):
         ple_eval.run(eval_args([model_dir], data_file, tmp_path / "x.json"))
@@ -1816,12 +1777,12 @@ def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(reward="ple_tests.rewards:raising_reward"), r"the reward raised ValueError"),
+    (dict(reward="ple_tests.rewards:raising_reward"), r"ValueError: the reward server is down"),
     (dict(output="/nonexistent/dir/e.json"), r"--output: /nonexistent/dir/e.json: the folder .* does not exist"),
     (dict(n=1), r"--n: a win rate needs at least 2 queries"),
     (dict(n=-2), r"--n: must be 0"),
-    (dict(second="runs/typo/final"), r"--models runs/typo/final: no such file or folder"),
-    (dict(second="not_a_model_anywhere"), r"could not load model 'not_a_model_anywhere'"),
+    (dict(second="runs/typo/final"), r"OSError: Repo id must be in the form .*'runs/typo/final'"),
+    (dict(second="not_a_model_anywhere"), r"OSError: We couldn't connect to 'https://huggingface.co'"),
     (dict(second=lambda first: first + "/."), r"--models: names one model twice \('.*' and '.*/\.'\)"),
     (dict(top_p=0.0), r"--top_p"),
     (dict(seed=-1), r"--seed: must be in \[0, 2\*\*32 - 1\)"),
@@ -1832,19 +1793,19 @@ def test_eval_checks_everything_before_generating(model_dir, other_model_dir, da
     second = changes.pop("second", other_model_dir)
     second = second(model_dir) if callable(second) else second
     out = changes.pop("output", str(tmp_path / "e.json"))
-    with pytest.raises(ple.PLEError, match=message):
-        ple_eval.run(eval_args([model_dir, second], data_file, out, **changes))
+    line = failure_line(ple_eval.run, eval_args([model_dir, second], data_file, out, **changes))
+    assert re.search(message, line) and "\n" not in line, line
 
 
 def test_eval_rescore_bad_files(tmp_path):
-    cases = [("missing.json", None, "No such file"),
-             ("corrupt.json", '{"generations": ', "not a JSON file eval.py wrote"),
-             ("list.json", "[1, 2]", "holds a JSON list"), ("empty_object.json", "{}", "need 'queries'")]
+    cases = [("missing.json", None, "FileNotFoundError: .* No such file"),
+             ("corrupt.json", '{"generations": ', "corrupt.json is not a JSON object: the file is damaged"),
+             ("list.json", "[1, 2]", "list.json is not a JSON object"), ("empty_object.json", "{}", "need 'queries'")]
     for name, text, message in cases:
         if text is not None:
             (tmp_path / name).write_text(text)
-        with pytest.raises(ple.PLEError, match=message):
-            ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="ple_tests.rewards:length_reward"))
+        rescore = ple_eval.EvalArgs(rescore=str(tmp_path / name), reward="ple_tests.rewards:length_reward")
+        assert re.search(message, failure_line(ple_eval.run, rescore))
     with pytest.raises(ple.PLEError, match="--bootstrap: must be at least 1"):
         ple_eval.run(ple_eval.EvalArgs(rescore=str(tmp_path / "list.json"), bootstrap=0))
 
@@ -2136,14 +2097,15 @@ def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_gradient_accumulation_and_checkpointing_take_the_same_step(tokenizer):
+def test_gradient_accumulation_and_checkpointing_take_the_same_step(tokenizer, monkeypatch):
     pairs = fixed_pairs(tokenizer)
     whole = one_step(tiny_model(tokenizer), pairs, 4)
     assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 4, accumulation=2)) < 1e-6
     assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 4, accumulation=3)) < 1e-6  # 2 + 1 + 1
     assert max_difference(whole, one_step(tiny_model(tokenizer), pairs, 2)) > 1e-4  # two steps: not the same
     model = tiny_model(tokenizer)
-    ple.enable_checkpointing(model)
+    monkeypatch.setattr(ple, "load_policy", lambda *args: (model, None))  # --gradient_checkpointing, on this model
+    ple.load_trainable(ple.Args(gradient_checkpointing=True, lora_r=0), "cpu", torch.float32)
     calls = []
     model.transformer.h[0].attn.register_forward_hook(lambda *a: calls.append(1))
     assert max_difference(whole, one_step(model, pairs, 4)) < 1e-6

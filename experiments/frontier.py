@@ -29,7 +29,7 @@ def frontier_models(args, runs):
     for run_dir in runs:
         if not os.path.isfile(os.path.join(run_dir, "args.json")):
             raise PLEError(f"{run_dir}: not a ple.py run folder (it has no args.json)")
-        run = ple.read_args(os.path.join(run_dir, "args.json"))
+        run = ple.read_json(os.path.join(run_dir, "args.json"))
         found = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(run_dir, "iter-*"))
                        if (m := re.fullmatch(r"iter-(\d+)", os.path.basename(path))) and os.path.isdir(path))
         if not found:

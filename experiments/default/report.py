@@ -30,7 +30,7 @@ def repeats(answer, n=3):
 
 
 def main(run_dir, evaluation=None):
-    metrics = ple.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    metrics = ple.read_json(os.path.join(run_dir, "metrics.jsonl"), lines=True)
     print("| iteration | tau | share ranked | mean reward, y given x | mean reward, y_p given x_p | g ± s.e. | loss "
           "| sampling s | training s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

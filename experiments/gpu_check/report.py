@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from ple import read_jsonl  # noqa: E402
+from ple import read_json  # noqa: E402
 
 out = sys.argv[1]
 runs = ["lora_bf16", "lora_fp32", "full_bf16", "full_fp32"]
@@ -19,7 +19,7 @@ report = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else
 
 
 def records(run):
-    return read_jsonl(os.path.join(out, run, "metrics.jsonl"))
+    return read_json(os.path.join(out, run, "metrics.jsonl"), lines=True)
 
 
 def samples(run):

@@ -107,7 +107,7 @@ def ple_runs(a, tokenizer, device, report, output):
         before, start = compiled_graphs(), time.perf_counter()
         ple.train(ple.Args(model=f"{folder}/policy", output_dir=f"{folder}/run_{static}", iterations=3,
                            static_cache=static, device="cpu" if device.type == "cpu" else "auto"))
-        metrics = ple.read_jsonl(f"{folder}/run_{static}/metrics.jsonl")
+        metrics = ple.read_json(f"{folder}/run_{static}/metrics.jsonl", lines=True)
         report["ple_runs"][static] = dict(
             seconds_per_iteration=[m["sample_s"] + m["score_s"] + m["train_s"] for m in metrics],
             sample_s=[m["sample_s"] for m in metrics], sample_tokens_per_s=[m["sample_tokens_per_s"] for m in metrics],

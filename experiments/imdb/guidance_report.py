@@ -138,7 +138,7 @@ def main(folder):
         for seed in (0, 1, 2):
             path = os.path.join(folder, "metrics", f"{condition}_ple_s{seed}.jsonl")
             if os.path.exists(path):
-                shares.append([r["ranked_share"] for r in ple.read_jsonl(path)])
+                shares.append([r["ranked_share"] for r in ple.read_json(path, lines=True)])
         if shares:
             mean = np.mean(shares, axis=0)
             print(f"| {condition} | " + " | ".join(f"{x:.2f}" for x in mean) + " |")

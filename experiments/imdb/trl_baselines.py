@@ -146,7 +146,7 @@ def run(args):
     start = time.time()
     trainer.train()
     history = [dict(r) for r in trainer.state.log_history]
-    ple.write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), history, mode="w")
+    ple.write_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), history)
     final = trainer.model.merge_and_unload() if args.lora_r else trainer.model
     ple.save_model(os.path.join(args.output_dir, "final"), final, tokenizer)
     print(f"{args.method}: {trainer.state.global_step} optimizer steps, {2 * len(queries) * args.iterations} answers "
