@@ -567,9 +567,8 @@ class PLEError(Exception):
 
 
 def error_line(e):
-    """Any failure as one line: ple.py's own messages, a full disk as such, anything else as its kind and its
-    message's first line, with the first line of the error it was raised from (datasets wraps the reader's, which
-    names the row). PLE_DEBUG=1 shows the traceback too."""
+    """Any failure as one line: ple.py's own messages; else its kind and first line, and those of the error it was
+    raised from (datasets wraps the reader's, which names the row). PLE_DEBUG=1 shows the traceback too."""
     if os.environ.get("PLE_DEBUG"):
         import traceback
         traceback.print_exception(e)
@@ -604,8 +603,7 @@ def say(line):
 
 
 def main(argv=None, dataclass=None, work=None, stopped=None):
-    """`python ple.py` (eval.py's command line too: its arguments, its work, what a stop keeps), every end in one
-    line: Ctrl-C says what is kept and how to go on, a failure says what was wrong."""
+    """`python ple.py` (eval.py's too: its arguments, work, what a stop keeps); every end is one line."""
     speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, dataclass)
@@ -665,9 +663,8 @@ def train(args):
 
 
 def set_up(args):
-    """Check what can be checked, then load the cheapest inputs first (a name that cannot load fails early), then
-    reward and model, resuming if asked. Returns the RunState, the Accelerator and every process's queries in
-    process order."""
+    """Checks, then the cheapest inputs first (a name that cannot load fails early), then reward and model, resumed
+    if asked. Returns the RunState, the Accelerator and every process's queries in process order."""
     from transformers import set_seed
     check_args(args)
     accelerator = start_accelerator(args)
@@ -699,8 +696,7 @@ def set_up(args):
         + (f", {world} processes" if world > 1 else ""))
     set_seed(args.seed)
     policy, tokenizer, optimizer = load_trainable(args, device, dtype)
-    # Accelerate's prepare: nothing to do for one process; DDP (weights synced from process 0) under a launcher;
-    # under an FSDP config, FSDP2's fully_shard on each decoder layer, then the rest, the optimizer on the shards
+    # Accelerate's prepare: nothing for one process; DDP under a launcher; FSDP2's fully_shard under an FSDP config
     model, optimizer = accelerator.prepare(policy, optimizer)
     if is_sharded(accelerator):  # sharded in place: the sharded model samples too, all processes stepping together
         policy = model  # (generate does so on this mark, which transformers' own FSDP2 set-up leaves)
@@ -732,7 +728,7 @@ def set_up(args):
     ), accelerator, all_queries
 
 
-# --- Checks: arguments, models, prompt lengths, before anything long starts ---------------------------------------
+# --- Checks: arguments, models, prompt lengths, before anything long starts ---
 
 def check_args(args):
     """Every argument that can be wrong without loading anything."""
@@ -793,7 +789,7 @@ def check_lengths(config, prompt_ids, queries, max_new_tokens):
                        f"{max_new_tokens}; lower --max_new_tokens, shorten the principles, or keep such rows out")
 
 
-# --- Tasks, principles and queries: how a dataset row becomes x ----------------------------------------------------
+# --- Tasks, principles and queries: how a dataset row becomes x ---
 
 @dataclass
 class Task:
@@ -864,12 +860,9 @@ def load_rows(dataset, split):
 
 
 def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=""):
-    """D_query for the task, shuffled under the seed, at most `limit` of them (0: all).
-
-    Returns (queries, the dataset's answer to each or None, the dataset text each came from). Rows whose
-    text is in `exclude` are skipped (eval.py's held-out queries); `where` ("FIELD=VALUE") keeps the rows
-    whose FIELD, as text, is VALUE; `field`: the column x comes from (default: the task's). Rows that give
-    no query (an HH transcript whose turns do not alternate) are counted; a majority of them is an error.
+    """D_query for the task, shuffled under the seed, at most `limit` of them (0: all): (queries, the dataset's
+    answer to each or None, the text each came from). `exclude`: texts to skip (eval.py's held-out queries);
+    `where`: FIELD=VALUE rows only; `field`: x's column. Rows that give no query are counted; a majority is an error.
     """
     rows = load_rows(dataset, split)
     fields, name = [field] if field else list(TASKS[task].fields), where.split("=", 1)[0].strip()
@@ -914,13 +907,12 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
 
 
 def sft_targets_for(tokenizer, answers, max_tokens=None):
-    """The dataset's answers as training targets, each closed by the end-of-sequence token; with max_tokens, cut
-    to the sampled answers' length cap (then, as a sampled answer cut there, without end-of-sequence token)."""
+    """The dataset's answers as training targets, closed by the end-of-sequence token, cut to max_tokens if given."""
     ids = [tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for r in answers]
     return [i[:max_tokens] for i in ids] if max_tokens else ids
 
 
-# --- Rewards: VADER, a sequence classifier, or any function; their values checked ----------------------------------
+# --- Rewards: VADER, a sequence classifier, or any function; their values checked ---
 
 LEXICON = ("vader", "vader_distinct")  # VADER's compound score of x and y; vader_distinct: of x and once(y), less
 # the share of y's words that once drops (a loop earns nothing and costs its length)
@@ -949,9 +941,8 @@ REWARD_INPUTS = {  # --reward_format: how a reward model reads a query x and an 
 
 
 def reward_input(spec, requested="auto"):
-    """--reward_format for --reward: what it asks, or (auto) what the model's kind says: a classifier with a
-    positive label reads text, a one-output model with a chat template chat, one whose tokenizer marks text pairs
-    pair, any other text. "" for vader and module:function. Loads the tokenizer and config only."""
+    """--reward_format as asked, or (auto) as the model's kind says (README); "" for vader and module:function.
+    Loads the tokenizer and config only."""
     if spec in LEXICON or is_function_spec(spec):
         require(requested == "auto", "reward_format", f"{requested} is for reward models; --reward {spec} reads x "
                 "and y as they are")
@@ -973,8 +964,8 @@ def reward_input(spec, requested="auto"):
 
 
 def classifier_reward(name, device, input_format="auto"):
-    """A sequence-classification model: reward = logit of the positive label (or its single output), on the input
-    --reward_format says (REWARD_INPUTS); the query is truncated from the left, never the answer."""
+    """A classifier: the logit of its positive label (or its one output) on what --reward_format says; the query
+    is truncated from the left, never the answer."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     input_format = reward_input(name, input_format)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False, truncation_side="left")
@@ -1007,8 +998,7 @@ def is_function_spec(spec):
 
 
 def load_reward(spec, device="cpu", input_format="auto"):
-    """--reward: 'vader', 'module:function' (a callable on queries and answers, found after the installed modules), or
-    a classifier (input_format: --reward_format); every call's values checked (checked_reward)."""
+    """--reward: VADER, 'module:function' (found after the installed modules) or a classifier; its values checked."""
     if spec in LEXICON:
         require(importlib.util.find_spec("vaderSentiment"), "reward", f"{spec} needs vaderSentiment: pip install "
                 "vaderSentiment")
@@ -1048,7 +1038,7 @@ def checked_reward(reward_fn):
     return reward
 
 
-# --- The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW; checkpoints ------------------------
+# --- The policy: Hub id, folder, .gguf file or pip package; dtype, LoRA, AdamW; checkpoints ---
 
 def find_gguf(name):
     """Resolve --model to (folder, gguf file name or None) without importing anything."""
@@ -1103,8 +1093,7 @@ def load_trainable(args, device, dtype):
 
 
 def keep_adapter_only(accelerator, policy):
-    """Under LoRA a checkpoint holds the adapter as peft saves and loads it, not a copy of the frozen base model:
-    Accelerate's save_state and load_state leave the model to these hooks and keep the rest."""
+    """Under LoRA, Accelerate's save_state and load_state leave the model to peft: a checkpoint holds the adapter."""
     from peft import load_peft_weights, set_peft_model_state_dict
 
     def save(models, weights, folder):
@@ -1120,9 +1109,8 @@ def keep_adapter_only(accelerator, policy):
 
 
 def save_checkpoint(accelerator, output_dir, n):
-    """checkpoint-N/ by Accelerate's save_state: the weights (the adapter under LoRA), AdamW's state and every
-    process's random states, written by every process into a fresh folder that process 0 then renames into place
-    (as write_file does a file); the older checkpoints then go."""
+    """checkpoint-N/, Accelerate's save_state (weights, AdamW, every process's random states), by every process
+    into a fresh folder that process 0 renames into place, as write_file does a file; then the older ones go."""
     folder, tmp = os.path.join(output_dir, f"checkpoint-{n}"), os.path.join(output_dir, f".checkpoint-{n}.tmp")
     if accelerator.is_main_process:
         os.mkdir(tmp)  # (fresh: prepare_output_dir removed any a killed run left)
@@ -1142,9 +1130,8 @@ def save_checkpoint(accelerator, output_dir, n):
 
 
 def load_checkpoint(accelerator, folder):
-    """Accelerate's load_state, which reads each file as tensors, numbers and text only (weights_only: no code in a
-    run folder runs). A random state it cannot read it skips in silence: read first here, so that a resume is
-    exact or refused."""
+    """Accelerate's load_state, which reads with weights_only (no code in a run folder runs); a random state it
+    cannot read it skips in silence, so that file is read here first: a resume is exact or refused."""
     from accelerate.utils import load
     try:
         load(os.path.join(folder, f"random_states_{accelerator.process_index}.pkl"))
@@ -1154,11 +1141,10 @@ def load_checkpoint(accelerator, folder):
                        "it is not loaded") from None
 
 
-# --- Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun ----------------
+# --- Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun ---
 
 def start_accelerator(args):
-    """One process for a plain `python ple.py`; under a launcher each takes a share of the queries and Accelerate
-    averages the gradients: DDP, or FSDP2 sharding when the launch's Accelerate config asks for FSDP."""
+    """One process, or under a launcher DDP or (an FSDP config) FSDP2 sharding; DeepSpeed refused."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
     require(os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true", "use_deepspeed", "DeepSpeed is not "
@@ -1204,11 +1190,11 @@ def gather_iteration(accelerator, it):
                    peak_memory_mb=max(p.peak_memory_mb or 0 for p in parts))
 
 
-# --- Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/ -------------------------
+# --- Logging and saving: samples, metrics.jsonl, trackers, checkpoints, iter-N/ and final/ ---
 
 def log_iteration(args, state, accelerator, all_queries, it, elapsed):
-    """samples/iter-NNN.jsonl (a record per query), a metrics.jsonl record (and the tracker's), iter-N/ with
-    --save_every, then a checkpoint. Under several processes every figure covers all of them; process 0 writes."""
+    """samples/iter-NNN.jsonl, a metrics.jsonl record (and the tracker's), iter-N/ with --save_every, then a
+    checkpoint; every figure covers all processes, process 0 writes."""
     it = gather_iteration(accelerator, it)
     gain, gain_se = guidance_gain(it.rewards, it.rewards_p) if it.rewards_p is not None else (None, None)
     record = {"iteration": it.t, "tau": it.tau, "ranked_share": mean32([b == "rank" for b in it.branches]),
@@ -1295,9 +1281,8 @@ def summary(args, records, n_queries):
 
 
 def write_file(path, content):
-    """How ple.py and eval.py write every file: a fresh temporary file beside it (created exclusively, so never
-    through a link), then a rename into place, which replaces a link instead of writing through it; a kill
-    leaves the old file or the new one. content: text, or a function that writes into the open binary file."""
+    """Every file either script writes: a fresh temporary file beside it, then a rename into place (a link is
+    replaced, never written through; a kill leaves the old or the new). content: text, or f(binary file)."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                                suffix=".tmp")
     try:
@@ -1310,8 +1295,8 @@ def write_file(path, content):
 
 
 def save_model(path, model, tokenizer, weights=None):
-    """iter-N/ and final/: save_pretrained weights in the run's dtype (LoRA: the adapter) and the tokenizer, into a
-    fresh folder then renamed into place, as write_file does. weights: a sharded model's, gathered."""
+    """iter-N/ and final/: save_pretrained (LoRA: the adapter) and the tokenizer, into a fresh folder renamed into
+    place. weights: a sharded model's, gathered."""
     lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                            suffix=".tmp")
@@ -1363,12 +1348,11 @@ def write_jsonl(path, records):
     write_file(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
-# --- The output folder: args.json, one lock per folder, resume -----------------------------------------------------
+# --- The output folder: args.json, one lock per folder, resume ---
 
 RESUMABLE = {"resume", "overwrite_output_dir", "iterations", "device", "output_dir", "save_every", "report_to"}
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
-# What ple.py writes at the top of a run folder (--overwrite_output_dir removes these by name, and nothing else);
-# what they hold is ple.py's (and its tracker's), written by write_file and save_model, never through a link
+# What ple.py writes at the top of a run folder: --overwrite_output_dir removes these by name, and nothing else
 OURS = re.compile(r"args\.json|metrics\.jsonl|samples|logs|(checkpoint|iter)-\d+|final|\..+\.tmp")
 LOCK, LOCKS = ".ple.lock", {}  # the lock file in a run folder; the locks this process holds (by real path)
 
@@ -1380,8 +1364,8 @@ def resolve_path(path):
 
 
 def portable_path(path, exists=True):
-    """A local path as output files store it: relative to this repository, never a machine's absolute path.
-    Other names (a Hub id, 'vader', 'module:function') as given; exists=False: a file about to be written."""
+    """A local path as output files store it, relative to this repository; other names as given. exists=False:
+    a file about to be written."""
     if not path or (exists and not os.path.exists(path)):
         return path
     try:
@@ -1401,10 +1385,9 @@ def content_hash(value):
 
 
 def prepare_output_dir(args, accelerator, inputs):
-    """A new run takes a missing or empty folder; --resume continues the run a folder holds from its last
-    checkpoint, its arguments and inputs (hashes) checked against args.json; --overwrite_output_dir replaces it,
-    removing ple.py's own entries (OURS) by name. A link among them is refused. Then the folder is locked for
-    the run and args.json written. Returns the checkpoint to resume from, (iterations done, folder), or None."""
+    """A new run takes a missing or empty folder; --resume continues a run, its arguments and inputs checked against
+    args.json; --overwrite_output_dir removes ple.py's entries (OURS) by name; a link among them is refused. Then
+    the folder is locked and args.json written. Returns the checkpoint to resume, (iterations, folder), or None."""
     folder, world = args.output_dir, accelerator.num_processes
     require(not os.path.exists(folder) or os.path.isdir(folder), "output_dir", f"{folder} is a file, not a folder")
     require(not (args.resume and args.overwrite_output_dir), "resume", "continues the run in --output_dir, "
