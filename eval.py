@@ -332,7 +332,7 @@ def adapter_base(folder):
 
 
 def check_same_tokenizer(models, reference):
-    """The KL compares log-probabilities of the same token ids: every model needs the reference's vocabulary."""
+    """The KL compares log-probabilities of the same token ids: each model needs the reference's vocabulary."""
     def vocab(name):
         from transformers import AutoTokenizer
         folder, gguf = ple.find_gguf(ple.stored_path(name))
@@ -345,7 +345,7 @@ def check_same_tokenizer(models, reference):
 
 
 def pick_reference(args, models):
-    """--reference, else the untrained model the candidate's run started from (its args.json), else none."""
+    """--reference, else the untrained model the candidate's run started from (its args.json), or none."""
     run = saved_run_args(models[0])
     if args.kl_samples == 0 or args.reference or run:
         return args.kl_samples and (args.reference or ple.stored_path(run["model"])) or None
@@ -612,7 +612,7 @@ def main(argv=None):
 
 
 def run(args):
-    """One of eval.py's modes; returns the report (as written, local paths portable) or None for --plot."""
+    """One of eval.py's modes; returns the report (as written, paths portable) or None for --plot."""
     if args.plot:
         print(f"wrote {plot_run(args.plot)}")
         return None
@@ -626,14 +626,14 @@ def run(args):
 def run_models(args, win_rates=True):
     """--models: every model answers the held-out queries; then reward, judge, KL and the rest."""
     check_eval_args(args)
-    for name in args.models:  # each model's config (a name that cannot load fails before any generation)
-        ple.check_model(name)
+    for name in args.models:  # each config: a name that cannot load fails before any generation
+        ple.check_model(ple.stored_path(name))
     queries, references, excluded = held_out_queries(args)
     print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
     args, output = resolved(args)
     reference = pick_reference(args, args.models)
     if reference:
-        ple.check_model(reference)
+        ple.check_model(ple.stored_path(reference))
         check_same_tokenizer(dict.fromkeys(args.models), reference)
     device = pick_device(args.device)
     reward_fn, judge = load_judges(args, queries, device)
@@ -646,7 +646,7 @@ def run_guidance(args):
     queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
     require(args.models and args.reward, "guidance", "needs --models (the policy to train) and --reward")
     require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
-    ple.check_model(args.models[0])
+    ple.check_model(ple.stored_path(args.models[0]))
     queries, _, _ = held_out_queries(replace(args, models=args.models[:1]))
     texts = {path: ple.read_principles(ple.resolve_path(path), args.task) for path in args.guidance}
     device = pick_device(args.device)

@@ -92,9 +92,7 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
 
 
-# ================================================================================================
-# Principle-guided query: x_p = the principles, a blank line, then x
-# ================================================================================================
+# === Principle-guided query: x_p = the principles, a blank line, then x ===
 
 def build_principle_query(query, principles):
     """The principle-guided query x_p of Algorithm 1: all principles, a blank line, then x."""
@@ -146,9 +144,7 @@ def encode_prompts(tokenizer, queries, principles=None, chat_prefix="", chat=Tru
     return [tokenizer(t, add_special_tokens=not use_chat)["input_ids"] for t in texts]
 
 
-# ================================================================================================
-# Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) from the current model, no gradients
-# ================================================================================================
+# === Sampling: y ~ pi(. | x) and y_p ~ pi(. | x_p) from the current model, no gradients ===
 
 def left_pad(sequences, pad_id, width=None):
     width = width or max(len(s) for s in sequences)
@@ -241,9 +237,7 @@ def fast_sampling(model, merge_lora=False):
                 m.merged_adapters.clear()
 
 
-# ================================================================================================
-# Reward: r = R(x, y) and r_p = R(x, y_p), both on the ORIGINAL query x
-# ================================================================================================
+# === Reward: r = R(x, y) and r_p = R(x, y_p), both on the ORIGINAL query x ===
 
 def score(reward_fn, queries, answers, batch_size):
     """The reward of every answer to its original query, batch_size answers per call. Returns [N] float32.
@@ -255,18 +249,14 @@ def score(reward_fn, queries, answers, batch_size):
     return torch.tensor(rewards, dtype=torch.float32)
 
 
-# ================================================================================================
-# Threshold: tau_t = tau0 * alpha^t
-# ================================================================================================
+# === Threshold: tau_t = tau0 * alpha^t ===
 
 def threshold_at(t, tau0, alpha):
     """tau_t = tau0 * alpha**t, the threshold of iteration t = 0, 1, ..."""
     return tau0 * alpha ** t
 
 
-# ================================================================================================
-# Sequence log-probabilities: l(y | x), the score both losses are written in
-# ================================================================================================
+# === Sequence log-probabilities: l(y | x), the score both losses are written in ===
 
 def answer_logprobs(logits, labels, mask, average=True):
     """Log-probability of each sequence's answer tokens, in float32; works with any model's logits.
@@ -307,9 +297,7 @@ def training_batch(prompt_ids, answer_ids, pad_id, device):
     return ids.to(device), mask.to(device), answer_mask.to(device)
 
 
-# ================================================================================================
-# The loss: ranking if the principle-guided answer wins by more than tau, else reward-weighted SFT
-# ================================================================================================
+# === The loss: ranking if the principle-guided answer wins by more than tau, else reward-weighted SFT ===
 
 def ple_loss(logp_p, logp, r_p, r, tau, beta=1.0):
     """PLE's combined loss over a mini-batch of pairs.
@@ -331,9 +319,7 @@ def ple_loss(logp_p, logp, r_p, r, tau, beta=1.0):
                   "weights": weights}
 
 
-# ================================================================================================
-# Training on one iteration's samples: one loop over mini-batches, PLE's loss or SFT's plugged in
-# ================================================================================================
+# === Training on one iteration's samples: one loop over mini-batches, PLE's loss or SFT's plugged in ===
 
 def train_without_dropout(model):
     """Dropout off while training, as in the DPO reference code (eval mode; gradients still flow). Layers
@@ -429,9 +415,7 @@ def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_id
     return losses, tokens, ["rank" if k else "wsft" for k in ranked.tolist()], weights
 
 
-# ================================================================================================
-# Algorithm 1: what a run holds, one record per iteration, the loop
-# ================================================================================================
+# === Algorithm 1: what a run holds, one record per iteration, the loop ===
 
 @dataclass
 class RunState:
@@ -547,9 +531,7 @@ def run(args, state, log_iteration=None):
     return state
 
 
-# ================================================================================================
-# Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints
-# ================================================================================================
+# === Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints ===
 
 import errno, glob, hashlib, importlib, importlib.util, json, os, pickle, random, shlex, shutil  # noqa: E401,E402
 import sys, tempfile, warnings  # noqa: E401,E402
@@ -773,7 +755,7 @@ def is_adapter(folder):
 def check_model(name):
     """A model that cannot load fails on its config, before any weights load (transformers' own error)."""
     from transformers import AutoConfig
-    folder, gguf = find_gguf(stored_path(name))
+    folder, gguf = find_gguf(name)
     if not is_adapter(folder):  # (eval.py merges an adapter onto its base model)
         AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
 
@@ -1430,8 +1412,6 @@ def prepare_output_dir(args, accelerator, inputs):
         except Timeout:
             raise PLEError(f"--output_dir {folder} is in use by another run; wait until it ends, or pass another "
                            "--output_dir") from None
-        except OSError as e:
-            raise PLEError(f"--output_dir {folder} cannot be written: {e}") from None
         for name in ours if args.overwrite_output_dir else [n for n in ours if n.endswith(".tmp")]:  # (cut by a kill)
             path = os.path.join(folder, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

@@ -76,7 +76,7 @@ def isolated(argv):
     from accelerate import PartialState
 
     device = PartialState(cpu=args.device == "cpu").device
-    model, tokenizer, optimizer = ple.load_trainable(args, None, device, ple.pick_dtype(args.dtype, device))
+    model, tokenizer, optimizer = ple.load_trainable(args, device, ple.pick_dtype(args.dtype, device))
     loaded = rss()
     queries, _, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, args.mini_batch_size, 0)
     prompt = dict(chat_prefix=ple.TASKS[args.task].chat_prefix, chat=ple.chat_prompts(args.chat_template, args.task))
