@@ -36,7 +36,7 @@ class EvalArgs:
         "help": "candidate first, then baselines: run folders' final/, Hub ids, .gguf files or pip packages"})
     reward: str = arg("vader", "judging reward, as ple.py's --reward; '' for none (with --judge)")
     reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "as ple.py's --reward_format")
-    judge: Optional[str] = arg(None, "optional pairwise judge: a causal LM asked which answer is better, both orders")
+    judge: Optional[str] = arg(None, "pairwise judge: a causal LM asked which answer is better, in both orders")
     dataset: str = arg("data/review_openings.txt", "queries, as ple.py's --dataset")
     split: str = arg("train", "dataset split")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "as ple.py's --task")
@@ -49,7 +49,7 @@ class EvalArgs:
     top_p: float = arg(0.95, "nucleus sampling")
     batch_size: int = arg(32, "prompts per generate call")
     reward_batch_size: int = arg(64, "texts per reward call")
-    device: Literal["auto", "cpu"] = arg("auto", "auto: the device Accelerate picks (cuda, mps, ..., else cpu); cpu")
+    device: Literal["auto", "cpu"] = arg("auto", "as ple.py's --device")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "model dtype")
     tie_margin: float = arg(0.0, "rewards closer than this count as a tie")
     bootstrap: int = arg(2000, "bootstrap resamples (over queries) for the win-rate interval")
@@ -58,12 +58,12 @@ class EvalArgs:
     cache: str = arg("", "folder for each model's generations, reused by reruns; default: eval_cache/ beside --output")
     reference: str = arg("", "model the KL is measured against; default: the untrained model of the candidate's run")
     kl_samples: int = arg(2, "answers per query for the KL, sampled at temperature 1 without top-p; 0: no KL")
-    principles: str = arg("principles.txt", "the task's principles, for the copying metric (as ple.py's --principles)")
+    principles: str = arg("principles.txt", "as ple.py's --principles (for the copying metric)")
     chat_template: str = arg("", "task, auto or off, as ple.py's; default: as the candidate's run, else task")
     plot: Optional[str] = arg(None, "plot a run folder's metrics.jsonl to training_curve.png and exit")
     guidance: List[str] = field(default_factory=list, metadata={
-        "help": "principles files: the guidance gain g = mean(r_p - r) of each for the first --models (the untrained "
-                "policy) on held-out queries, before any training; prints a table and exits"})
+        "help": "principles files: the guidance gain g = mean(r_p - r) of each for the first --models, before "
+                "training, on held-out queries; prints a table and exits"})
 
 
 # --- Win rate: the function people copy ---
@@ -156,8 +156,7 @@ def judge_outcome(judge, query, candidate, baseline):
 
 
 def llm_judge(name, device, dtype):
-    """A local causal LM as judge: compares its next-token logits for 'A' and 'B'. A small local model is a weak
-    judge (the paper used a large LLM); this is the machinery for users who have a better one."""
+    """A local causal LM as judge: its next-token logits for 'A' and 'B' (the paper used a large LLM)."""
     model, tokenizer = ple.load_policy(name, device, dtype)
     model.eval()
     letters = [(tokenizer(x, add_special_tokens=False)["input_ids"] or tokenizer(" " + x, add_special_tokens=False)[
@@ -181,7 +180,7 @@ def saved_run_args(model_path):
     folder = ple.stored_path(model_path)
     found = [p for p in (os.path.join(folder, "args.json"), os.path.normpath(os.path.join(folder, "..", "args.json")))
              if os.path.isdir(folder) and os.path.isfile(p)]
-    return ple.read_json(found[0]) if found else None
+    return ple.read_json(found[0], keys=ple.RUN) if found else None
 
 
 def training_rows(models):
@@ -239,8 +238,8 @@ def generate_for(model, tokenizer, queries, args):
 
 
 def kl_samples_for(model, tokenizer, queries, args):
-    """Answers for the KL, drawn from the model's own distribution (temperature 1, no top-p), with
-    their log-likelihood sum_t log pi(y_t | x, y_<t) under it: the first half of the estimate."""
+    """Answers for the KL from the model's own distribution (temperature 1, no top-p), with their
+    log-likelihood sum_t log pi(y_t | x, y_<t) under it: the estimate's first half."""
     prompt_ids = prompt_ids_for(tokenizer, queries, args)
     prompts, answers = sample(model, tokenizer, prompt_ids, args.kl_samples, args, 1.0, 1.0, args.seed + 1)
     return {"prompt_ids": prompt_ids, "answer_ids": answers,
@@ -261,8 +260,7 @@ def logprob_sums(model, pad_id, prompts, answers, batch_size, average=False):
 
 def generate_all(args, queries, references, device, dtype, output, reference=None):
     """Every model answers the queries (and draws its KL samples); then the reference scores those. Each model's
-    generations are saved once they exist, in the cache (reused by any later run with the same model files, queries
-    and settings) and in `output`, marked incomplete (--rescore reads it): a failure loses nothing. Returns them."""
+    generations are saved once made, in the cache and in `output` (marked incomplete): a failure loses nothing."""
     record = {"queries": queries, "references": references, "models": {}}
     paths = {}
     for name in args.models:
@@ -288,8 +286,7 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
 
 
 def add_kl(args, record, paths, reference, device, dtype):
-    """The second half of the KL estimate: the reference scores every model's KL samples, one forward
-    per batch, the reference loaded once. Stored (and cached) in each model's entry under 'kl'."""
+    """The KL's second half: the reference, loaded once, scores every model's KL samples (kept under 'kl')."""
     files, named = model_fingerprint(reference), ple.portable_path(reference)
     todo = [name for name in args.models  # a KL against another reference (or other weights of it) is redone
             if [(record["models"][name].get("kl") or {}).get(k) for k in ("reference", "reference_files")]
@@ -439,14 +436,16 @@ def markdown(report):
 # --- The training curve (--plot) ---
 
 def plot_run(run_dir):
-    """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration; and, once
-    eval.py has written the run's eval.json, the held-out rewards of the trained and the untrained model."""
+    """metrics.jsonl -> training_curve.png: rewards of x and x_p, share ranked and tau per iteration; beside them,
+    once the run has an eval.json, the held-out rewards of the trained and the untrained model."""
     require(importlib.util.find_spec("matplotlib"), "plot", "needs matplotlib: pip install matplotlib")
     path, held = os.path.join(run_dir, "metrics.jsonl"), os.path.join(run_dir, "eval.json")
     require(os.path.isfile(path), "plot", f"no metrics.jsonl in {run_dir}")
-    records = ple.read_json(path, lines=True)
+    records = ple.read_json(path, True, ple.METRICS)
     require(records, "plot", f"{path} holds no finished iteration yet")
     report = read_saved(held)[0] if os.path.isfile(held) else None
+    require(not report or report.get("baselines") and report["baselines"][0] in report.get("win_rates", {}), "plot",
+            f"{held} holds no win rate: rerun eval.py with a --reward")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -492,8 +491,8 @@ def cache_path(args, name, queries, output):
 
 
 def model_fingerprint(name):
-    """What a model's cached generations must match: a local model's files (names and sha256: 0.4 s for 538 MB), a
-    LoRA adapter's base model's too; a Hub id is matched by its name."""
+    """What a model's cached generations must match: a local model's files (names, sha256), an adapter's base
+    model's too; a Hub id is matched by its name."""
     folder, gguf = ple.find_gguf(ple.stored_path(name))
     path = os.path.join(folder, gguf) if gguf else folder
     found = []
@@ -507,8 +506,8 @@ def model_fingerprint(name):
 
 
 def read_cache(path, args, queries, reference):
-    """A model's cached generations, or None when there are none or they do not fit this evaluation (a file cut
-    short, not eval.py's, or of another shape): then the model generates again."""
+    """A model's cached generations, or None when there are none or they do not fit this evaluation (then the
+    model generates again)."""
     try:
         entry = ple.read_json(path)
         answers, kl = entry["answers"], entry.get("kl_samples") or {}
@@ -533,21 +532,30 @@ def write_json(path, data):
 def read_saved(path):
     """The JSON --rescore reads: eval.py's own (complete or not), its generations paired up."""
     saved = ple.read_json(path)
+    require(isinstance(saved.get("settings", {}), dict), "rescore", f"{path}: its 'settings' are not an object")
     check_generations(saved.get("generations", saved))
     return saved, saved.get("generations", saved)
 
 
 def check_generations(record):
-    """Saved generations pair up: a list of answer texts per query, as many for every model."""
+    """Saved generations pair up: the query texts, and per model a list of answer texts per query, as many for
+    every model, with their token counts in the same shape where kept."""
     queries, models = (record.get("queries"), record.get("models")) if isinstance(record, dict) else (None, None)
-    require(isinstance(queries, list) and queries and isinstance(models, dict) and len(models) > 1, "rescore",
-            "saved generations need 'queries' and at least two models under 'models'")
-    shapes = {name: [len(a) if isinstance(a, list) and all(isinstance(t, str) for t in a) else -1 for a in
-                     entry.get("answers") or []] if isinstance(entry, dict) else [] for name, entry in models.items()}
-    for name, shape in shapes.items():
-        require(len(shape) == len(queries) and -1 not in shape and shape == next(iter(shapes.values())), "rescore",
+    require(isinstance(queries, list) and queries and all(isinstance(q, str) for q in queries) and
+            isinstance(models, dict) and len(models) > 1, "rescore", "saved generations need query texts under "
+            "'queries' and two or more models under 'models'")
+    first = None
+    for name, entry in models.items():
+        entry = entry if isinstance(entry, dict) else {}
+        shape = [len(a) if isinstance(a, list) and all(isinstance(t, str) for t in a) else -1
+                 for a in entry.get("answers") or []]
+        tokens = entry.get("answer_tokens", [[0] * n for n in shape])
+        counted = [len(t) if isinstance(t, list) and all(isinstance(x, int) for x in t) else -1
+                   for t in (tokens if isinstance(tokens, list) else [None])]
+        first = first or shape
+        require(len(shape) == len(queries) and -1 not in shape and shape == first == counted, "rescore",
                 f"the saved generations of '{name}' do not pair up with the queries and the first model's: a list of "
-                "answer texts per query, as many for every model")
+                "answer texts (and token counts) per query, as many for every model")
 
 
 PATH_KEYS = {"reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "models",
@@ -555,8 +563,7 @@ PATH_KEYS = {"reward", "judge", "dataset", "output", "rescore", "cache", "refere
 
 
 def portable(value, key=None):
-    """A report as the JSON stores it: every local path in it (the settings, the models' names) relative to the
-    repository (ple.portable_path), never a machine's absolute path; queries, answers and figures as they are."""
+    """A report as the JSON stores it: every local path in it (settings, model names) relative to the repository."""
     if isinstance(value, dict):
         named = key in ("models", "win_rates", "judge_win_rates")  # keyed by model
         return {ple.portable_path(k) if named else k: portable(v, k) for k, v in value.items() if k != "plot"}
@@ -588,8 +595,7 @@ def check_eval_args(args):
 
 
 def claim_output(path):
-    """--output: a new file, or an evaluation eval.py wrote (complete or not), which it replaces; anything else is
-    refused. (Two evaluations writing one --output at once are not guarded against: give each its own.)"""
+    """--output: a new file, or an evaluation eval.py wrote (complete or not), which it replaces; else refused."""
     try:
         ours = isinstance(ple.read_json(path).get("generations"), dict) and not os.path.islink(path)
     except (OSError, PLEError):
@@ -642,8 +648,8 @@ def run_models(args, win_rates=True):
 
 
 def run_guidance(args):
-    """--guidance: PLE's premise, measured before training: for each principles file, g = the mean over held-out
-    queries of r_p - r (each the mean of --samples answers to x_p and to x of the first --models), ± its s.e."""
+    """--guidance: PLE's premise before training: per principles file, g = the mean over held-out queries of
+    r_p - r (each a mean over --samples answers of the first --models), ± its s.e."""
     require(args.models and args.reward, "guidance", "needs --models (the policy to train) and --reward")
     require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
     ple.check_model(ple.stored_path(args.models[0]))
@@ -681,7 +687,7 @@ def run_rescore(args):
     return write_report(evaluate(args, record, reward_fn, judge), record, output)
 
 
-# what --rescore takes from the JSON it reads: how the generations were made, not this command's defaults
+# what --rescore takes from the JSON: how the generations were made (not this command's defaults)
 GENERATION_SETTINGS = ("dataset", "split", "task", "query_field", "samples", "seed", "max_new_tokens", "temperature",
                        "top_p", "principles", "chat_template")
 

@@ -54,8 +54,9 @@ class Args:
                                                                 "off: plain text; task: the task's (sentiment: off)")
     principle_placement: Literal["user", "system"] = arg("user", "chat models: principles before x, or as system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
-    resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
-    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir (only the files ple.py wrote go)")
+    resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint (final/, iter-N/ rewritten)")
+    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir: args.json, metrics.jsonl, samples/, "
+                                            "logs/, checkpoint-N/, iter-N/, final/ go, whatever they hold")
     save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (experiments/frontier.py)")
     report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
         "none", "also log each iteration's metrics to this tracker (Accelerate's; metrics.jsonl is always written)")
@@ -538,6 +539,8 @@ import sys, tempfile, warnings  # noqa: E401,E402
 from dataclasses import asdict, replace  # noqa: E402  (the machinery's imports, apart from the method's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+UMASK = os.umask(0o022)  # the user's umask (read by setting one, then set back): outputs follow it, as open()'s do
+os.umask(UMASK)
 # peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 # peft turns fan_in_fan_out on for GPT-2's Conv1D layers (weights kept transposed) and says so: nothing to act on
@@ -640,7 +643,7 @@ def train(args):
         raise
     save_final(args, state, accelerator)
     if accelerator.is_main_process:
-        print(summary(args, read_json(os.path.join(args.output_dir, "metrics.jsonl"), lines=True), len(all_queries)))
+        print(summary(args, read_json(os.path.join(args.output_dir, "metrics.jsonl"), True, METRICS), len(all_queries)))
     return state
 
 
@@ -690,7 +693,7 @@ def set_up(args):
         say(f"resuming from {resume_from[1]}: iteration {resume_from[0]}, "
             f"tau {threshold_at(resume_from[0], args.tau0, args.alpha):.4f}")
     else:  # a new run samples as its seed and process say, whatever loading drew (LoRA's initialisation, a GGUF
-        set_seed(args.seed + rank)  # rebuild)
+        set_seed((args.seed + rank) % 2**32)  # rebuild), in range for every process
     if args.report_to != "none":
         accelerator.init_trackers(os.path.basename(os.path.abspath(args.output_dir)), config=asdict(args))
     prompt = dict(chat_prefix=TASKS[args.task].chat_prefix, chat=chat_prompts(args.chat_template, args.task),
@@ -896,16 +899,16 @@ def sft_targets_for(tokenizer, answers, max_tokens=None):
 
 # --- Rewards: VADER, a sequence classifier, or any function; their values checked ---
 
-LEXICON = ("vader", "vader_distinct")  # VADER's compound score of x and y; vader_distinct: of x and once(y), less
-# the share of y's words that once drops (a loop earns nothing and costs its length)
+LEXICON = ("vader", "vader_distinct")  # VADER's compound score of x and y as written; vader_distinct: less the
+# share of y's words that repeat what y already said (a loop costs more than VADER pays for saying it again)
 
 
-def once(answer, n=3):
-    """The answer without the words that end an n-word sequence it already said: a loop is scored once."""
-    tokens = answer.split()
-    keys = [re.sub(r"\W", "", w.lower()) for w in tokens]
-    grams = [tuple(keys[max(0, i - n + 1):i + 1]) for i in range(len(tokens))]
-    return " ".join(w for i, w in enumerate(tokens) if i < n - 1 or grams[i] not in grams[n - 1:i])
+def repeated_share(answer, n=3):
+    """The share of the answer's words that end an n-word sequence it already said: 0 without a loop."""
+    keys = [re.sub(r"\W", "", w.lower()) for w in answer.split()]
+    grams = [tuple(keys[max(0, i - n + 1):i + 1]) for i in range(len(keys))]
+    repeats = [i for i in range(n - 1, len(keys)) if grams[i] in grams[n - 1:i]]
+    return len(repeats) / max(len(keys), 1)
 
 
 def join_text(query, answer):
@@ -985,12 +988,11 @@ def load_reward(spec, device="cpu", input_format="auto"):
         require(importlib.util.find_spec("vaderSentiment"), "reward", f"{spec} needs vaderSentiment: pip install "
                 "vaderSentiment")
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        analyzer, keep = SentimentIntensityAnalyzer(), once if spec == "vader_distinct" else str
+        analyzer, discount = SentimentIntensityAnalyzer(), spec == "vader_distinct"
 
-        def lexicon(query, answer):
-            said, words = keep(answer), len(answer.split())
-            dropped = (words - len(said.split())) / max(words, 1)
-            return analyzer.polarity_scores(join_text(query, said))["compound"] - dropped
+        def lexicon(query, answer):  # the words as written, never edited: a repeated "not" still negates
+            score = analyzer.polarity_scores(join_text(query, answer))["compound"]
+            return score - repeated_share(answer) if discount else score
         return checked_reward(lambda queries, answers: [lexicon(q, a) for q, a in zip(queries, answers)])
     if not is_function_spec(spec):
         return checked_reward(classifier_reward(spec, device, input_format))
@@ -1198,7 +1200,7 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
             for q, a, a_p, r, r_p, b, w, c, c_r in zip(all_queries, it.answers, it.answers_p or absent, it.rewards,
                                                        it.rewards_p or absent, it.branches, it.weights or absent,
                                                        it.candidates or absent, it.candidate_rewards or absent)])
-        kept = [r for r in read_json(metrics, lines=True) if r["iteration"] < it.t] if os.path.exists(metrics) else []
+        kept = [r for r in read_json(metrics, True, METRICS) if r["iteration"] < it.t] if os.path.exists(metrics) else []
         write_jsonl(metrics, kept + [record])  # (records of iterations a resume redoes go)
         if keep:  # iter-N/ (for experiments/frontier.py) before the checkpoint: a kill while it is written leaves
             save_model(os.path.join(folder, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)  # it redone
@@ -1270,6 +1272,7 @@ def write_file(path, content):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(content.encode()) if isinstance(content, str) else content(f)
+        os.chmod(tmp, 0o666 & ~UMASK)  # (mkstemp makes it 0600)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
@@ -1283,6 +1286,7 @@ def save_model(path, model, tokenizer, weights=None):
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
                            suffix=".tmp")
     try:
+        os.chmod(tmp, 0o777 & ~UMASK)  # (mkdtemp makes it 0700)
         model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -1307,9 +1311,9 @@ def checkpoints(output_dir):
                   if (m := re.fullmatch(r"checkpoint-(\d+)", os.path.basename(p))))
 
 
-def read_json(path, lines=False):
-    """A JSON object that ple.py or eval.py wrote, or with lines=True the list of a JSON Lines file's objects; a
-    damaged file is one error that names it (and the line)."""
+def read_json(path, lines=False, keys=()):
+    """How either script reads back what it wrote: a JSON object, or with lines=True the list of a JSON Lines file's
+    objects, each holding `keys`; anything else is one error that names the file (and the line)."""
     with open(path, "rb") as f:  # (json reads the bytes: text that is not UTF-8 is damage too)
         texts = f.read().splitlines() if lines else [f.read()]
     records = []
@@ -1320,9 +1324,9 @@ def read_json(path, lines=False):
             records.append(json.loads(text))
         except ValueError:
             records.append(None)
-        if not isinstance(records[-1], dict):
-            where = f", line {number}," if lines else ""
-            raise PLEError(f"{path}{where} is not a JSON object: the file is damaged")
+        if not isinstance(records[-1], dict) or not set(keys) <= set(records[-1]):
+            where, holding = f", line {number}," if lines else "", f" with {', '.join(keys)}" if keys else ""
+            raise PLEError(f"{path}{where} is not a JSON object{holding}: the file is damaged")
     return records if lines else records[0]
 
 
@@ -1333,6 +1337,8 @@ def write_jsonl(path, records):
 # --- The output folder: args.json, one lock per folder, resume ---
 
 RESUMABLE = {"resume", "overwrite_output_dir", "iterations", "device", "output_dir", "save_every", "report_to"}
+RUN = ("model", "reward", "dataset", "split", "task", "num_queries", "seed")  # what an args.json must hold
+METRICS = ("iteration", "tau", "ranked_share", "reward_original", "reward_principle")  # and each metrics record
 PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
 # What ple.py writes at the top of a run folder: --overwrite_output_dir removes these by name, and nothing else
 OURS = re.compile(r"args\.json|metrics\.jsonl|samples|logs|(checkpoint|iter)-\d+|final|\..+\.tmp")
@@ -1383,10 +1389,15 @@ def prepare_output_dir(args, accelerator, inputs):
     require(not links, "output_dir", f"{folder} holds a link, {(links or [''])[0]}, where ple.py writes: remove it "
             "or pass another --output_dir")
     found = [] if args.overwrite_output_dir else checkpoints(folder)
-    saved = {**asdict(Args()), **(read_json(os.path.join(folder, "args.json")) if found else {})}  # new flag: default
+    saved = {**asdict(Args()), **(read_json(os.path.join(folder, "args.json"), keys=RUN) if found else {})}  # (a new
+    if found and os.path.exists(os.path.join(folder, "metrics.jsonl")):  # flag: its default) both read whole now,
+        read_json(os.path.join(folder, "metrics.jsonl"), True, METRICS)  # not after an iteration
     now = {**asdict(args), "num_processes": world, **inputs}  # paths: as the repository-relative ones stored
     now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k],
                                  exists=k != "output_dir") for k in PATHS})
+    auto = "on" if accelerator.device.type == "cuda" else "off"
+    for values in (saved, now):  # --merge_lora and --static_cache auto: as this device takes them
+        values.update({k: auto if values[k] == "auto" else values[k] for k in ("merge_lora", "static_cache")})
     if args.resume:
         require(found, "resume", f"{folder} holds no checkpoint to continue from" + (
             "; pass --overwrite_output_dir to start its run again" if names else "; start one without --resume"))

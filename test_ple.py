@@ -495,17 +495,23 @@ def test_vader_reward_prefers_positive_text():
     assert good > 0.3 and bad < -0.3
 
 
-def test_vader_distinct_makes_a_loop_cost_instead_of_pay():
-    assert ple.once("It is great. It is GREAT! It is great, truly") == "It is great. It is truly"
-    assert ple.once("a b a b a b") == "a b a b" and ple.once(" no loop here ") == "no loop here"
+def test_vader_distinct_makes_a_loop_cost_and_scores_the_words_as_written():
+    assert ple.repeated_share("It is great. It is GREAT! It is great, truly") == 4 / 10  # "It is great" said again
+    assert ple.repeated_share("a b a b a b") == 2 / 6 and ple.repeated_share(" no loop here ") == 0
     vader, distinct = ple.load_reward("vader"), ple.load_reward("vader_distinct")
     queries, answers = ["The film"] * 3, [" is great." * 3, " is great." * 6, " is great and moving, a fine cast."]
     assert vader(queries, answers)[1] > vader(queries, answers)[0]  # VADER pays for each time it is said again
-    said_once = vader(queries[:1], ["is great. is great."])[0]  # what once keeps of either loop
-    looped = distinct(queries, answers)[:2]  # what is said once, less the share of the answer's words in the loop
-    assert looped == pytest.approx([said_once - 2 / 6, said_once - 8 / 12])
+    said_once = vader(queries[:1], [" is great."])[0]
+    looped = distinct(queries, answers)[:2]
+    assert looped == pytest.approx([vader(queries, answers)[0] - 2 / 6, vader(queries, answers)[1] - 8 / 12])
+    assert max(looped) < said_once  # a loop costs more than saying it again pays
     for answer in (answers[2], "", " fine"):  # no loop: VADER's own score
         assert distinct(queries[:1], [answer]) == vader(queries[:1], [answer])
+    # a repeated negation still negates: the score is VADER's, less the share repeated ("I did not" said twice)
+    negated = ["I did not like it. I did not enjoy it.", "I was not bored. I was not happy."]
+    shares = (1 / 10, 1 / 8)
+    assert distinct(["", ""], negated) == pytest.approx([v - d for v, d in zip(vader(["", ""], negated), shares)])
+    assert max(distinct(["", ""], negated)) < 0
 
 
 def test_checked_reward_refuses_bad_values():
@@ -739,9 +745,10 @@ def test_model_that_always_ends_at_once(tokenizer, tmp_path, data_file, principl
 # the command line and bad input
 # ------------------------------------------------------------------------------------------------
 
-def cli(*argv, env=None, input=None):
+def cli(*argv, env=None, input=None, umask=None):
     return subprocess.run([sys.executable, os.path.join(HERE, "ple.py"), *argv], cwd=HERE, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})}, input=input)
+                          text=True, timeout=600, env={**os.environ, **(env or {})}, input=input,
+                          preexec_fn=None if umask is None else lambda: os.umask(umask))
 
 
 @pytest.mark.slow
@@ -749,9 +756,12 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     out = tmp_path / "cli"
     result = cli("--model", model_dir, "--reward", "ple_tests.rewards:word_reward", "--dataset", data_file,
                  "--principles", principles_file, "--output_dir", str(out), "--iterations", "1",
-                 "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu")
+                 "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu", umask=0o022)
     assert result.returncode == 0, result.stderr
     assert "iter 0: tau 0.200" in result.stdout
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.name != ".ple.lock"}
+    assert modes["args.json"] == modes["samples/iter-000.jsonl"] == modes["final/config.json"] == 0o644  # as
+    assert modes["samples"] == modes["final"] == modes["checkpoint-1"] == 0o755  # open() and mkdir() make them
     before, after = state_of(model_dir), state_of(str(out / "final"))  # the final model loads and was trained
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
@@ -1154,7 +1164,7 @@ def test_a_name_that_cannot_load_is_the_librarys_first_line_before_any_weights_l
     for changes, said in [
             (dict(model=str(tmp_path / "no_such_folder")), f"OSError: Repo id must be in the form 'repo_name' or "
                                                            f"'namespace/repo_name': '{tmp_path / 'no_such_folder'}'"),
-            (dict(model=str(tmp_path / "not_a_model")), f"ValueError: Unrecognized model in {tmp_path / 'not_a_model'}"),
+            (dict(model=str(tmp_path / "not_a_model")), f"ValueError: Unrecognized model in {tmp_path}/not_a_model"),
             (dict(reward=str(tmp_path / "no_rm")), "OSError: Repo id must be in the form"),
             (dict(dataset="nope.jsonl"), "ConnectionError: Couldn't reach 'nope.jsonl' on the Hub"),
             (dict(reward="no_module_here:f"), "ModuleNotFoundError: No module named 'no_module_here'")]:
@@ -1258,17 +1268,19 @@ def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, da
 
 
 def test_metrics_are_rewritten_whole_on_resume_and_a_damaged_file_is_named(model_dir, data_file, principles_file,
-                                                                           tmp_path):
+                                                                           tmp_path, monkeypatch):
     out = tmp_path / "run"
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, static_cache="off"))
     with open(out / "metrics.jsonl", "a") as f:  # a record of an iteration the resume redoes (ple.py never leaves one)
-        f.write(json.dumps({"iteration": 1, "tau": 0.0}) + "\n")
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
-    metrics = read_jsonl(out / "metrics.jsonl")
+        f.write(json.dumps({**read_jsonl(out / "metrics.jsonl")[0], "iteration": 1, "tau": 0.0}) + "\n")
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))  # (static cache:
+    metrics = read_jsonl(out / "metrics.jsonl")  # auto, which on this CPU is the off it ran with)
     assert [m["iteration"] for m in metrics] == [0, 1] and metrics[1]["tau"] == pytest.approx(0.2 * 0.9)
-    (out / "metrics.jsonl").write_text('{"iteration": 0}\nnot json\n{"iteration": 1}\n')
-    with pytest.raises(ple.PLEError, match=r"metrics.jsonl, line 2, is not a JSON object: the file is damaged"):
-        ple.read_json(str(out / "metrics.jsonl"), lines=True)
+    (out / "metrics.jsonl").write_text(metrics and json.dumps(metrics[0]) + '\nnot json\n{"iteration": 1}\n')
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded before the check"))
+    with pytest.raises(ple.PLEError, match=r"metrics.jsonl, line 2, is not a JSON object with iteration, tau, "
+                                           r"ranked_share, reward_original, reward_principle: the file is damaged"):
+        ple.train(make_args(model_dir, data_file, principles_file, out, iterations=3, resume=True))
 
 
 @pytest.mark.parametrize("reward, message", [("ple_tests.rewards:nan_reward", r"returned \[nan, nan\] for 2 answers"),
@@ -1499,7 +1511,7 @@ def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_o
     for go in (lambda: ple.train(make_args(model_dir, data_file, principles_file, run, iterations=2, lora_r=4,
                                            resume=True)),
                lambda: ple_eval.run(eval_args([str(run / "final"), model_dir], data_file, tmp_path / "e.json"))):
-        with pytest.raises(ple.PLEError, match=r"run/args.json is not a JSON object: the file is damaged"):
+        with pytest.raises(ple.PLEError, match=r"run/args.json is not a JSON object with model, .*: the file is damaged"):
             go()
     saved = tmp_path / "saved.json"  # generations edited by hand: one line that names what is wrong
     ple_eval.run(eval_args([model_dir, other_model_dir], data_file, saved))
@@ -1800,7 +1812,16 @@ def test_eval_checks_everything_before_generating(model_dir, other_model_dir, da
 def test_eval_rescore_bad_files(tmp_path):
     cases = [("missing.json", None, "FileNotFoundError: .* No such file"),
              ("corrupt.json", '{"generations": ', "corrupt.json is not a JSON object: the file is damaged"),
-             ("list.json", "[1, 2]", "list.json is not a JSON object"), ("empty_object.json", "{}", "need 'queries'")]
+             ("list.json", "[1, 2]", "list.json is not a JSON object"), ("empty_object.json", "{}", "need query texts")]
+    paired = {"queries": ["q1", "q2"], "models": {m: {"answers": [["a"], ["b"]], "answer_tokens": [[1], [2]]}
+                                                  for m in ("m1", "m2")}}
+    for name, saved, message in [  # each edited by hand: one line that names what is wrong
+            ("numbers.json", {**paired, "queries": [1, 2]}, "need query texts under 'queries'"),
+            ("tokens.json", {**paired, "models": {**paired["models"], "m2": {"answers": [["a"], ["b"]],
+                                                                             "answer_tokens": "12"}}},
+             "saved generations of 'm2' do not pair up"),
+            ("settings.json", {"settings": [], "generations": paired}, "settings.json: its 'settings' are not an object")]:
+        cases.append((name, json.dumps(saved), message))
     for name, text, message in cases:
         if text is not None:
             (tmp_path / name).write_text(text)
@@ -1945,6 +1966,9 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, c
         frontier_py.frontier_models(settings, [str(sft), str(plain)])
     with pytest.raises(ple.PLEError, match="not a ple.py run folder"):
         frontier_py.frontier_models(settings, [model_dir])
+    (plain / "args.json").write_text('{"seed": 0}')  # edited by hand: named, with what it lacks
+    with pytest.raises(ple.PLEError, match=r"plain/args.json is not a JSON object with model, reward, dataset"):
+        frontier_py.frontier_models(settings, [str(plain)])
 
 
 def test_similarity_metrics_from_the_json_eval_py_wrote(model_dir, data_file, principles_file, tmp_path):
@@ -1989,6 +2013,15 @@ def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
     assert "tau" in axes[2].get_ylabel() and "ranked" in axes[1].get_ylabel()
     with pytest.raises(ple.PLEError, match="no metrics.jsonl"):
         ple_eval.run(ple_eval.EvalArgs(plot=str(tmp_path)))
+    good = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "eval.json").write_text(json.dumps({"settings": {}, "generations": {"queries": ["q"], "models": {
+        "a": {"answers": [["x"]]}, "b": {"answers": [["y"]]}}}, "baselines": [], "models": {}}))  # judged by none
+    with pytest.raises(ple.PLEError, match=r"run/eval.json holds no win rate: rerun eval.py with a --reward"):
+        ple_eval.run(ple_eval.EvalArgs(plot=str(run_dir)))
+    (run_dir / "eval.json").unlink()
+    (run_dir / "metrics.jsonl").write_text(good.replace('"tau"', '"tao"', 1))  # a record without a key the plot draws
+    with pytest.raises(ple.PLEError, match=r"metrics.jsonl, line 1, is not a JSON object with iteration, tau, "):
+        ple_eval.run(ple_eval.EvalArgs(plot=str(run_dir)))
 
 
 # ------------------------------------------------------------------------------------------------

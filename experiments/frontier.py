@@ -29,7 +29,7 @@ def frontier_models(args, runs):
     for run_dir in runs:
         if not os.path.isfile(os.path.join(run_dir, "args.json")):
             raise PLEError(f"{run_dir}: not a ple.py run folder (it has no args.json)")
-        run = ple.read_json(os.path.join(run_dir, "args.json"))
+        run = ple.read_json(os.path.join(run_dir, "args.json"), keys=ple.RUN)
         found = sorted((int(m.group(1)), path) for path in glob.glob(os.path.join(run_dir, "iter-*"))
                        if (m := re.fullmatch(r"iter-(\d+)", os.path.basename(path))) and os.path.isdir(path))
         if not found:
@@ -111,6 +111,9 @@ def main(argv):
         require(runs, "runs", "name the run folders first: frontier.py RUN_DIR [RUN_DIR ...] [eval.py's flags]")
         report = frontier([os.path.expanduser(r) for r in runs], ple.parse_args(argv[len(runs):],
                                                                                    evaluation.EvalArgs))
+    except KeyboardInterrupt:
+        ple.say("stopped by Ctrl-C: the generations of every model that finished are kept in eval.py's cache")
+        sys.exit(130)
     except Exception as e:
         ple.say(ple.error_line(e))
         sys.exit(2)

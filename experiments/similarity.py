@@ -56,6 +56,9 @@ def similarity(path):
 def main(argv):
     try:
         table = similarity(argv[0] if argv else "")
+    except KeyboardInterrupt:
+        ple.say("stopped by Ctrl-C")
+        sys.exit(130)
     except Exception as e:
         ple.say(ple.error_line(e))
         sys.exit(2)

@@ -62,6 +62,12 @@ def main():
             torch.save(weights, path)
         accelerator.wait_for_everyone()  # then the process group ends, as ple.train ends it: one left to the
         accelerator.end_training()       # exit tears gloo's threads down mid-use at times (terminate, SIGABRT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Every file is written and the process group has ended: leave without the interpreter's teardown, whose C++
+    # destructors (gloo's and FSDP2's, run in whatever order the last references go) once aborted a process of the
+    # sharded step on a busy machine ("terminate called without an active exception").
+    os._exit(0)
 
 
 if __name__ == "__main__":

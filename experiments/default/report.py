@@ -11,7 +11,6 @@ and the untrained model (reward, KL, distinct-2, the shares of answers that repe
 continue the review, win rate) and, for the first three held-out openings, the first answer of each model.
 With --select: one row per validation evaluation of a candidate setting, and the rule's choice.
 """
-import json
 import os
 import sys
 
@@ -38,8 +37,7 @@ def main(run_dir, evaluation=None):
         print(f"| {m['iteration']} | {m['tau']:.3f} | {m['ranked_share']:.2f} | {m['reward_original']:+.3f} | "
               f"{m['reward_principle']:+.3f} | {m['guidance_gain']:+.3f} ± {m['guidance_gain_se']:.3f} | "
               f"{m['loss']:.3f} | {m['sample_s']:.0f} | {m['train_s']:.0f} |")
-    with open(evaluation or os.path.join(run_dir, "eval.json")) as f:
-        report = json.load(f)
+    report = ple.read_json(evaluation or os.path.join(run_dir, "eval.json"), keys=EVAL)
     models = report["generations"]["models"]
     candidate = report["candidate"]
     names = {candidate: "PLE, default run", **{b: "untrained" for b in report["baselines"]}}
@@ -73,11 +71,13 @@ def rate(lr):
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
+EVAL = ("candidate", "baselines", "models", "win_rates", "generations")  # what an eval.py JSON must hold here
+
+
 def setting(model_path):
     """(reward, training queries, learning rate, iterations) of a run's iter-N/ or final/, from its args.json."""
     run, folder = os.path.split(os.path.normpath(model_path))
-    with open(os.path.join(run, "args.json")) as f:
-        args = json.load(f)
+    args = ple.read_json(os.path.join(run, "args.json"), keys=("reward", "num_queries", "learning_rate", "iterations"))
     return (args["reward"], args["num_queries"], args["learning_rate"],
             int(folder[len("iter-"):]) if folder.startswith("iter-") else args["iterations"])
 
@@ -88,8 +88,7 @@ def select(paths, max_repeats=0.15, min_distinct_2=0.6):
     lower end of its interval above 0.55."""
     rows = []
     for path in paths:
-        with open(path) as f:
-            report = json.load(f)
+        report = ple.read_json(path, keys=EVAL)
         untrained = report["baselines"][0]
         stats, win = report["models"][report["candidate"]], report["win_rates"][untrained]
         rep, cont = answer_stats(report, report["candidate"])

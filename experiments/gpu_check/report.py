@@ -62,7 +62,7 @@ report["resumed"] = {"same_keys": straight.keys() == resumed.keys(), "max_abs_we
                      == [learning(r) for r in records("lora_resumed")]}
 print(f"resumed (2 + 1 iterations) vs straight 3: {report['resumed']}")
 
-ev = json.load(open(os.path.join(out, "eval.json")))
+ev = read_json(os.path.join(out, "eval.json"))
 report["eval"] = {name: {k: m.get(k) for k in ("mean_reward", "kl", "distinct_2", "mean_answer_tokens")}
                   for name, m in ev["models"].items()}
 print(f"eval.py: {report['eval']}")

@@ -14,7 +14,6 @@ training-RM reward, unless a third argument names the baseline (gemma.sh: raft2,
 "Continues": the share of answers that continue the review (prompt_formats.py's heuristic). Then
 each method's seed-0 answers to the first 5 held-out queries.
 """
-import json
 import os
 import sys
 from collections import defaultdict
@@ -39,8 +38,7 @@ def merged(folder, prefix):
         sys.exit(f"error: no {prefix}*.json in {folder}: run the evaluation first")
 
     def load(name):  # eval.py saves its progress as it goes; such a file has no summary yet
-        with open(os.path.join(folder, name)) as f:
-            report = json.load(f)
+        report = ple.read_json(os.path.join(folder, name))
         if report.get("complete", True) is False:
             sys.exit(f"error: {folder}/{name} is an evaluation still running or stopped part-way: "
                      "let it finish (or run it again: it resumes), then make the table")

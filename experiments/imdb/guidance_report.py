@@ -13,7 +13,6 @@ under the same guidance, pool the seeds of both (each query's outcome against ev
 RAFT-2, RLOO and the untrained model are the references (their answers from the comparison, VADER
 scores as there). Draws guidance.png: test reward, win rate against RAFT-2 and KL against g.
 """
-import json
 import os
 import re
 import sys
@@ -35,8 +34,7 @@ REFERENCES = {"raft2": "RAFT (best of 2)", "rloo": "RLOO", "untrained": "untrain
 
 
 def load(folder, name):
-    with open(os.path.join(folder, name)) as f:
-        return json.load(f)
+    return ple.read_json(os.path.join(folder, name))
 
 
 def sd(xs, one):
