@@ -900,7 +900,7 @@ def sft_targets_for(tokenizer, answers, max_tokens=None):
 # --- Rewards: VADER, a sequence classifier, or any function; their values checked ---
 
 LEXICON = ("vader", "vader_distinct")  # VADER's compound score of x and y as written; vader_distinct: less the
-# share of y's words that repeat what y already said (a loop costs more than VADER pays for saying it again)
+# share of y's words that repeat what y already said (a loop costs the share of the answer it fills)
 
 
 def repeated_share(answer, n=3):
@@ -1200,8 +1200,8 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
             for q, a, a_p, r, r_p, b, w, c, c_r in zip(all_queries, it.answers, it.answers_p or absent, it.rewards,
                                                        it.rewards_p or absent, it.branches, it.weights or absent,
                                                        it.candidates or absent, it.candidate_rewards or absent)])
-        kept = [r for r in read_json(metrics, True, METRICS) if r["iteration"] < it.t] if os.path.exists(metrics) else []
-        write_jsonl(metrics, kept + [record])  # (records of iterations a resume redoes go)
+        kept = read_json(metrics, True, METRICS) if os.path.exists(metrics) else []
+        write_jsonl(metrics, [r for r in kept if r["iteration"] < it.t] + [record])  # (a redone iteration's go)
         if keep:  # iter-N/ (for experiments/frontier.py) before the checkpoint: a kill while it is written leaves
             save_model(os.path.join(folder, f"iter-{it.t + 1}"), state.policy, state.tokenizer, weights)  # it redone
     save_checkpoint(accelerator, args.output_dir, it.t + 1)  # the model after it.t + 1 iterations, to go on exactly

@@ -1511,7 +1511,8 @@ def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_o
     for go in (lambda: ple.train(make_args(model_dir, data_file, principles_file, run, iterations=2, lora_r=4,
                                            resume=True)),
                lambda: ple_eval.run(eval_args([str(run / "final"), model_dir], data_file, tmp_path / "e.json"))):
-        with pytest.raises(ple.PLEError, match=r"run/args.json is not a JSON object with model, .*: the file is damaged"):
+        with pytest.raises(ple.PLEError, match=r"run/args.json is not a JSON object with model, .*: the file is "
+                                               r"damaged"):
             go()
     saved = tmp_path / "saved.json"  # generations edited by hand: one line that names what is wrong
     ple_eval.run(eval_args([model_dir, other_model_dir], data_file, saved))
@@ -1820,7 +1821,8 @@ def test_eval_rescore_bad_files(tmp_path):
             ("tokens.json", {**paired, "models": {**paired["models"], "m2": {"answers": [["a"], ["b"]],
                                                                              "answer_tokens": "12"}}},
              "saved generations of 'm2' do not pair up"),
-            ("settings.json", {"settings": [], "generations": paired}, "settings.json: its 'settings' are not an object")]:
+            ("settings.json", {"settings": [], "generations": paired},
+             "settings.json: its 'settings' are not an object")]:
         cases.append((name, json.dumps(saved), message))
     for name, text, message in cases:
         if text is not None:
@@ -1981,6 +1983,22 @@ def test_similarity_metrics_from_the_json_eval_py_wrote(model_dir, data_file, pr
     table = similarity.similarity(str(out))
     perplexity = {name: row["perplexity"] for name, row in table.items()}
     assert perplexity[ple.portable_path(str(sft / "final"))] < perplexity[ple.portable_path(model_dir)] < 10**4
+
+
+@pytest.mark.parametrize("script, work, line", [
+    ("frontier.py", "frontier", "stopped by Ctrl-C: the generations of every model that finished are kept in eval.py's "
+                                "cache"),
+    ("similarity.py", "similarity", "stopped by Ctrl-C")])
+def test_ctrl_c_in_an_experiment_script_ends_in_one_line(script, work, line, capsys, monkeypatch):
+    module = experiment_script(script)
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, work, stopped)
+    with pytest.raises(SystemExit) as stop:
+        module.main(["runs/a"])
+    assert stop.value.code == 130 and capsys.readouterr().err.strip().splitlines() == [line]
 
 
 def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ Reads frontier.json in the folder (one line per run folder, a point per saved it
 frontier.png over experiments/frontier.py's: the methods by name, and a second panel that widens the crowded corner
 near zero KL. Prints a Markdown table: per method, reward (KL) at each saved iteration.
 """
-import json
 import os
 import sys
 
@@ -17,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import ple  # noqa: E402  (its reader: a damaged file is named in one line)
 from methods import METHODS, NAMES, run_of  # noqa: E402
 
 ZOOM_KL = 1.0  # the second panel shows KL up to this many nats
@@ -24,8 +25,7 @@ COLORS = [f"C{i}" for i in range(10)] + ["black", "gold"]
 
 
 def main(folder):
-    with open(os.path.join(folder, "frontier.json")) as f:
-        frontier = json.load(f)["frontier"]
+    frontier = ple.read_json(os.path.join(folder, "frontier.json"), keys=["frontier"])["frontier"]
     lines = {run_of(run)[0]: line for run, line in frontier["runs"].items()}
     methods = [m for m in NAMES if m in lines]
     seeds = sorted({str(run_of(run)[1]) for run in frontier["runs"]})

@@ -7,7 +7,6 @@
 sweep.sh, compare.sh, compare_table.py, frontier_plot.py and sweep_report.py all read this table. The
 flags come on top of the shared ones each script passes (task, data, reward, budget, seed, output).
 """
-import json
 import os
 import re
 import sys
@@ -64,8 +63,9 @@ def rate(key, selected=os.path.join(HERE, "sweep", "selected.json")):
     source = METHODS[key].rate
     if source not in METHODS:
         return float(source)
-    with open(selected) as f:
-        return json.load(f)[source]
+    sys.path.insert(0, os.path.join(HERE, "..", ".."))
+    from ple import read_json  # (imported here: the other uses of this module need no torch)
+    return read_json(selected, keys=[source])[source]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import ple  # noqa: E402  (its reader: a damaged file is named in one line)
 from methods import NAMES  # noqa: E402
 
 KL_CAP = 10.0
@@ -27,8 +29,7 @@ SWEPT = ("ple", "raft", "raft2", "cd", "rloo", "dpo", "sft")  # the methods swee
 def read_sweep(folder):
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, "*_lr*.json"))):
-        with open(path) as f:
-            r = json.load(f)
+        r = ple.read_json(path, keys=("method", "learning_rate"))
         runs.setdefault(r["method"], []).append(r)
     return {m: sorted(rs, key=lambda r: r["learning_rate"]) for m, rs in runs.items()}
 
