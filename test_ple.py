@@ -2001,6 +2001,23 @@ def test_ctrl_c_in_an_experiment_script_ends_in_one_line(script, work, line, cap
     assert stop.value.code == 130 and capsys.readouterr().err.strip().splitlines() == [line]
 
 
+def test_hh_split_is_by_conversation_fixed_by_its_text_and_drops_unpaired_rows(tmp_path):
+    hh = experiment_script("hh", "build_pair_reward.py")  # experiments/hh: the split half A trains on, half B judges
+    prompts = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(12)]
+    rows = [{"chosen": p + " a kind answer", "rejected": p + " a rude answer"} for p in prompts]
+    rows.append({"chosen": prompts[0] + " another kind one", "rejected": prompts[0] + " another rude one"})  # same talk
+    rows.append({"chosen": prompts[1] + " fine", "rejected": prompts[2] + " not the same conversation"})
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = hh.split(str(path))
+    assert len(a) + len(b) == 13 and a and b  # the row whose chosen and rejected prompts differ is dropped
+    assert not {p for p, _, _ in a} & {p for p, _, _ in b}  # a conversation is in one half only
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    assert sorted(hh.split(str(path))[0]) == sorted(a)  # fixed by the text, not by the file's order
+    assert all(c == " a kind answer" or c == " another kind one" for _, c, _ in a + b)
+    assert hh.by_length(a, True) + hh.by_length(a, False) == pytest.approx(1)
+
+
 def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
