@@ -756,11 +756,12 @@ def is_adapter(folder):
 
 
 def check_model(name):
-    """A model that cannot load fails on its config, before any weights load (transformers' own error)."""
+    """A model that cannot load fails on its config, before any weights load (transformers' own error). A .gguf
+    file found is not read twice (its config takes seconds to parse); eval.py merges an adapter onto its base."""
     from transformers import AutoConfig
     folder, gguf = find_gguf(name)
-    if not is_adapter(folder):  # (eval.py merges an adapter onto its base model)
-        AutoConfig.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
+    if not gguf and not is_adapter(folder):
+        AutoConfig.from_pretrained(folder, trust_remote_code=False)
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
