@@ -575,16 +575,17 @@ def first_line(e):
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def say(line):
+def say(line, cut=False):
     """A stop or a failure on stderr, on a line of its own: the progress bars it cut off are closed first (one cut
-    inside its own code may not clear its line: a line break ends it)."""
+    inside its own code may not clear its line: a line break ends it). A Ctrl-C (cut) may land inside a bar's close,
+    after the bar has left tqdm's list: a line break first, always."""
     bars = list(getattr(tqdm, "_instances", ()))
     for bar in bars:
         try:
             bar.close()
         except AttributeError:  # cut half-built
             pass
-    print("\n" * bool(bars) + line, file=sys.stderr)
+    print("\n" * (bool(bars) or cut) + line, file=sys.stderr)
 
 
 def main(argv=None, dataclass=None, work=None, stopped=None):
@@ -596,7 +597,7 @@ def main(argv=None, dataclass=None, work=None, stopped=None):
     except KeyboardInterrupt:
         sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
         if speaks and args is not None:  # fail as it is freed: not the user's concern
-            say("stopped by Ctrl-C" + (stopped or resume_hint)(args))
+            say("stopped by Ctrl-C" + (stopped or resume_hint)(args), cut=True)
         sys.exit(130)
     except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, a library's sys.exit: one line
         if isinstance(e, SystemExit) and args is None:  # --help

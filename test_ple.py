@@ -978,6 +978,11 @@ def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
     ple.say("stopped by SIGTERM: x")
     err = capfd.readouterr().err
     assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by SIGTERM: x"
+    gone = ple.tqdm(range(5), desc="sampling", leave=False)  # drawn, then Ctrl-C inside its close, off the list
+    ple.tqdm._decr_instances(gone)
+    ple.say("stopped by Ctrl-C", cut=True)
+    err = capfd.readouterr().err
+    assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by Ctrl-C"
 
 
 @pytest.mark.slow

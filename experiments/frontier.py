@@ -112,7 +112,7 @@ def main(argv):
         report = frontier([os.path.expanduser(r) for r in runs], ple.parse_args(argv[len(runs):],
                                                                                    evaluation.EvalArgs))
     except KeyboardInterrupt:
-        ple.say("stopped by Ctrl-C: the generations of every model that finished are kept in eval.py's cache")
+        ple.say("stopped by Ctrl-C: the generations of every model that finished are kept in eval.py's cache", cut=True)
         sys.exit(130)
     except Exception as e:
         ple.say(ple.error_line(e))

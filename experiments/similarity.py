@@ -57,7 +57,7 @@ def main(argv):
     try:
         table = similarity(argv[0] if argv else "")
     except KeyboardInterrupt:
-        ple.say("stopped by Ctrl-C")
+        ple.say("stopped by Ctrl-C", cut=True)
         sys.exit(130)
     except Exception as e:
         ple.say(ple.error_line(e))
