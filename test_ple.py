@@ -2023,6 +2023,28 @@ def test_hh_split_is_by_conversation_fixed_by_its_text_and_drops_unpaired_rows(t
     assert hh.by_length(a, True) + hh.by_length(a, False) == pytest.approx(1)
 
 
+def test_hh_prompt_sets_are_short_disjoint_and_fixed_by_their_text(tmp_path, capsys):
+    prompts = experiment_script("hh", "prompts.py")  # experiments/hh: training, held-out and evaluation prompts
+    def rows(half, n):
+        return [{"chosen": f"\n\nHuman: {half} question {i}{'?' * (i % 3) * 40}\n\nAssistant: yes",
+                 "rejected": f"\n\nHuman: {half} question {i}{'?' * (i % 3) * 40}\n\nAssistant: no"} for i in range(n)]
+    for half, n in (("A", 30), ("B", 12)):
+        (tmp_path / f"{half}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(half, n)))
+    prompts.main([str(tmp_path), "--max_chars", "60", "--train", "6", "--heldout", "4", "--eval", "3"])
+    sets = {name: [ple.make_query("dialogue", r, None)[0] for r in ple.read_json(str(tmp_path / f"{name}.jsonl"),
+                                                                                lines=True)]
+            for name in ("A_train", "A_heldout", "B_eval")}
+    assert [len(v) for v in sets.values()] == [6, 4, 3]
+    assert all(len(p) <= 60 for v in sets.values() for p in v)  # the long prompts (i % 3 != 0) are left out
+    assert not set(sets["A_train"]) & set(sets["A_heldout"]) and all(" B " in p for p in sets["B_eval"])
+    (tmp_path / "A.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows("A", 30))))
+    prompts.main([str(tmp_path), "--max_chars", "60", "--train", "6", "--heldout", "4", "--eval", "3"])
+    assert [ple.make_query("dialogue", r, None)[0] for r in ple.read_json(str(tmp_path / "A_train.jsonl"),
+                                                                          lines=True)] == sets["A_train"]
+    with pytest.raises(SystemExit, match="A has 10 and B 4 prompts of at most 60 characters"):
+        prompts.main([str(tmp_path), "--max_chars", "60", "--train", "8", "--heldout", "4", "--eval", "3"])
+
+
 def test_kl_needs_the_same_tokenizer(model_dir, other_model_dir, data_file, tmp_path, monkeypatch):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 

@@ -1,0 +1,73 @@
+"""The HH experiment's table, from the JSON `run.sh eval` wrote: one row per method (its seeds averaged), the win
+rates of PLE against every other model, and two answers of each method to the same prompt.
+
+    python experiments/hh/report.py experiments/hh/eval_ple_s0.json > experiments/hh/table.md
+"""
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))
+import eval as ple_eval  # noqa: E402
+import ple  # noqa: E402
+
+NAMES = {"untrained": "untrained SmolLM2-135M-Instruct", "ple": "PLE", "sft": "SFT on the chosen answers",
+         "raft2": "RAFT (best of 2)", "cd": "context distillation"}
+# the refusal phrases, written down before the runs (README); curly apostrophes read as straight ones
+REFUSALS = ["i can't", "i cannot", "i won't", "i will not", "i'm sorry", "i am sorry", "i'm not able", "i am not able",
+            "i'm unable", "i am unable", "not appropriate", "i don't think i can", "i do not feel comfortable"]
+
+
+def refuses(answer):
+    text = answer.lower().replace("\u2019", "'")
+    return any(phrase in text for phrase in REFUSALS)
+
+
+def method_of(model):
+    """runs/hh/<method>_s<seed>/final -> (method, seed); anything else is the untrained model."""
+    found = re.fullmatch(r"(\w+?)_s(\d+)", os.path.basename(os.path.dirname(os.path.normpath(model))))
+    return (found.group(1), int(found.group(2))) if found else ("untrained", 0)
+
+
+def main(path):
+    record = ple.read_json(path, keys=("models", "generations"))
+    stats, generations = record["models"], record["generations"]["models"]
+    by_method = defaultdict(list)
+    for model in record["settings"]["models"]:
+        by_method[method_of(model)[0]].append(model)
+    print(f"{len(record['generations']['queries'])} prompts of B, 1 answer each; reward: the pair reward model; "
+          "KL to the untrained model in nats per answer; seeds: mean (and each seed's reward)\n")
+    print("| method | seeds | reward ± s.e. | win rate vs untrained [95%] | KL | distinct-2 | answer tokens | "
+          "refusals |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+    untrained = generations[by_method["untrained"][0]]["rewards"]
+    for method in ["untrained", "ple", "sft", "raft2", "cd"]:
+        models = by_method.get(method, [])
+        if not models:
+            continue
+        rewards = [ple_eval.mean_and_error(generations[m]["rewards"]) for m in models]
+        wins = [ple_eval.win_rate(generations[m]["rewards"], untrained) for m in models]
+        answers = [a for m in models for query in generations[m]["answers"] for a in query]
+        mean = lambda key: float(np.mean([stats[m][key] for m in models]))  # noqa: E731
+        each = "" if len(models) == 1 else " (" + ", ".join(f"{r:+.3f}" for r, _ in rewards) + ")"
+        win = "" if method == "untrained" else \
+            f"{np.mean([w['rate'] for w in wins]):.2f} [{wins[0]['ci_low']:.2f}, {wins[0]['ci_high']:.2f}]"
+        print(f"| {NAMES[method]} | {len(models)} | {np.mean([r for r, _ in rewards]):+.3f} ± "
+              f"{np.mean([e for _, e in rewards]):.3f}{each} | {win} | {mean('kl'):.2f} | {mean('distinct_2'):.2f} | "
+              f"{mean('mean_answer_tokens'):.1f} | {np.mean([refuses(a) for a in answers]):.2f} |")
+    print("\nPLE (seed 0) against each model, on the same prompts:\n\n| against | win rate [95%] |\n| --- | --- |")
+    for model, rate in record["win_rates"].items():
+        print(f"| {model} | {rate['rate']:.2f} [{rate['ci_low']:.2f}, {rate['ci_high']:.2f}] |")
+    query = 0  # the first prompt of B_eval, whatever the answers
+    print(f"\nTwo answers to the same prompt (the first of B_eval):\n\n```\n{record['generations']['queries'][query]}\n```\n")
+    for method in ["untrained", "ple", "sft", "raft2", "cd"]:
+        for model in by_method.get(method, [])[:2]:
+            answer = generations[model]["answers"][query][0].strip().replace("\n", " ")
+            print(f"- {NAMES[method]} ({model}): {answer}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
