@@ -4,7 +4,6 @@ rates of PLE against every other model, and two answers of each method to the sa
     python experiments/hh/report.py runs/hh/eval_ple_s0.json > experiments/hh/table.md
 """
 import os
-import re
 import sys
 from collections import defaultdict
 
@@ -12,8 +11,10 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(HERE, "..", "imdb"))
 import eval as ple_eval  # noqa: E402
 import ple  # noqa: E402
+from methods import method_of  # noqa: E402  (RUN/final of a run named <method>_s<seed>, as run.sh names them)
 
 NAMES = {"untrained": "untrained SmolLM2-135M-Instruct", "ple": "PLE", "sft": "SFT on the chosen answers",
          "raft2": "RAFT (best of 2)", "cd": "context distillation"}
@@ -25,12 +26,6 @@ REFUSALS = ["i can't", "i cannot", "i won't", "i will not", "i'm sorry", "i am s
 def refuses(answer):
     text = answer.lower().replace("\u2019", "'")
     return any(phrase in text for phrase in REFUSALS)
-
-
-def method_of(model):
-    """runs/hh/<method>_s<seed>/final -> (method, seed); anything else is the untrained model."""
-    found = re.fullmatch(r"(\w+?)_s(\d+)", os.path.basename(os.path.dirname(os.path.normpath(model))))
-    return (found.group(1), int(found.group(2))) if found else ("untrained", 0)
 
 
 def main(path):
@@ -45,7 +40,7 @@ def main(path):
     print("| method | seeds | reward ± s.e. | win rate vs untrained [95%] | KL | distinct-2 | answer tokens | "
           "refusals |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     untrained = generations[by_method["untrained"][0]]["rewards"]
-    for method in ["untrained", "ple", "sft", "raft2", "cd"]:
+    for method in NAMES:
         models = by_method.get(method, [])
         if not models:
             continue
@@ -60,10 +55,10 @@ def main(path):
               f"{np.mean([e for _, e in rewards]):.3f}{each} | {win} | {mean('kl'):.2f} | {mean('distinct_2'):.2f} | "
               f"{mean('mean_answer_tokens'):.1f} | {np.mean([refuses(a) for a in answers]):.2f} |")
     tokens = [t for m in by_method["untrained"] for query in generations[m]["answer_tokens"] for t in query]
-    rewards = [r for m in by_method["untrained"] for query in generations[m]["rewards"] for r in query]
+    scores = [r for m in by_method["untrained"] for query in generations[m]["rewards"] for r in query]
     capped = np.mean(np.array(tokens) == record["settings"]["max_new_tokens"])
     print(f"\nThe reward against the length of the untrained model's answers: Pearson r = "
-          f"{np.corrcoef(tokens, rewards)[0, 1]:+.2f}; {capped:.2f} of them reach the length cap.")
+          f"{np.corrcoef(tokens, scores)[0, 1]:+.2f}; {capped:.2f} of them reach the length cap.")
     print("\nPLE (seed 0) against each model, on the same prompts:\n\n| against | win rate [95%] |\n| --- | --- |")
     for model, rate in record["win_rates"].items():
         print(f"| {model} | {rate['rate']:.2f} [{rate['ci_low']:.2f}, {rate['ci_high']:.2f}] |")
@@ -73,11 +68,12 @@ def main(path):
     query = 0  # the first prompt of B_eval, whatever the answers
     print(f"\nTwo answers of each model to the same prompt (the first of B_eval): eval.py's at temperature 0.7, then "
           f"its KL sample at temperature 1.\n\n```\n{record['generations']['queries'][query].strip()}\n```\n")
-    for method in ["untrained", "ple", "sft", "raft2", "cd"]:
+    for method in NAMES:
         for model in by_method.get(method, []):
             second = tokenizer.decode(generations[model]["kl_samples"]["answer_ids"][query], skip_special_tokens=True)
             for answer in (generations[model]["answers"][query][0], second):
                 print(f"- {NAMES[method]} ({model}): {answer.strip()!r}")
+
 
 if __name__ == "__main__":
     main(sys.argv[1])
