@@ -2,7 +2,8 @@
 # PLE against its baselines on real HH conversations, offline. Run build_pair_reward.py and prompts.py first.
 #
 #   bash experiments/hh/run.sh gain                 # the guidance gain of each text on A's 128 held-out prompts
-#   bash experiments/hh/run.sh train METHOD SEED    # METHOD: ple, sft, raft2, cd (PRINCIPLES=FILE: the chosen text)
+#   bash experiments/hh/run.sh train METHOD SEED    # METHOD: ple, sft, raft2, cd, ple_lr3e5, ple_lr1e5
+#                                                   # (PRINCIPLES=FILE: the chosen text)
 #   bash experiments/hh/run.sh eval MODEL...        # the models on B's 320 prompts, the first one the candidate:
 #                                                   # runs/hh/eval_<its run>.json, for report.py
 #
@@ -24,10 +25,12 @@ case ${1:?usage: run.sh gain | train METHOD SEED | eval MODEL...} in
     method=${2:?METHOD} seed=${3:?SEED}
     case $method in
       ple) flags=(--loss ple --learning_rate 1e-4) ;;
+      ple_lr3e5) flags=(--loss ple --learning_rate 3e-5) ;;   # PLE at context distillation's rate, and lower:
+      ple_lr1e5) flags=(--loss ple --learning_rate 1e-5) ;;   # its reward nearer context distillation's KL
       raft2) flags=(--loss raft --raft_k 2 --learning_rate 1e-4) ;;
       sft) flags=(--loss sft --learning_rate 3e-5) ;;
       cd) flags=(--loss cd --learning_rate 3e-5) ;;
-      *) echo "error: unknown method $method (ple, raft2, sft, cd)"; exit 2 ;;
+      *) echo "error: unknown method $method (ple, raft2, sft, cd, ple_lr3e5, ple_lr1e5)"; exit 2 ;;
     esac
     start=$(date +%s)
     python ple.py "${sampling[@]}" "${flags[@]}" --dataset "$HH/A_train.jsonl" --num_queries 256 --iterations 2 \
