@@ -26,7 +26,7 @@ case ${1:?usage: run.sh gain | train METHOD SEED | eval MODEL...} in
     case $method in
       ple) flags=(--loss ple --learning_rate 1e-4) ;;
       ple_lr3e5) flags=(--loss ple --learning_rate 3e-5) ;;   # PLE at context distillation's rate, and lower:
-      ple_lr1e5) flags=(--loss ple --learning_rate 1e-5) ;;   # its reward nearer context distillation's KL
+      ple_lr1e5) flags=(--loss ple --learning_rate 1e-5) ;;   # its reward at a KL near context distillation's
       raft2) flags=(--loss raft --raft_k 2 --learning_rate 1e-4) ;;
       sft) flags=(--loss sft --learning_rate 3e-5) ;;
       cd) flags=(--loss cd --learning_rate 3e-5) ;;
