@@ -177,7 +177,7 @@ def llm_judge(name, device, dtype):
 
 def saved_run_args(model_path):
     """The ple.py arguments a model was trained with (its run folder's args.json), or None."""
-    folder = ple.stored_path(model_path)
+    folder = model_path
     found = [p for p in (os.path.join(folder, "args.json"), os.path.normpath(os.path.join(folder, "..", "args.json")))
              if os.path.isdir(folder) and os.path.isfile(p)]
     return ple.read_json(found[0], keys=ple.RUN) if found else None
@@ -189,7 +189,7 @@ def training_rows(models):
     for model in models:
         run = saved_run_args(model)
         if run:
-            trained = ple.load_queries(ple.stored_path(run["dataset"]), run["split"], run["task"],
+            trained = ple.load_queries(ple.resolve_path(run["dataset"]), run["split"], run["task"],
                                        run["num_queries"], run["seed"], where=run.get("where", ""),
                                        field=run.get("query_field", ""))
             digest = ple.content_hash(trained)
@@ -276,18 +276,18 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
             del model
             write_json(path, entry)
         else:
-            print(f"reusing the generations of {name} ({ple.portable_path(path)})", flush=True)
+            print(f"reusing the generations of {name} ({path})", flush=True)
         record["models"][name] = entry
-        write_json(output, portable({"complete": False, "settings": asdict(args), "generations": record}))
+        write_json(output, {"complete": False, "settings": asdict(args), "generations": record})
     if reference:
         add_kl(args, record, paths, reference, device, dtype)
-        write_json(output, portable({"complete": False, "settings": asdict(args), "generations": record}))
+        write_json(output, {"complete": False, "settings": asdict(args), "generations": record})
     return record
 
 
 def add_kl(args, record, paths, reference, device, dtype):
     """The KL's second half: the reference, loaded once, scores every model's KL samples (kept under 'kl')."""
-    files, named = model_fingerprint(reference), ple.portable_path(reference)
+    files, named = model_fingerprint(reference), reference
     todo = [name for name in args.models  # a KL against another reference (or other weights of it) is redone
             if [(record["models"][name].get("kl") or {}).get(k) for k in ("reference", "reference_files")]
             != [named, files]]
@@ -310,7 +310,7 @@ def add_kl(args, record, paths, reference, device, dtype):
 def load_model(name, device, dtype):
     """ple.load_policy, and also a LoRA adapter folder (ple.py --save_every with --lora_r), merged
     onto the base model its run started from."""
-    folder = ple.stored_path(name)
+    folder = name
     if ple.is_adapter(folder):
         from peft import PeftModel
 
@@ -324,7 +324,7 @@ def load_model(name, device, dtype):
 def adapter_base(folder):
     """The model a LoRA adapter folder goes on: its run's --model, else what its adapter_config.json names."""
     run = saved_run_args(folder)
-    return ple.stored_path(run["model"]) if run else \
+    return run["model"] if run else \
         ple.read_json(os.path.join(folder, "adapter_config.json"))["base_model_name_or_path"]
 
 
@@ -332,7 +332,7 @@ def check_same_tokenizer(models, reference):
     """The KL compares log-probabilities of the same token ids: each model needs the reference's vocabulary."""
     def vocab(name):
         from transformers import AutoTokenizer
-        folder, gguf = ple.find_gguf(ple.stored_path(name))
+        folder, gguf = ple.find_gguf(name)
         return AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False).get_vocab()
     expected = vocab(reference)  # (read once, not once per model)
     for name in models:
@@ -345,7 +345,7 @@ def pick_reference(args, models):
     """--reference, else the untrained model the candidate's run started from (its args.json), or none."""
     run = saved_run_args(models[0])
     if args.kl_samples == 0 or args.reference or run:
-        return args.kl_samples and (args.reference or ple.stored_path(run["model"])) or None
+        return args.kl_samples and (args.reference or run["model"]) or None
     print(f"note: '{models[0]}' is not from a ple.py run, so there is no default reference: no KL "
           "(pass --reference MODEL)", file=sys.stderr)
     return None
@@ -364,7 +364,7 @@ def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
     report["candidate_training_reward"] = trained_with
     if reward_fn is not None:
         same = trained_with is not None and \
-            ple.portable_path(ple.stored_path(trained_with)) == ple.portable_path(args.reward)
+            trained_with == args.reward
         report["judge_is_training_reward"] = same
         if same:
             print(f"warning: the judging reward '{args.reward}' is the one the candidate was trained with; "
@@ -478,11 +478,11 @@ def plot_run(run_dir):
     return out
 
 
-# --- Files: the generations cache, the JSON eval.py writes and --rescore reads, portable paths ---
+# --- Files: the generations cache, the JSON eval.py writes and --rescore reads ---
 
 def cache_path(args, name, queries, output):
     """Where a model's generations are cached: named by a hash of everything that shapes them."""
-    key = {"model": ple.portable_path(name), "files": model_fingerprint(name), "queries": queries,
+    key = {"model": name, "files": model_fingerprint(name), "queries": queries,
            **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
                                             "kl_samples", "batch_size", "chat_template")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -493,7 +493,7 @@ def cache_path(args, name, queries, output):
 def model_fingerprint(name):
     """What a model's cached generations must match: a local model's files (names, sha256), an adapter's base
     model's too; a Hub id is matched by its name."""
-    folder, gguf = ple.find_gguf(ple.stored_path(name))
+    folder, gguf = ple.find_gguf(name)
     path = os.path.join(folder, gguf) if gguf else folder
     found = []
     for file in [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "*"))):
@@ -558,20 +558,6 @@ def check_generations(record):
                 "answer texts (and token counts) per query, as many for every model")
 
 
-PATH_KEYS = {"reward", "judge", "dataset", "output", "rescore", "cache", "reference", "principles", "models",
-             "candidate", "baselines", "model"}  # the settings and names that hold local paths
-
-
-def portable(value, key=None):
-    """A report as the JSON stores it: every local path in it (settings, model names) relative to the repository."""
-    if isinstance(value, dict):
-        named = key in ("models", "win_rates", "judge_win_rates")  # keyed by model
-        return {ple.portable_path(k) if named else k: portable(v, k) for k, v in value.items() if k != "plot"}
-    if isinstance(value, list):
-        return [portable(v, key) for v in value]
-    return ple.portable_path(value, exists=key != "output") if isinstance(value, str) and key in PATH_KEYS else value
-
-
 # --- Checks: everything that can be wrong, before a model loads ---
 
 def check_eval_args(args):
@@ -589,7 +575,7 @@ def check_eval_args(args):
     require(args.rescore or len(args.models) > 1, "models", "needs a candidate and at least one baseline")
     named = {}
     for name in [] if args.rescore else args.models:  # a local model by the folder or file it is, however spelled
-        same = os.path.realpath(ple.stored_path(name)) if os.path.exists(ple.stored_path(name)) else name
+        same = os.path.realpath(name) if os.path.exists(name) else name
         require(same not in named, "models", f"names one model twice ('{named.get(same)}' and '{name}')")
         named[same] = name
 
@@ -618,7 +604,7 @@ def main(argv=None):
 
 
 def run(args):
-    """One of eval.py's modes; returns the report (as written, paths portable) or None for --plot."""
+    """One of eval.py's modes; returns the report (as written) or None for --plot."""
     if args.plot:
         print(f"wrote {plot_run(args.plot)}")
         return None
@@ -633,13 +619,13 @@ def run_models(args, win_rates=True):
     """--models: every model answers the held-out queries; then reward, judge, KL and the rest."""
     check_eval_args(args)
     for name in args.models:  # each config: a name that cannot load fails before any generation
-        ple.check_model(ple.stored_path(name))
+        ple.check_model(name)
     queries, references, excluded = held_out_queries(args)
     print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
     args, output = resolved(args)
     reference = pick_reference(args, args.models)
     if reference:
-        ple.check_model(ple.stored_path(reference))
+        ple.check_model(reference)
         check_same_tokenizer(dict.fromkeys(args.models), reference)
     device = pick_device(args.device)
     reward_fn, judge = load_judges(args, queries, device)
@@ -652,7 +638,7 @@ def run_guidance(args):
     r_p - r (each a mean over --samples answers of the first --models), ± its s.e."""
     require(args.models and args.reward, "guidance", "needs --models (the policy to train) and --reward")
     require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
-    ple.check_model(ple.stored_path(args.models[0]))
+    ple.check_model(args.models[0])
     queries, _, _ = held_out_queries(replace(args, models=args.models[:1]))
     texts = {path: ple.read_principles(ple.resolve_path(path), args.task) for path in args.guidance}
     device = pick_device(args.device)
@@ -724,7 +710,7 @@ def load_judges(args, queries, device):
 
 
 def write_report(report, record, output):
-    report = portable({**report, "generations": record})
+    report = {**report, "generations": record}
     write_json(output, report)
     print(f"wrote {output}")
     return report

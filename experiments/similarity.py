@@ -32,7 +32,7 @@ def bleu(answers, references):
 
 def perplexity(name, queries, references, args, device):
     """exp of minus the mean over references of their mean token log-probability after the query."""
-    model, tokenizer = evaluation.load_model(ple.stored_path(name), device, ple.pick_dtype(args.dtype, device))
+    model, tokenizer = evaluation.load_model(name, device, ple.pick_dtype(args.dtype, device))
     prompts, targets = evaluation.prompt_ids_for(tokenizer, queries, args), ple.sft_targets_for(tokenizer, references)
     logps = evaluation.logprob_sums(model, tokenizer.pad_token_id, prompts, targets, args.batch_size, average=True)
     return float(math.exp(-np.mean(logps)))
@@ -57,10 +57,10 @@ def main(argv):
     try:
         table = similarity(argv[0] if argv else "")
     except KeyboardInterrupt:
-        ple.say("stopped by Ctrl-C", cut=True)
+        print("\nstopped by Ctrl-C", file=sys.stderr)
         sys.exit(130)
     except Exception as e:
-        ple.say(ple.error_line(e))
+        print(ple.error_line(e), file=sys.stderr)
         sys.exit(2)
     print("Similarity to the dataset's references (not alignment metrics):\n\n| model | BLEU | perplexity |\n"
           "| --- | --- | --- |")

@@ -64,7 +64,7 @@ def main(path):
     for model, rate in record["win_rates"].items():
         print(f"| {model} | {rate['rate']:.2f} [{rate['ci_low']:.2f}, {rate['ci_high']:.2f}] |")
     from transformers import AutoTokenizer  # every model has the reference's tokenizer (eval.py checked, for the KL)
-    folder, gguf = ple.find_gguf(ple.stored_path(record["settings"]["reference"]))
+    folder, gguf = ple.find_gguf(record["settings"]["reference"])
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf, trust_remote_code=False)
     query = 0  # the first prompt of B_eval, whatever the answers
     print(f"\nTwo answers of each model to the same prompt (the first of B_eval): eval.py's at temperature 0.7, then "
