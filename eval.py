@@ -40,7 +40,6 @@ class EvalArgs:
     dataset: str = arg("data/review_openings.txt", "queries, as ple.py's --dataset")
     split: str = arg("train", "dataset split")
     task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "as ple.py's --task")
-    query_field: str = arg("", "as ple.py's --query_field")
     n: int = arg(0, "held-out queries to use; 0 = all that remain after excluding training rows")
     samples: int = arg(1, "answers per query and model")
     seed: int = arg(0, "query order and sampling seed, the same for every model")
@@ -190,8 +189,7 @@ def training_rows(models):
         run = saved_run_args(model)
         if run:
             trained = ple.load_queries(ple.resolve_path(run["dataset"]), run["split"], run["task"],
-                                       run["num_queries"], run["seed"], where=run.get("where", ""),
-                                       field=run.get("query_field", ""))
+                                       run["num_queries"], run["seed"], where=run.get("where", ""))
             digest = ple.content_hash(trained)
             if run.get("data_sha256", digest) != digest:
                 raise PLEError(f"'{model}' trained on rows of {run['dataset']} that are no longer there as they were "
@@ -204,7 +202,7 @@ def training_rows(models):
 def held_out_queries(args):
     exclude = training_rows(args.models)
     queries, references, _ = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task, 0, args.seed,
-                                              exclude=exclude, field=args.query_field)
+                                              exclude=exclude)
     require(len(queries) >= args.n, "n", f"only {len(queries)} held-out queries in '{args.dataset}' (split "
             f"'{args.split}') after excluding {len(exclude)} rows the models trained on; pass --n {len(queries)} or "
             "less, or another --dataset/--split")
@@ -220,11 +218,14 @@ def prompt_ids_for(tokenizer, queries, args, principles=None):
 
 
 def sample(model, tokenizer, prompt_ids, k, args, temperature, top_p, seed):
-    """k answers per prompt (token ids), in batches, under a fixed seed."""
+    """k answers per prompt (token ids), batch_size prompts per generate call, under a fixed seed."""
     torch.manual_seed(seed)
-    prompts = [p for p in prompt_ids for _ in range(k)]
-    return prompts, ple.sample_answers(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, temperature,
-                                       top_p)
+    model.eval()
+    prompts, answers = [p for p in prompt_ids for _ in range(k)], []
+    for start in tqdm(range(0, len(prompts), args.batch_size), desc="sampling", leave=False):
+        answers += ple.generate_answers(model, tokenizer, prompts[start:start + args.batch_size], args.max_new_tokens,
+                                        temperature, top_p)
+    return prompts, answers
 
 
 def generate_for(model, tokenizer, queries, args):
@@ -674,8 +675,8 @@ def run_rescore(args):
 
 
 # what --rescore takes from the JSON: how the generations were made (not this command's defaults)
-GENERATION_SETTINGS = ("dataset", "split", "task", "query_field", "samples", "seed", "max_new_tokens", "temperature",
-                       "top_p", "principles", "chat_template")
+GENERATION_SETTINGS = ("dataset", "split", "task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
+                       "principles", "chat_template")
 
 
 def resolved(args):

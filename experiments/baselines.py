@@ -29,11 +29,14 @@ class BaselineArgs(ple.Args):
 def raft_iteration(t, args, state):
     """RAFT (best-of-K, as the paper ran it with K = 4): K answers to x from the current model, scored like PLE's,
     then SFT on the best one given x. No principle, no threshold; K answers a query where PLE samples 2."""
-    k, clock = args.raft_k, ple.Stopwatch()
-    with clock("sample"), ple.fast_sampling(state.policy, state.merge_lora):  # prompts per call: PLE's
-        ids = ple.sample_answers(state.policy, state.tokenizer, [p for p in state.prompt_ids for _ in range(k)],
-                                 2 * args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
-                                 state.static_cache)
+    k, clock, ids = args.raft_k, ple.Stopwatch(), []
+    prompts, rows = [p for p in state.prompt_ids for _ in range(k)], 2 * args.batch_size  # prompts per call: PLE's
+    shape = ple.static_shape(rows, prompts) if state.static_cache else None
+    state.policy.eval()
+    with clock("sample"), ple.fast_sampling(state.policy, state.merge_lora):
+        for start in range(0, len(prompts), rows):
+            ids += ple.generate_answers(state.policy, state.tokenizer, prompts[start:start + rows], args.max_new_tokens,
+                                        args.temperature, args.top_p, shape)
     texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
     with clock("score"):
         rewards = ple.score(state.reward_fn, [q for q in state.queries for _ in range(k)], texts,

@@ -24,16 +24,16 @@ case ${1:?usage: run.sh gain | train METHOD SEED | eval MODEL...} in
   train)
     method=${2:?METHOD} seed=${3:?SEED}
     case $method in
-      ple) flags=(--loss ple --learning_rate 1e-4) ;;
-      ple_lr3e5) flags=(--loss ple --learning_rate 3e-5) ;;   # PLE at context distillation's rate, and lower:
-      ple_lr1e5) flags=(--loss ple --learning_rate 1e-5) ;;   # its reward at a KL near context distillation's
-      raft2) flags=(--loss raft --raft_k 2 --learning_rate 1e-4) ;;
-      sft) flags=(--loss sft --learning_rate 3e-5) ;;
-      cd) flags=(--loss cd --learning_rate 3e-5) ;;
+      ple) flags=(ple.py --loss ple --learning_rate 1e-4) ;;
+      ple_lr3e5) flags=(ple.py --loss ple --learning_rate 3e-5) ;;   # PLE at context distillation's rate, and lower:
+      ple_lr1e5) flags=(ple.py --loss ple --learning_rate 1e-5) ;;   # its reward at a KL near context distillation's
+      raft2) flags=(experiments/baselines.py --method raft --raft_k 2 --learning_rate 1e-4) ;;
+      sft) flags=(experiments/baselines.py --method sft --learning_rate 3e-5) ;;
+      cd) flags=(ple.py --loss cd --learning_rate 3e-5) ;;
       *) echo "error: unknown method $method (ple, raft2, sft, cd, ple_lr3e5, ple_lr1e5)"; exit 2 ;;
     esac
     start=$(date +%s)
-    python ple.py "${sampling[@]}" "${flags[@]}" --dataset "$HH/A_train.jsonl" --num_queries 256 --iterations 2 \
+    python "${flags[@]}" "${sampling[@]}" --dataset "$HH/A_train.jsonl" --num_queries 256 --iterations 2 \
       --principles "$PRINCIPLES" --seed "$seed" --output_dir "$HH/${method}_s$seed" --overwrite_output_dir
     echo "${method}_s$seed $(( $(date +%s) - start ))" >> "$OUT/train_seconds.txt" ;;
   eval)

@@ -92,7 +92,7 @@ def run(args):
     if args.method == "sdft":  # read before any model loads: a bad file fails now
         principles = ple.read_principles(ple.resolve_path(args.principles), args.task)
     queries, answers, sources = ple.load_queries(ple.resolve_path(args.dataset), args.split, args.task,
-                                                 args.num_queries, args.seed, where=args.where)
+                                                 args.num_queries, args.seed)
     if ple.prepare_output_dir(args, PartialState(), {"data_sha256": ple.content_hash([queries, answers, sources])}):
         raise ple.PLEError("--resume is not supported for the TRL baselines; start a new --output_dir")
     device = PartialState(cpu=args.device == "cpu").device
