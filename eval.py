@@ -265,7 +265,7 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
     record = {"queries": queries, "references": references, "models": {}}
     paths = {}
     for name in args.models:
-        paths[name] = path = cache_path(args, name, queries, output)
+        paths[name] = path = cache_path(args, name, queries, output, device, dtype)
         entry = read_cache(path, args, queries, reference)
         if entry is None:
             print(f"generating with {name}", flush=True)
@@ -279,10 +279,10 @@ def generate_all(args, queries, references, device, dtype, output, reference=Non
         else:
             print(f"reusing the generations of {name} ({path})", flush=True)
         record["models"][name] = entry
-        write_json(output, {"complete": False, "settings": asdict(args), "generations": record})
+        write_json(output, {**OURS, "complete": False, "settings": asdict(args), "generations": record})
     if reference:
         add_kl(args, record, paths, reference, device, dtype)
-        write_json(output, {"complete": False, "settings": asdict(args), "generations": record})
+        write_json(output, {**OURS, "complete": False, "settings": asdict(args), "generations": record})
     return record
 
 
@@ -481,11 +481,13 @@ def plot_run(run_dir):
 
 # --- Files: the generations cache, the JSON eval.py writes and --rescore reads ---
 
-def cache_path(args, name, queries, output):
-    """Where a model's generations are cached: named by a hash of everything that shapes them."""
-    key = {"model": name, "files": model_fingerprint(name), "queries": queries,
-           **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens", "temperature", "top_p",
-                                            "kl_samples", "batch_size", "chat_template")}}
+def cache_path(args, name, queries, output, device, dtype):
+    """Where a model's generations are cached: named by a hash of everything that shapes them (the KL samples' log-
+    probabilities too)."""
+    key = {"model": name, "files": model_fingerprint(name), "queries": queries, "device": device.type,
+           "dtype": str(dtype), **{k: getattr(args, k) for k in ("task", "samples", "seed", "max_new_tokens",
+                                                                 "temperature", "top_p", "kl_samples", "batch_size",
+                                                                 "chat_template")}}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     folder = args.cache or os.path.join(os.path.dirname(os.path.abspath(output)), "eval_cache")
     return os.path.join(folder, f"{digest}.json")
@@ -581,10 +583,13 @@ def check_eval_args(args):
         named[same] = name
 
 
+OURS = {"written_by": "eval.py"}  # in every evaluation it writes, and nowhere else: --output replaces only those
+
+
 def claim_output(path):
     """--output: a new file, or an evaluation eval.py wrote (complete or not), which it replaces; else refused."""
     try:
-        ours = isinstance(ple.read_json(path).get("generations"), dict) and not os.path.islink(path)
+        ours = ple.read_json(path).get("written_by") == OURS["written_by"] and not os.path.islink(path)
     except (OSError, PLEError):
         ours = not os.path.lexists(path)
     require(ours, "output", f"{path} exists and is not an evaluation eval.py wrote: pass another --output")
@@ -620,13 +625,13 @@ def run_models(args, win_rates=True):
     """--models: every model answers the held-out queries; then reward, judge, KL and the rest."""
     check_eval_args(args)
     for name in args.models:  # each config: a name that cannot load fails before any generation
-        ple.check_model(name)
+        ple.check_model(name, "models")
     queries, references, excluded = held_out_queries(args)
     print(f"{len(queries)} held-out queries ({excluded} training rows excluded), {args.samples} answer(s) each")
     args, output = resolved(args)
     reference = pick_reference(args, args.models)
     if reference:
-        ple.check_model(reference)
+        ple.check_model(reference, "reference")
         check_same_tokenizer(dict.fromkeys(args.models), reference)
     device = pick_device(args.device)
     reward_fn, judge = load_judges(args, queries, device)
@@ -639,7 +644,7 @@ def run_guidance(args):
     r_p - r (each a mean over --samples answers of the first --models), ± its s.e."""
     require(args.models and args.reward, "guidance", "needs --models (the policy to train) and --reward")
     require(args.samples >= 1 and 0 <= args.seed < 2**32, "samples", "must be at least 1 (and --seed in [0, 2**32))")
-    ple.check_model(args.models[0])
+    ple.check_model(args.models[0], "models")
     queries, _, _ = held_out_queries(replace(args, models=args.models[:1]))
     texts = {path: ple.read_principles(ple.resolve_path(path), args.task) for path in args.guidance}
     device = pick_device(args.device)
@@ -711,7 +716,7 @@ def load_judges(args, queries, device):
 
 
 def write_report(report, record, output):
-    report = {**report, "generations": record}
+    report = {**OURS, **report, "generations": record}
     write_json(output, report)
     print(f"wrote {output}")
     return report

@@ -696,10 +696,17 @@ def is_adapter(folder):
         not os.path.isfile(os.path.join(folder, "config.json"))
 
 
-def check_model(name):
+def require_found(name, flag):
+    """A name that is no file or folder here and cannot be a Hub id (owner/name) is a path that does not exist."""
+    hub_id = re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", name)
+    require(os.path.exists(name) or hub_id, flag, f"{name}: no such file or folder")
+
+
+def check_model(name, flag="model"):
     """A model that cannot load fails on its config, before any weights load (transformers' own error). A .gguf
     file found is not read twice (its config takes seconds to parse); eval.py merges an adapter onto its base."""
     from transformers import AutoConfig
+    require_found(name, flag)
     folder, gguf = find_gguf(name)
     if not gguf and not is_adapter(folder):
         AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -875,6 +882,7 @@ def reward_input(spec, requested="auto"):
                 "and y as they are")
         return ""
     from transformers import AutoConfig, AutoTokenizer
+    require_found(spec, "reward")
     tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
     pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
@@ -953,8 +961,9 @@ def checked_reward(reward_fn):
     float32), else the run stops with one line."""
     def reward(queries, answers):
         values = reward_fn(queries, answers)
-        try:
-            numbers = [float(v) for v in values]
+        ordered = isinstance(values, (list, tuple)) or hasattr(values, "tolist")  # (not a dict's keys, a string's
+        try:  # characters)
+            numbers = [float(v) for v in values] if ordered else []
         except (TypeError, ValueError):
             numbers = []
         require(len(numbers) == len(queries) and all(abs(v) <= torch.finfo(torch.float32).max for v in numbers),
@@ -1019,8 +1028,10 @@ def load_trainable(args, device, dtype):
 
 
 def keep_adapter_only(accelerator, policy):
-    """Under LoRA, Accelerate's save_state and load_state leave the model to peft: a checkpoint holds the adapter."""
-    from peft import load_peft_weights, set_peft_model_state_dict
+    """Under LoRA, Accelerate's save_state and load_state leave the model to peft: a checkpoint holds the adapter,
+    loaded only whole (peft's own load would take a part, or nothing, and go on)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
 
     def save(models, weights, folder):
         weights.clear()
@@ -1028,7 +1039,11 @@ def keep_adapter_only(accelerator, policy):
 
     def load(models, folder):
         models.clear()
-        set_peft_model_state_dict(policy, load_peft_weights(folder, device="cpu"))
+        weights = load_file(os.path.join(folder, "adapter_model.safetensors"))
+        expected = get_peft_model_state_dict(policy)
+        require(weights.keys() == expected.keys(), "resume", f"{folder}'s adapter does not hold the {len(expected)} "
+                f"LoRA tensors of this run, by name ({len(weights)} there): it is not loaded")
+        set_peft_model_state_dict(policy, weights)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)
@@ -1045,6 +1060,7 @@ def save_checkpoint(accelerator, output_dir, n):
         accelerator.save_state(tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            follow_umask(tmp)
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(tmp, folder)
     finally:  # (a failed write's part goes)
@@ -1056,15 +1072,24 @@ def save_checkpoint(accelerator, output_dir, n):
 
 
 def load_checkpoint(accelerator, folder):
-    """Accelerate's load_state, which reads with weights_only (no code in a run folder runs); a random state it
-    cannot read it skips in silence, so that file is read here first: a resume is exact or refused."""
-    from accelerate.utils import load
+    """Accelerate's load_state, which reads with weights_only (no code in a run folder runs). A random state it cannot
+    read it skips in silence, so every process reads its own here first, and all refuse what one cannot: a resume is
+    exact or refused, and process 0 says why."""
+    from accelerate.utils import gather_object, load
+    planted = f"{folder} holds a file that is not only tensors, numbers and text, as ple.py writes them: not loaded"
     try:
         load(os.path.join(folder, f"random_states_{accelerator.process_index}.pkl"))
+        problem = None
+    except pickle.UnpicklingError:
+        problem = planted
+    except Exception as e:  # (removed, cut short)
+        problem = f"{folder} cannot be resumed: {type(e).__name__}: {e}"
+    problems = [p for p in gather_object([problem]) if p]
+    require(not problems, "resume", (problems + [""])[0])
+    try:
         accelerator.load_state(folder)
     except pickle.UnpicklingError:
-        raise PLEError(f"{folder} holds a file that is not only tensors, numbers and text, as ple.py writes them: "
-                       "it is not loaded") from None
+        raise PLEError(planted) from None
 
 
 # --- Processes: Accelerate's Accelerator, for one process and under `accelerate launch` or torchrun ---
@@ -1229,10 +1254,19 @@ def save_model(path, model, tokenizer, weights=None):
     try:
         model.save_pretrained(tmp, state_dict=weights, **lora)
         tokenizer.save_pretrained(tmp)
+        follow_umask(tmp)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def follow_umask(folder):
+    """save_pretrained writes its weights 0600: the files in a folder ple.py made take the modes its folder implies,
+    as open() gives them (0666 less the umask)."""
+    for name in os.listdir(folder):
+        if os.path.isfile(os.path.join(folder, name)):
+            os.chmod(os.path.join(folder, name), os.stat(folder).st_mode & 0o666)
 
 
 def save_final(args, state, accelerator):

@@ -767,6 +767,7 @@ def test_command_line_run(model_dir, data_file, principles_file, tmp_path):
     modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*")}
     assert modes["args.json"] == modes["samples/iter-000.jsonl"] == modes["final/config.json"] == 0o644  # as
     assert modes["samples"] == modes["final"] == modes["checkpoint-1"] == 0o755  # open() and mkdir() make them
+    assert modes["final/model.safetensors"] == modes["checkpoint-1/adapter_model.safetensors"] == 0o644
     before, after = state_of(model_dir), state_of(str(out / "final"))  # the final model loads and was trained
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
@@ -1089,7 +1090,7 @@ def test_eval_never_replaces_a_file_it_did_not_write(model_dir, other_model_dir,
                                                                                    data_file, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
-    for text in ("my notes", '{"generations": []}', "[1, 2]"):
+    for text in ("my notes", '{"generations": []}', "[1, 2]", '{"generations": {}, "settings": {}}'):
         notes.write_text(text)
         with pytest.raises(ple.PLEError, match=r"--output: .*notes.txt exists and is not an evaluation eval.py wrote"):
             ple_eval.run(eval_args([model_dir, other_model_dir], data_file, notes))
@@ -1142,15 +1143,16 @@ def test_a_name_that_cannot_load_is_the_librarys_first_line_before_any_weights_l
     monkeypatch.setattr(ple, "load_policy", lambda *a, **k: pytest.fail("weights were loaded"))
     (tmp_path / "not_a_model").mkdir()
     for changes, said in [
-            (dict(model=str(tmp_path / "no_such_folder")), f"OSError: Repo id must be in the form 'repo_name' or "
-                                                           f"'namespace/repo_name': '{tmp_path / 'no_such_folder'}'"),
+            (dict(model=str(tmp_path / "no_such_folder")), f"--model: {tmp_path / 'no_such_folder'}: no such file or "
+                                                           "folder"),  # (not the Hub's "Repo id must be ...")
             (dict(model=str(tmp_path / "not_a_model")), f"ValueError: Unrecognized model in {tmp_path}/not_a_model"),
-            (dict(reward=str(tmp_path / "no_rm")), "OSError: Repo id must be in the form"),
+            (dict(reward=str(tmp_path / "no_rm")), f"--reward: {tmp_path / 'no_rm'}: no such file or folder"),
             (dict(dataset="nope.jsonl"), "ConnectionError: Couldn't reach 'nope.jsonl' on the Hub"),
             (dict(reward="no_module_here:f"), "ModuleNotFoundError: No module named 'no_module_here'")]:
         out = tmp_path / "o"
         line = failure_line(ple.train, make_args(model_dir, data_file, principles_file, out, **changes))
-        assert line.startswith("error: " + said) and line.endswith(" (PLE_DEBUG=1 shows where)"), line
+        ours = said.startswith("--")  # ple.py's own line, or the library's with the hint
+        assert line.startswith("error: " + said) and line.endswith(" (PLE_DEBUG=1 shows where)") != ours, line
         assert "\n" not in line and out.exists() == ("reward" in changes and ":" in changes["reward"])  # (imported
     # with the reward, after the output folder is claimed; the names before it fail before anything is written)
 
@@ -1169,6 +1171,9 @@ BAD_RUNS = [  # (changes to a good run, the error it must give)
     (dict(seed=-1), r"--seed: must be in \[0, 2\*\*32\)"),
     (dict(reward="ple_tests.rewards:scalar_reward"), r"returned 3.0 for 2 answers; .*one finite float32 number"),
     (dict(reward="ple_tests.rewards:none_reward"), r"returned None for 2 answers"),
+    (dict(reward="ple_tests.rewards:dict_reward"), r"returned \{0: 0.5, 1: 0.5\} for 2 answers"),
+    (dict(model="no/such/model"), r"--model: no/such/model: no such file or folder"),
+    (dict(reward="./no_such_reward_model"), r"--reward: ./no_such_reward_model: no such file or folder"),
     (dict(reward="ple_tests.rewards:huge_reward"), r"returned \[1e\+39, 1e\+39\] for 2 answers; .*finite float32"),
 ]
 
@@ -1227,6 +1232,12 @@ def test_run_that_failed_in_iteration_0_leaves_a_usable_folder(model_dir, data_f
                                            r"without --resume"):
         ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1, resume=True))
     ple.train(make_args(model_dir, data_file, principles_file, out, iterations=1))  # the corrected command takes it
+    assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
+    for failed in (dict(reward="ple_tests.no_such_module:f"), dict(reward="ple_tests.rewards:nan_reward")):
+        fresh = tmp_path / str(len(failed["reward"]))  # a start that fails to load or on its first scores
+        with pytest.raises((ModuleNotFoundError, ple.PLEError)):
+            ple.train(make_args(model_dir, data_file, principles_file, fresh, **failed))
+        ple.train(make_args(model_dir, data_file, principles_file, fresh, iterations=1))  # the folder is taken again
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0]
     assert json.loads((out / "args.json").read_text())["reward"] == "ple_tests.rewards:word_reward"
 
@@ -1298,13 +1309,29 @@ def test_resume_loads_no_pickled_object_from_the_run_folder(model_dir, data_file
         kept = path.read_bytes()
         torch.save({"payload": WritesAMarker(str(marker))}, path)
         with pytest.raises(ple.PLEError, match=r"checkpoint-1 holds a file that is not only tensors, numbers and "
-                                               r"text, as ple.py writes them: it is not loaded"):
+                                               r"text, as ple.py writes them: not loaded"):
             ple.train(resume)
         assert not marker.exists()
         path.write_bytes(kept[:100])  # cut short, as by a full disk: torch's own error, not a silent skip
-        with pytest.raises(RuntimeError, match="zip archive"):
+        with pytest.raises((RuntimeError, ple.PLEError), match="zip archive"):
+            ple.train(resume)
+        path.unlink()
+        with pytest.raises((FileNotFoundError, ple.PLEError), match=f"No such file or directory: .*{name}"):
             ple.train(resume)
         path.write_bytes(kept)
+    from safetensors.torch import load_file, save_file  # an adapter missing a tensor, emptied, renamed, or removed
+    adapter = out / "checkpoint-1" / "adapter_model.safetensors"
+    kept, tensors = adapter.read_bytes(), load_file(adapter)
+    first = sorted(tensors)[0]
+    for edited in ({k: v for k, v in tensors.items() if k != first}, {},
+                   {(k + "_renamed" if k == first else k): v for k, v in tensors.items()}):
+        save_file(edited, adapter)
+        with pytest.raises(ple.PLEError, match=rf"adapter does not hold the {len(tensors)} LoRA tensors of this run"):
+            ple.train(resume)
+    adapter.unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        ple.train(resume)
+    adapter.write_bytes(kept)
     ple.train(resume)
     assert [m["iteration"] for m in read_jsonl(out / "metrics.jsonl")] == [0, 1]
 
@@ -1707,7 +1734,7 @@ def test_rescore_saved_generations_without_loading_a_model(model_dir, other_mode
 
 
 def test_eval_bad_input(model_dir, other_model_dir, data_file, tmp_path):
-    with pytest.raises(OSError, match="missing"):  # transformers' own error, before any model generates
+    with pytest.raises(ple.PLEError, match="--models: .*missing: no such file or folder"):  # before any generates
         ple_eval.run(eval_args([model_dir, str(tmp_path / "missing")], data_file, tmp_path / "x.json"))
     with pytest.raises(ple.PLEError, match="candidate and at least one baseline"):
         ple_eval.run(eval_args([model_dir], data_file, tmp_path / "x.json"))
@@ -1826,6 +1853,10 @@ def test_eval_cache_never_serves_generations_that_do_not_fit(tokenizer, model_di
         assert path.stat().st_size == stat.st_size
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert evaluate() != first and loads == [str(b)]
+    # another dtype: other answers and other log-probabilities, never the float32 ones relabelled
+    loads.clear()
+    ple_eval.run(eval_args([model_dir, str(b)], data_file, out, cache=str(cache), dtype="bfloat16"))
+    assert loads == [model_dir, str(b)]
 
 
 @pytest.mark.slow

@@ -72,3 +72,7 @@ def second_iteration_reward(queries, answers):
     if CALLS[0] > 3:
         raise RuntimeError("the reward server went down")
     return [float(len(a)) for a in answers]
+
+
+def dict_reward(queries, answers):
+    return {i: 0.5 for i in range(len(answers))}
