@@ -447,33 +447,38 @@ def plot_run(run_dir):
     report = read_saved(held)[0] if os.path.isfile(held) else None
     require(not report or report.get("baselines") and report["baselines"][0] in report.get("win_rates", {}), "plot",
             f"{held} holds no win rate: rerun eval.py with a --reward")
+    run = ple.read_json(os.path.join(run_dir, "args.json"), keys=ple.RUN)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     t = [r["iteration"] for r in records]
-    fig, axes = plt.subplots(1, 2 + bool(report), figsize=(10 + 4 * bool(report), 3.8))
-    left, right = axes[:2]
-    left.plot(t, [r["reward_original"] for r in records], "o-", label="answer to x (no principle)")
-    left.plot(t, [r["reward_principle"] for r in records], "s--", label="answer to x_p (with principle)")
-    left.set(xlabel="iteration", ylabel="mean reward", title="The principle being internalised")
-    fig.legend(*left.get_legend_handles_labels(), loc="lower left", ncol=2, frameon=False)  # below, off the lines
-    right.plot(t, [r["ranked_share"] for r in records], "o-", color="C0")
-    right.set(xlabel="iteration", ylim=(0, 1), title="Ranking branch and threshold")
-    right.set_ylabel("share of pairs ranked", color="C0")
+    fig, axes = plt.subplots(1, 2 + bool(report), figsize=(10 + 4.5 * bool(report), 4.2))
+    left, right = axes[:2]  # each panel says what it shows in its own title and legend
+    left.plot(t, [r["reward_original"] for r in records], "o-", label="y, the answer to x (no principle)")
+    left.plot(t, [r["reward_principle"] for r in records], "s--", label="y_p, the answer to x_p (with principle)")
+    left.set(xlabel="iteration", ylabel=f"mean reward ({run['reward']})", title=f"Training answers, sampled at "
+             f"temperature {run.get('temperature', 1.0):g}\nbefore each update: the principle being internalised")
+    left.legend(fontsize=8)
+    right.plot(t, [r["ranked_share"] for r in records], "^-", color="C4", label="share of pairs ranked (left axis)")
+    right.set(xlabel="iteration", ylim=(0, 1), ylabel="share of pairs ranked",
+              title="Which loss each pair took: ranking\nif r_p - r > tau, else weighted SFT")
     tau = right.twinx()  # tau is in reward units, the share a fraction: an axis each
-    tau.plot(t, [r["tau"] for r in records], "s--", color="C1")
-    tau.set(ylim=(0, None))
-    tau.set_ylabel("threshold tau (reward units)", color="C1")
+    tau.plot(t, [r["tau"] for r in records], "v:", color="C7", label="threshold tau (right axis)")
+    tau.set(ylim=(0, None), ylabel="threshold tau (reward units)")
+    right.legend(handles=right.lines + tau.lines, fontsize=8, loc="lower left")
     for ax in (left, right):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # iterations are whole numbers
     if report:  # the held-out queries: the model as trained against the one it started from (the first baseline)
         stats = [report["models"][n] for n in (report["baselines"][0], report["candidate"])]
-        win = report["win_rates"][report["baselines"][0]]
+        win, settings = report["win_rates"][report["baselines"][0]], report["settings"]
         axes[2].bar(["untrained", "after PLE"], [s["mean_reward"] for s in stats], color=["C7", "C2"],
                     yerr=[2 * s["stderr"] for s in stats], capsize=6)  # ± 2 s.e.
-        axes[2].set(ylabel=f"mean reward ({report['settings']['reward']}), ± 2 s.e.", title=f"{win['queries']} "
-                    f"held-out queries\nwin rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+        axes[2].set(ylabel=f"mean reward ({settings['reward']}), ± 2 s.e.", title=f"{win['queries']} held-out queries, "
+                    f"never trained on: trained\nagainst untrained, answers at temperature {settings['temperature']:g}"
+                    f"\nwin rate {win['rate']:.2f} [{win['ci_low']:.2f}, {win['ci_high']:.2f}]")
+    for ax in axes:
+        ax.title.set_fontsize(10)
+    fig.tight_layout()
     out = os.path.join(run_dir, "training_curve.png")  # (eval.py's by its name: replaced whole, never written through)
     ple.write_file(out, lambda f: fig.savefig(f, format="png", dpi=120))
     return out

@@ -498,8 +498,8 @@ def run(args, state, log_iteration=None, iteration=ple_iteration, start=0, say=p
 
 # === Nothing below this line is PLE: command line, checks, loading, processes, logging, checkpoints ===
 
-import errno, glob, hashlib, importlib, importlib.util, json, os, pickle, random, shlex, shutil  # noqa: E401,E402
-import sys, warnings  # noqa: E401,E402
+import argparse, errno, glob, hashlib, importlib, importlib.util, json, os, pickle, random  # noqa: E401,E402
+import shlex, shutil, sys, warnings  # noqa: E401,E402
 from dataclasses import asdict, replace  # noqa: E402  (the machinery's imports, apart from the method's)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -531,6 +531,7 @@ def error_line(e):
 def main(argv=None, dataclass=None, work=None, stopped=None):
     """`python ple.py` (eval.py's too: its arguments, work, what a stop keeps); every end is one line."""
     speaks, args = os.environ.get("RANK", "0") == "0", None  # under a launcher, process 0 says it, once
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")  # (huggingface_hub's retries go on, without a line each)
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv, dataclass)
         (work or train)(args)
@@ -556,21 +557,44 @@ def resume_hint(args):
     return f"; the last checkpoint is {found[-1][1]}: the same command with --resume{instead} continues from it"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help: the script's docstring as written, then each flag with its default where it has one."""
+
+    def _get_help_string(self, action):
+        shown = action.default is not False and action.default not in (None, "", [], argparse.SUPPRESS)
+        return action.help + (" (default: %(default)s)" if shown else "")
+
+
+GROUPS = {"model": "experiment", "iterations": "algorithm (the paper's settings)", "num_queries": "data and sampling",
+          "learning_rate": "optimizer"}  # --help's headings, by the first flag under each, as Args has them
+
+
 def parse_args(argv, dataclass=None):
     """HfArgumentParser, as TRL's scripts use it, without abbreviated flags (--iteration is not --iterations);
     argparse's own errors, in one line without the usage."""
     from transformers import HfArgumentParser
-    parser = HfArgumentParser(dataclass or Args, allow_abbrev=False, epilog="A failure ends in one line starting "
-                              "with 'error:'; with the environment variable PLE_DEBUG=1 its traceback is shown too.")
+    cls = dataclass or Args
+    parser = HfArgumentParser(cls, allow_abbrev=False, description=sys.modules[cls.__module__].__doc__,
+                              formatter_class=HelpFormatter, epilog="A failure ends in one line starting with "
+                              "'error:'; with the environment variable PLE_DEBUG=1 its traceback is shown too.")
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$", re.I)  # -1e-4 is a value
+    for action in parser._actions:  # an on/off flag is a switch: --resume, not --resume [RESUME]
+        if action.const is True and action.nargs == "?":
+            action.__class__, action.nargs = argparse._StoreConstAction, 0
+    if issubclass(cls, Args):  # under Args' headings; a subclass's own flags come last, under its name
+        group = None
+        for action in parser._optionals._group_actions[1:]:  # (after --help)
+            own = action.dest not in Args.__dataclass_fields__
+            if action.dest in GROUPS or own and group.title != cls.__name__:
+                group = parser.add_argument_group(cls.__name__ if own else GROUPS[action.dest])
+            group._group_actions.append(action)
+        del parser._optionals._group_actions[1:]
 
     def error(message):  # (argparse would print its usage and exit)
         raise PLEError(message)
 
     parser.error = error
-    args = (dataclass or Args)(**vars(parser.parse_args(argv)))
-    return replace(args, **{k: [os.path.expanduser(x) for x in v] if isinstance(v, list) else os.path.expanduser(v)
-                            for k, v in vars(args).items() if isinstance(v, (str, list))})  # ~/x: a path, as in a shell
+    return cls(**vars(parser.parse_args(argv)))
 
 
 def train(args, iteration=ple_iteration):
@@ -620,7 +644,8 @@ def set_up(args):
     if reward_format:
         say(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
     dtype = pick_dtype(args.dtype, device)
-    say(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principles, device {device}, dtype {dtype}"
+    say(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principle{'s' * (len(principles) > 1)}, "
+        f"device {device}, dtype {dtype}"
         + (f", {world} processes" if world > 1 else ""))
     set_seed(args.seed)
     policy, tokenizer, optimizer = load_trainable(args, device, dtype)
@@ -709,7 +734,20 @@ def check_model(name, flag="model"):
     require_found(name, flag)
     folder, gguf = find_gguf(name)
     if not gguf and not is_adapter(folder):
-        AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with from_hub(name, flag):
+            AutoConfig.from_pretrained(folder, trust_remote_code=False)
+
+
+@contextmanager
+def from_hub(name, flag):
+    """A Hub name that cannot be reached (after huggingface_hub's retries): one line that says so and the ways on."""
+    try:
+        yield
+    except OSError as e:
+        if "couldn't connect" not in str(e):
+            raise
+        raise PLEError(f"--{flag} {name}: the Hugging Face Hub cannot be reached to load it; connect to the network, "
+                       "or pass a local folder, or set HF_HUB_OFFLINE=1 to load it from your Hub cache") from None
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
@@ -883,8 +921,9 @@ def reward_input(spec, requested="auto"):
         return ""
     from transformers import AutoConfig, AutoTokenizer
     require_found(spec, "reward")
-    tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
-    config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
+    with from_hub(spec, "reward"):
+        tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(spec, trust_remote_code=False)
     pairs = tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False)
     for ask, ok, what in (("chat", tokenizer.chat_template, "has no chat template"), ("pair", pairs, "puts nothing "
                           "between two texts (no pair template)")):

@@ -860,7 +860,7 @@ def test_the_rule_that_chose_the_default_takes_the_best_reward_within_the_drift_
 @pytest.mark.slow
 def test_trl_sdft_baseline_shows_the_teacher_exactly_x_p_and_the_student_exactly_x(model_dir, data_file, tmp_path,
                                                                                  monkeypatch):
-    pytest.importorskip("trl", reason="experiments/imdb/requirements.txt")
+    pytest.importorskip("trl", reason="needs trl: pip install -r experiments/imdb/requirements.txt to run it")
     from transformers import AutoTokenizer
     from trl.experimental.sdft import SDFTTrainer
     baselines = experiment_script("imdb", "trl_baselines.py")
@@ -962,11 +962,34 @@ def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
 
 
 @pytest.mark.slow
-def test_help_lists_every_flag():
+def test_help_reads_as_a_tools_and_lists_every_flag():
     for script, fields in [("ple.py", ple.Args), ("eval.py", ple_eval.EvalArgs)]:
         result = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert all(f"--{name}" in result.stdout for name in fields.__dataclass_fields__)
+        assert "(default: )" not in result.stdout and "[RESUME]" not in result.stdout
+        described = result.stdout.split("\n\n")[1]  # after the usage, what the program does
+        assert described.startswith(("PLE: Progressively Label Enhancement", "Evaluate PLE models on held-out"))
+    headings = re.findall(r"(?m)^(\S[^\n]*):$", result_of_ple_help := subprocess.run(
+        [sys.executable, os.path.join(HERE, "ple.py"), "--help"], capture_output=True, text=True).stdout)
+    assert headings == ["options", "experiment", "algorithm (the paper's settings)", "data and sampling", "optimizer"]
+    assert re.search(r"(?m)^  --resume +continue the run", result_of_ple_help)  # a switch, no value
+
+
+@pytest.mark.slow
+def test_an_unreachable_hub_is_one_line_that_names_the_model_and_the_ways_on(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port that nothing listens on: every request is refused at once
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    result = subprocess.run([sys.executable, "ple.py", "--model", "gpt2", "--output_dir", str(tmp_path / "out")],
+                            cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "error: --model gpt2: the Hugging Face Hub cannot be reached to load it; connect to the network, or pass a "
+        "local folder, or set HF_HUB_OFFLINE=1 to load it from your Hub cache"]
 
 
 @pytest.mark.slow
@@ -1567,19 +1590,13 @@ def test_bad_data_files_are_named_in_one_line_with_datasets_own_reason(model_dir
     assert ple.read_principles(str(bom), "sentiment") == [PRINCIPLE]
 
 
-def test_one_query_and_paths_with_a_tilde(model_dir, data_file, principles_file, tmp_path, monkeypatch):
-    import shutil
-
-    home = tmp_path / "home"
-    home.mkdir()
-    shutil.copy(data_file, home / "reviews.jsonl")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.chdir(tmp_path)
-    ple.main(["--model", model_dir, "--reward", "ple_tests.rewards:word_reward", "--dataset", "~/reviews.jsonl",
-              "--principles", principles_file, "--output_dir", "~/run", "--iterations", "1", "--num_queries", "1",
-              "--mini_batch_size", "1", "--max_new_tokens", "4", "--lora_r", "0", "--device", "cpu"])
-    assert len(read_jsonl(home / "run" / "samples" / "iter-000.jsonl")) == 1  # one query, one row
-    assert (home / "run" / "final").is_dir() and not (tmp_path / "~").exists()
+def test_one_query(model_dir, data_file, principles_file, tmp_path):
+    ple.main(["--model", model_dir, "--reward", "ple_tests.rewards:word_reward", "--dataset", data_file,
+              "--principles", principles_file, "--output_dir", str(tmp_path / "run"), "--iterations", "1",
+              "--num_queries", "1", "--mini_batch_size", "1", "--max_new_tokens", "4", "--lora_r", "0", "--device",
+              "cpu"])
+    assert len(read_jsonl(tmp_path / "run" / "samples" / "iter-000.jsonl")) == 1  # one query, one row
+    assert (tmp_path / "run" / "final").is_dir()
 
 
 def test_a_reward_module_cannot_replace_a_standard_module(tmp_path, monkeypatch):
@@ -2030,6 +2047,10 @@ def test_plot_training_curve(model_dir, data_file, principles_file, tmp_path):
     assert len(axes) == 3 and all(ax.get_xlabel() == "iteration" and ax.get_ylabel() for ax in axes[:2])
     assert {line.get_ydata()[0] for line in axes[2].lines} == {0.2}, "tau (reward units) has an axis of its own"
     assert "tau" in axes[2].get_ylabel() and "ranked" in axes[1].get_ylabel()
+    assert all(ax.get_title() and ax.get_legend() for ax in axes[:2])  # each panel says what it shows, in itself
+    assert "temperature 1" in axes[0].get_title() and "word_reward" in axes[0].get_ylabel()
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["share of pairs ranked (left axis)",
+                                                                       "threshold tau (right axis)"]
     with pytest.raises(ple.PLEError, match="no metrics.jsonl"):
         ple_eval.run(ple_eval.EvalArgs(plot=str(tmp_path)))
     good = (run_dir / "metrics.jsonl").read_text()
@@ -2107,7 +2128,8 @@ def test_static_cache_sampling_gives_the_dynamic_paths_tokens_under_greedy_decod
         dynamic = ple.generate_answers(model, tokenizer, prompts, **greedy)
         with ple.fast_sampling(model, merge_lora=hasattr(model, "peft_config")):  # (LoRA: merged, as on CUDA)
             static = ple.generate_answers(model, tokenizer, prompts, **greedy, shape=(8, 64))  # 3 padding rows
-            assert ple.sample_answers(model, tokenizer, prompts, 2, 8, 1.0, 1e-9, static_cache=True) == dynamic
+            ids, ids_p = ple.sample_pairs(model, tokenizer, prompts, prompts, 2, 8, 1.0, 1e-9, static_cache=True)
+            assert ids == ids_p == dynamic
         assert static == dynamic and len(set(map(tuple, dynamic))) > 1  # the same tokens, and not all alike
 
 
@@ -2121,6 +2143,52 @@ def test_runs_with_the_static_cache_train_resume_exactly_and_repeat(model_dir, d
     for name in "bc":
         assert runs[name][0] == runs["a"][0] and max_difference(runs[name][1], runs["a"][1]) == 0
     assert max_difference(runs["a"][1], state_of(model_dir)) > 0  # it trained
+
+
+@pytest.mark.slow
+def test_the_cuda_default_compiles_its_decoding_step_once_and_samples_the_uncompiled_tokens(
+        model_dir, data_file, principles_file, tmp_path, monkeypatch):
+    """What a GPU user runs by default, on the CPU: LoRA folded in for sampling, the static cache in one shape, and
+    transformers' compiled decoding step. Under greedy decoding the tokens are the uncompiled path's; one compile a
+    process, none again across generate calls, iterations, restored base weights or a resume; the resume is exact."""
+    import transformers
+    from torch._dynamo.utils import counters
+    from transformers.generation.configuration_utils import CompileConfig
+
+    settings = dict(iterations=2, lora_r=4, merge_lora="on", static_cache="on", top_p=1e-9)  # (top-p: greedy)
+    ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "uncompiled", **settings))
+    real_generate, real_answers, graphs = transformers.GenerationMixin.generate, ple.generate_answers, []
+
+    def compiled_generate(self, *args, generation_config, **kwargs):
+        generation_config.compile_config = CompileConfig()
+        # transformers compiles only on CUDA and a few other devices; this private switch, the one its own tests
+        # set, compiles on every device, so that the CUDA path runs here
+        generation_config.compile_config._compile_all_devices = True
+        return real_generate(self, *args, generation_config=generation_config, **kwargs)
+
+    def counted(*args, **kwargs):  # the graphs compiled so far, after each generate call
+        answers = real_answers(*args, **kwargs)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return answers
+
+    monkeypatch.setattr(transformers.GenerationMixin, "generate", compiled_generate)
+    monkeypatch.setattr(ple, "generate_answers", counted)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "compiled", **settings))
+        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "resumed", **{**settings,
+                                                                                               "iterations": 1}))
+        ple.train(make_args(model_dir, data_file, principles_file, tmp_path / "resumed", **settings, resume=True))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 8 and set(graphs) == {1} and not counters["recompiles"]  # compiled in the first call only
+    samples = {run: [read_jsonl(tmp_path / run / "samples" / f"iter-00{t}.jsonl") for t in (0, 1)]
+               for run in ("uncompiled", "compiled", "resumed")}
+    assert samples["compiled"] == samples["uncompiled"] and samples["resumed"] == samples["compiled"]
+    assert len({s["answer"] for s in samples["compiled"][0]}) > 1  # (not one answer for every query)
+    final = {run: state_of(str(tmp_path / run / "final")) for run in ("compiled", "resumed")}
+    assert max_difference(final["compiled"], final["resumed"]) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2184,18 +2252,22 @@ def test_processes_must_divide_the_work():
             ple.check_processes(queries, mini_batch, 8 if queries == 6 and mini_batch == 8 else 2)
 
 
-def launch(mode, out, settings, processes=2):
+def accelerate_launch(*command, processes=2):
     import socket
 
     with socket.socket() as sock:  # a free port for the processes to meet on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                           str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(port), *command], cwd=HERE, capture_output=True, text=True,
+                          timeout=600)
+
+
+def launch(mode, out, settings, processes=2):
     os.makedirs(out, exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                             str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend",
-                             "no", "--main_process_port", str(port), os.path.join(HERE, "ple_tests", "worker.py"),
-                             mode, str(out), json.dumps(settings)], cwd=HERE, capture_output=True, text=True,
-                            timeout=600)
+    result = accelerate_launch(os.path.join(HERE, "ple_tests", "worker.py"), mode, str(out), json.dumps(settings),
+                               processes=processes)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = [os.path.join(out, f"weights-rank{r}.pt") for r in range(processes)]
     return [torch.load(path) for path in saved if os.path.exists(path)]
@@ -2278,6 +2350,11 @@ def test_multiprocess_lora_run_keeps_adapter_only_checkpoints_and_resumes_exactl
     launch("run", resumed, {**settings, "output_dir": str(resumed), "iterations": 2, "resume": True})
     assert read_jsonl(resumed / "samples" / "iter-001.jsonl") == read_jsonl(straight / "samples" / "iter-001.jsonl")
     assert max_difference(state_of(str(resumed / "final")), state_of(str(straight / "final"))) == 0
+    (resumed / "checkpoint-2" / "random_states_1.pkl").unlink()  # what only process 1 reads: its line reaches you
+    flags = [f"--{k}={v}" for k, v in settings.items()] + ["--output_dir", str(resumed), "--iterations=3", "--resume"]
+    refused = accelerate_launch("ple.py", *flags)
+    assert refused.returncode != 0 and re.search(r"(?m)^error: --resume: .*checkpoint-2 cannot be resumed: "
+                                                 r"FileNotFoundError: .*random_states_1.pkl", refused.stderr)
 
 
 @pytest.mark.multiprocess
