@@ -87,7 +87,7 @@ def isolated(argv):
                                           **prompt), args.batch_size, args.max_new_tokens, args.temperature, args.top_p)
     rewards, rewards_p = torch.zeros(len(prompts)), torch.linspace(-1, 1, len(prompts))  # both branches
     for _ in range(2):
-        ple.train_on_samples("ple", model, optimizer, prompts, answers, answers_p, rewards, rewards_p, 0.2, 1.0, None,
+        ple.train_on_samples("ple", model, optimizer, prompts, answers, answers_p, rewards, rewards_p, 0.2, 1.0,
                              pad_id=tokenizer.pad_token_id, mini_batch_size=args.mini_batch_size,
                              max_grad_norm=1.0)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -97,8 +97,7 @@ def isolated(argv):
 
 def traced_run(argv):
     tracker = Tracker()
-    for name in ("set_up", "sample_pairs", "sample_answers", "score", "train_on_samples", "log_iteration",
-                 "save_final"):
+    for name in ("set_up", "sample_pairs", "score", "train_on_samples", "log_iteration", "save_final"):
         setattr(ple, name, tracker.wrap(name, getattr(ple, name)))
     with tempfile.TemporaryDirectory() as out:
         ple.train(args_for(argv, os.path.join(out, "run")))

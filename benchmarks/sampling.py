@@ -4,13 +4,16 @@
     python benchmarks/sampling.py --device cuda --dtype bfloat16 --batch 64 --tokens 64
     python benchmarks/sampling.py --lora 8               # LoRA r 8: adapters unmerged (as ple.py samples) vs merged
     python benchmarks/sampling.py --static               # the dynamic KV cache vs the static one (--static_cache)
+    python benchmarks/sampling.py --compiled             # the dynamic KV cache vs the static one compiled, as on CUDA
 
 Both sides get the same left-padded prompts, sampling settings and seed; runs alternate so that
 machine noise hits both alike. Prints tokens per second of each and their ratio. With --lora, both
 sides are ple.generate_answers on a LoRA-wrapped policy (all linear layers, non-zero adapters), once
 with the adapters as separate matrices and once folded into the weights (peft's merge_adapter; the
 time to merge and unmerge is printed apart). With --static, both sides are ple.generate_answers, with the dynamic
-KV cache and with the static one in the shape ple.py gives it (the prompts' width rounded up to 64 tokens).
+KV cache and with the static one in the shape ple.py gives it (the prompts' width rounded up to 64 tokens). With
+--compiled, the static side's decoding step is compiled as transformers compiles it on CUDA (on the CPU through the
+private switch its own tests use); the first call, the compile, is timed apart.
 """
 import argparse
 import os
@@ -34,7 +37,21 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lora", type=int, default=0, help="LoRA rank: compare unmerged against merged adapters")
     p.add_argument("--static", action="store_true", help="compare the dynamic KV cache against the static one")
+    p.add_argument("--compiled", action="store_true", help="as --static, the static side compiled as on CUDA")
     a = p.parse_args()
+    if a.compiled:
+        import transformers
+        from transformers.generation.configuration_utils import CompileConfig
+
+        real_generate = transformers.GenerationMixin.generate
+
+        def compiled_generate(self, *args, generation_config, **kwargs):
+            if generation_config.cache_implementation == "static":
+                generation_config.compile_config = CompileConfig()
+                generation_config.compile_config._compile_all_devices = True  # (transformers' tests' switch)
+            return real_generate(self, *args, generation_config=generation_config, **kwargs)
+
+        transformers.GenerationMixin.generate = compiled_generate
     device = torch.device(a.device) if a.device != "auto" else PartialState().device
     model, tokenizer = ple.load_policy(a.model, device, ple.pick_dtype(a.dtype, device))
     model.eval()
@@ -89,10 +106,14 @@ def main():
         finally:
             model.unmerge_adapter()
 
-    sides = {"unmerged": ours, "merged": merged} if a.lora else {"dynamic": ours, "static": static} if a.static else \
-        {"bare": bare, "ple": ours}
-    for fn in sides.values():
-        timed(fn)  # warm-up
+    sides = {"unmerged": ours, "merged": merged} if a.lora else \
+        {"dynamic": ours, "static": static} if a.static or a.compiled else {"bare": bare, "ple": ours}
+    first = {}
+    for k, fn in sides.items():  # warm-up; with --compiled, the static side's first call compiles
+        start = time.perf_counter()
+        timed(fn)
+        first[k] = time.perf_counter() - start
+    print("first calls: " + ", ".join(f"{k} {v:.1f} s" for k, v in first.items()))
     results = {k: [] for k in sides}
     for _ in range(a.repeats):
         for k, fn in sides.items():
@@ -107,7 +128,7 @@ def main():
               f"(merge and unmerge: {time.perf_counter() - start:.2f} s, inside the merged timing)")
         print(f"ratio merged/unmerged: {med['merged'] / med['unmerged']:.3f}")
         return
-    if a.static:
+    if a.static or a.compiled:
         print(f"dynamic KV cache: {med['dynamic']:.0f} token slots/s; static: {med['static']:.0f}; ratio "
               f"static/dynamic: {med['static'] / med['dynamic']:.3f}")
         return

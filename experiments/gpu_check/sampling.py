@@ -148,7 +148,7 @@ def iteration(model, tokenizer, queries, principles, a, device):
     ids, ids_p = out.pop("ids")
     rewards = torch.randn(len(many)), torch.randn(len(many))  # (random text: any reward does; the loss is the point)
     out["train_s"] = timed(lambda: out.update(tokens=ple.train_on_samples(
-        "ple", model, optimizer, prompt_ids, ids, ids_p, *rewards, 0.2, 1.0, None, pad_id=tokenizer.pad_token_id,
+        "ple", model, optimizer, prompt_ids, ids, ids_p, *rewards, 0.2, 1.0, pad_id=tokenizer.pad_token_id,
         mini_batch_size=8, max_grad_norm=1.0)[1]), device)
     model.eval()
     out.update(sample_tokens_per_s=2 * len(many) * a.tokens / out["sample_s"],
