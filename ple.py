@@ -645,8 +645,7 @@ def set_up(args):
         say(f"reward {args.reward} reads {REWARD_INPUTS[reward_format]} (--reward_format {reward_format})")
     dtype = pick_dtype(args.dtype, device)
     say(f"{len(all_queries)} queries, task {args.task}, {len(principles)} principle{'s' * (len(principles) > 1)}, "
-        f"device {device}, dtype {dtype}"
-        + (f", {world} processes" if world > 1 else ""))
+        f"device {device}, dtype {dtype}" + (f", {world} processes" if world > 1 else ""))
     set_seed(args.seed)
     policy, tokenizer, optimizer = load_trainable(args, device, dtype)
     # Accelerate's prepare: nothing for one process; DDP under a launcher; FSDP2's fully_shard under an FSDP config
@@ -746,6 +745,9 @@ def from_hub(name, flag):
     except OSError as e:
         if "couldn't connect" not in str(e):
             raise
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
+            raise PLEError(f"--{flag} {name} is not in your Hub cache, and HF_HUB_OFFLINE keeps the Hub out: unset it "
+                           "on a network, or pass a local folder") from None
         raise PLEError(f"--{flag} {name}: the Hugging Face Hub cannot be reached to load it; connect to the network, "
                        "or pass a local folder, or set HF_HUB_OFFLINE=1 to load it from your Hub cache") from None
 
