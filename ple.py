@@ -739,17 +739,15 @@ def check_model(name, flag="model"):
 
 @contextmanager
 def from_hub(name, flag):
-    """A Hub name that cannot be reached (after huggingface_hub's retries): one line that says so and the ways on."""
+    """A Hub name neither cached nor reachable (after huggingface_hub's retries): one line that says so and the ways
+    on (a cached one loads without the Hub, or with HF_HUB_OFFLINE=1 without trying it)."""
     try:
         yield
     except OSError as e:
         if "couldn't connect" not in str(e):
             raise
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
-            raise PLEError(f"--{flag} {name} is not in your Hub cache, and HF_HUB_OFFLINE keeps the Hub out: unset it "
-                           "on a network, or pass a local folder") from None
-        raise PLEError(f"--{flag} {name}: the Hugging Face Hub cannot be reached to load it; connect to the network, "
-                       "or pass a local folder, or set HF_HUB_OFFLINE=1 to load it from your Hub cache") from None
+        raise PLEError(f"--{flag} {name} is not in your Hub cache, and the Hugging Face Hub cannot be reached (or "
+                       "HF_HUB_OFFLINE is set): connect to the network, or pass a local folder") from None
 
 
 def check_lengths(config, prompt_ids, queries, max_new_tokens):
