@@ -174,9 +174,8 @@ def llm_judge(name, device, dtype):
 
 # --- Held-out queries and generation ---
 
-def saved_run_args(model_path):
+def saved_run_args(folder):
     """The ple.py arguments a model was trained with (its run folder's args.json), or None."""
-    folder = model_path
     found = [p for p in (os.path.join(folder, "args.json"), os.path.normpath(os.path.join(folder, "..", "args.json")))
              if os.path.isdir(folder) and os.path.isfile(p)]
     return ple.read_json(found[0], keys=ple.RUN) if found else None
@@ -311,12 +310,11 @@ def add_kl(args, record, paths, reference, device, dtype):
 def load_model(name, device, dtype):
     """ple.load_policy, and also a LoRA adapter folder (ple.py --save_every with --lora_r), merged
     onto the base model its run started from."""
-    folder = name
-    if ple.is_adapter(folder):
+    if ple.is_adapter(name):
         from peft import PeftModel
 
-        model, tokenizer = ple.load_policy(adapter_base(folder), device, dtype)
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+        model, tokenizer = ple.load_policy(adapter_base(name), device, dtype)
+        model = PeftModel.from_pretrained(model, name).merge_and_unload()
     else:
         model, tokenizer = ple.load_policy(name, device, dtype)
     return model.eval(), tokenizer
@@ -364,8 +362,7 @@ def evaluate(args, record, reward_fn=None, judge=None, win_rates=True):
     trained_with = (saved_run_args(candidate) or {}).get("reward")
     report["candidate_training_reward"] = trained_with
     if reward_fn is not None:
-        same = trained_with is not None and \
-            trained_with == args.reward
+        same = trained_with == args.reward
         report["judge_is_training_reward"] = same
         if same:
             print(f"warning: the judging reward '{args.reward}' is the one the candidate was trained with; "

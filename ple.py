@@ -1123,8 +1123,9 @@ def load_checkpoint(accelerator, folder):
         problem = planted
     except Exception as e:  # (removed, cut short)
         problem = f"{folder} cannot be resumed: {type(e).__name__}: {e}"
-    problems = [p for p in gather_object([problem]) if p]
-    require(not problems, "resume", (problems + [""])[0])
+    problems = [p for p in gather_object([problem]) if p]  # every process's, on every process
+    if problems:
+        raise PLEError(f"--resume: {problems[0]}")
     try:
         accelerator.load_state(folder)
     except pickle.UnpicklingError:
