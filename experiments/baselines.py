@@ -34,7 +34,7 @@ def raft_iteration(t, args, state):
     shape = ple.static_shape(rows, prompts) if state.static_cache else None
     state.policy.eval()
     with clock("sample"), ple.fast_sampling(state.policy, state.merge_lora):
-        for start in range(0, len(prompts), rows):
+        for start in ple.tqdm(range(0, len(prompts), rows), desc="sampling", leave=False):
             ids += ple.generate_answers(state.policy, state.tokenizer, prompts[start:start + rows], args.max_new_tokens,
                                         args.temperature, args.top_p, shape)
     texts = state.tokenizer.batch_decode(ids, skip_special_tokens=True)
