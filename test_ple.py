@@ -963,6 +963,7 @@ def test_a_stop_line_stands_alone_after_a_progress_bar_it_cut_off(capfd):
 
 @pytest.mark.slow
 def test_help_reads_as_a_tools_and_lists_every_flag():
+    helps = {}
     for script, fields in [("ple.py", ple.Args), ("eval.py", ple_eval.EvalArgs)]:
         result = subprocess.run([sys.executable, os.path.join(HERE, script), "--help"], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
@@ -970,10 +971,10 @@ def test_help_reads_as_a_tools_and_lists_every_flag():
         assert "(default: )" not in result.stdout and "[RESUME]" not in result.stdout
         described = result.stdout.split("\n\n")[1]  # after the usage, what the program does
         assert described.startswith(("PLE: Progressively Label Enhancement", "Evaluate PLE models on held-out"))
-    headings = re.findall(r"(?m)^(\S[^\n]*):$", result_of_ple_help := subprocess.run(
-        [sys.executable, os.path.join(HERE, "ple.py"), "--help"], capture_output=True, text=True).stdout)
+        helps[script] = result.stdout
+    headings = re.findall(r"(?m)^(\S[^\n]*):$", helps["ple.py"])
     assert headings == ["options", "experiment", "algorithm (the paper's settings)", "data and sampling", "optimizer"]
-    assert re.search(r"(?m)^  --resume +continue the run", result_of_ple_help)  # a switch, no value
+    assert re.search(r"(?m)^  --resume +continue the run", helps["ple.py"])  # a switch, no value
 
 
 @pytest.mark.slow

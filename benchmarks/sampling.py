@@ -85,7 +85,7 @@ def main():
         return len(answers) * max(map(len, answers))
 
     def static():
-        shape = (len(prompt_ids), -(-max(map(len, prompt_ids)) // 64) * 64)
+        shape = ple.static_shape(len(prompt_ids), prompt_ids)  # the shape ple.py gives every call
         answers = ple.generate_answers(model, tokenizer, prompt_ids, a.tokens, 0.7, 0.95, shape=shape)
         return len(answers) * max(map(len, answers))
 
